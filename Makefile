@@ -1,0 +1,18 @@
+# The two commands of the README: `make app` (web UI on the built-in base) and `make test`.
+.PHONY: install app demo test bench
+
+install:
+	@bash scripts/install.sh
+
+app: install
+	.venv/bin/python app.py
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	.venv/bin/python -m pytest -q
+
+bench: install
+	.venv/bin/python bench/train_step.py
+	.venv/bin/python bench/generation.py

@@ -1,0 +1,20 @@
+"""sdlora: train Stable Diffusion style LoRAs that load everywhere.
+
+Public API::
+
+    from sdlora import DataConfig, LoraSpec, TrainConfig, GenerateConfig, train, Generator, LoraChoice
+
+    result = train(DataConfig(folder="datasets/neon", trigger="neonstyle"))
+    gen = Generator("tiny")
+    image = gen.generate(GenerateConfig(prompt="a red circle, neonstyle"), [LoraChoice(str(result.lora_path), 0.8)])
+"""
+__version__ = "0.1.0"
+
+from .config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps  # noqa: E402
+from .generate import Generator, LoraChoice, read_lora  # noqa: E402
+from .models import Base, BaseModelError, load_base  # noqa: E402
+from .train import Callbacks, StepInfo, TrainingError, TrainResult, plan, train  # noqa: E402
+
+__all__ = ["__version__", "ConfigError", "DataConfig", "GenerateConfig", "LoraSpec", "TrainConfig", "default_steps",
+           "Generator", "LoraChoice", "read_lora", "Base", "BaseModelError", "load_base", "Callbacks", "StepInfo",
+           "TrainingError", "TrainResult", "plan", "train"]

@@ -1,0 +1,492 @@
+"""LoRA state dicts in the layouts other tools load, and the metadata they show.
+
+One canonical in-memory form, ``LoraSet`` = {module key: ``LoraWeights``};
+readers convert into it, writers out of it. Everything here is dict -> dict
+(no nn.Module), so it is tested without a model. The rules come from the public
+code of the consumers (summarised in docs/INTEROP.md); each is cited beside it.
+
+Module keys are "unet.<diffusers module path>" or "text_encoder.<CLIP path>".
+transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), so a
+text-encoder path may come with or without "text_model."; files always carry
+it (``canonical_key``), which is what A1111, ComfyUI and diffusers expect.
+Readers given the base's module names return that base's own spelling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+
+import safetensors.torch
+import torch
+
+from .safefiles import LoraFileError, atomic_write_bytes, read_lora_file, save_lora_file
+
+COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}        # kohya-ss networks/lora.py prefixes
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers lora_pipeline.py lora_state_dict
+KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"                   # diffusers loaders/lora_base.py
+_CLIP_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")      # children of CLIPTextTransformer
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "Unknown"}
+
+
+@dataclass
+class LoraWeights:
+    """One adapted module: W' = W + strength * (alpha / rank) * up @ down."""
+    down: torch.Tensor        # [rank, in] (Linear) | [rank, in, kh, kw] (Conv2d); = PEFT lora_A
+    up: torch.Tensor          # [out, rank] (Linear) | [out, rank, 1, 1] (Conv2d); = PEFT lora_B
+    alpha: float              # the real alpha; scale = alpha / rank
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude: [out, 1] per output row (PEFT) or [1, in] (LyCORIS)
+
+    def __post_init__(self) -> None:
+        d, u = self.down, self.up
+        same = d.dim() == u.dim() == 2 or (d.dim() == u.dim() == 4 and tuple(u.shape[2:]) == (1, 1))
+        if not (same and u.shape[1] == d.shape[0]):
+            raise ValueError(f"LoRA pair does not fit: down {tuple(d.shape)}, up {tuple(u.shape)}; expected down "
+                             "[rank, in] + up [out, rank] (Linear) or [rank, in, kh, kw] + [out, rank, 1, 1] (Conv2d)")
+        self.alpha = float(self.alpha)
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha!r} is not allowed: use a finite number > 0 (scale = alpha / rank)")
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+LoraSet = dict[str, LoraWeights]
+
+
+def canonical_key(key: str) -> str:
+    """The key as files spell it: a flattened text-encoder path gets its "text_model." back."""
+    component, _, path = key.partition(".")
+    if component not in COMPONENTS or not path:
+        raise ValueError(f"LoRA key {key!r} must be 'unet.<module path>' or 'text_encoder.<module path>'")
+    if component == "text_encoder" and path.startswith(_CLIP_CHILDREN):
+        path = "text_model." + path
+    return f"{component}.{path}"
+
+
+def kohya_name(key: str) -> str:
+    """"unet.a.b" -> "lora_unet_a_b"; "text_encoder.x" -> "lora_te_text_model_x" (INTEROP.md section 1)."""
+    component, path = canonical_key(key).split(".", 1)
+    return f"{COMPONENTS[component]}_{path.replace('.', '_')}"
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to("cpu", dtype).contiguous()
+
+
+def _scalar(t: torch.Tensor) -> float | None:
+    """A 0-dim/1-element alpha as a float, rounded to fp32's 7 digits (so 0.1 stays 0.1); None if not scalar."""
+    return float(f"{float(t.item()):.7g}") if t.numel() == 1 else None
+
+
+# ---- kohya: lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha ---------------------------------
+
+def to_kohya(loras: LoraSet, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """kohya layout; ``.alpha`` is the real alpha as an fp32 0-dim tensor (every reader calls ``.item()``)."""
+    sd: dict[str, torch.Tensor] = {}
+    for key in sorted(loras):
+        w, name = loras[key], kohya_name(key)
+        if f"{name}.alpha" in sd:
+            raise ValueError(f"{key!r} and another module both become the kohya name {name!r}; drop one of them")
+        sd[f"{name}.lora_down.weight"] = _cast(w.down, dtype)
+        sd[f"{name}.lora_up.weight"] = _cast(w.up, dtype)
+        sd[f"{name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+        if w.dora_scale is not None:
+            sd[f"{name}.dora_scale"] = _cast(w.dora_scale, dtype)
+    return sd
+
+
+def from_kohya(sd: dict[str, torch.Tensor], module_names: dict[str, set[str]]) -> tuple[LoraSet, list[str]]:
+    """kohya layout -> LoraSet keyed by the given module paths, plus every key that could not be used.
+
+    ``module_names`` = {"unet": {...}, "text_encoder": {...}} (the base's dotted paths); names are
+    resolved by building kohya_name(path) -> path, never by guessing where underscores were dots.
+    Unusable: names of no given module (SDXL lora_te1_/lora_te2_ on SD 1.x), LoCon/LoHa parts,
+    down without up, shapes that do not pair.
+    """
+    lookup = {kohya_name(f"{c}.{p}"): f"{c}.{p}" for c, names in module_names.items() if c in COMPONENTS
+              for p in names}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in sd.items():
+        name, _, part = k.partition(".")
+        groups.setdefault(name, {})[part] = t
+    loras: LoraSet = {}
+    unused: list[str] = []
+    for name, parts in groups.items():
+        w = _kohya_weights(parts) if name in lookup else None
+        if w is None:
+            unused += [f"{name}.{p}" if p else name for p in parts]
+        else:
+            loras[lookup[name]] = w
+    return loras, sorted(unused)
+
+
+def _kohya_weights(parts: dict[str, torch.Tensor]) -> LoraWeights | None:
+    if set(parts) - set(KOHYA_PARTS) or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        return None                           # LoCon mid / LoHa / half a pair: not a plain LoRA module
+    down = parts["lora_down.weight"]
+    alpha = _scalar(parts["alpha"]) if "alpha" in parts else 0.0
+    if alpha is None:                         # an alpha that is not one number
+        return None
+    if not alpha:                             # no (or 0) alpha means alpha = rank: kohya networks/lora.py, A1111
+        alpha = float(down.shape[0])
+    try:
+        return LoraWeights(down, parts["lora_up.weight"], alpha, parts.get("dora_scale"))
+    except ValueError:
+        return None
+
+
+# ---- diffusers / PEFT: unet.<path>.lora_A.weight, alpha in the header's lora_adapter_metadata -----------
+
+def to_diffusers(loras: LoraSet, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers layout + header metadata from which ``load_lora_weights`` builds each LoraConfig.
+
+    diffusers 0.42 reads ``__metadata__["lora_adapter_metadata"]`` (JSON, keys "<component>.<LoraConfig
+    field>") and calls ``LoraConfig(**fields)`` (utils/peft_utils.py _create_lora_config), so alpha,
+    per-module alphas (alpha_pattern) and ranks arrive exactly.
+    """
+    sd: dict[str, torch.Tensor] = {}
+    per_component: dict[str, dict[str, LoraWeights]] = {}
+    for key in sorted(loras):
+        w, ck = loras[key], canonical_key(key)
+        if f"{ck}.lora_A.weight" in sd:
+            raise ValueError(f"{key!r} and another key both name the module {ck!r}; drop one of them")
+        sd[f"{ck}.lora_A.weight"] = _cast(w.down, dtype)
+        sd[f"{ck}.lora_B.weight"] = _cast(w.up, dtype)
+        if w.dora_scale is not None:
+            sd[f"{ck}.lora_magnitude_vector.weight"] = _cast(_peft_magnitude(key, w), dtype)
+        component, path = ck.split(".", 1)
+        per_component.setdefault(component, {})[path] = w
+    flat = {f"{c}.{field}": value for c, items in per_component.items()
+            for field, value in _peft_config(c, items).items()}
+    return sd, {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _peft_config(component: str, items: dict[str, LoraWeights]) -> dict:
+    """LoraConfig fields. PEFT matches pattern/target names as a suffix after a dot (peft utils/other.py
+    get_pattern_key, tuners_utils check_target_module_exists), so a text-encoder path without
+    "text_model." matches both the nested and the flattened CLIPTextModel."""
+    def name(path: str) -> str:
+        return path.removeprefix("text_model.") if component == "text_encoder" else path
+    r = _most_common(w.rank for w in items.values())
+    alpha = _most_common(w.alpha for w in items.values())
+    return {"r": r, "lora_alpha": alpha,
+            "rank_pattern": {name(p): w.rank for p, w in items.items() if w.rank != r},
+            "alpha_pattern": {name(p): w.alpha for p, w in items.items() if w.alpha != alpha},
+            "target_modules": sorted(name(p) for p in items),
+            "use_dora": any(w.dora_scale is not None for w in items.values()),
+            "use_rslora": False, "lora_dropout": 0.0, "bias": "none"}
+
+
+def _peft_magnitude(key: str, w: LoraWeights) -> torch.Tensor:
+    m, out = w.dora_scale, w.up.shape[0]
+    if m.dim() == 0 or m.shape[0] != out or m.numel() != out:
+        raise ValueError(f"{key}: DoRA scale of shape {tuple(m.shape)} is not one value per output row; "
+                         "PEFT/diffusers store [out] magnitudes. Save this LoRA in kohya format instead")
+    return m.reshape(-1)
+
+
+_DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
+                       (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+                       (".lora_linear_layer.up.weight", "up"), (".lora_magnitude_vector.weight", "dora"),
+                       (".lora_magnitude_vector", "dora"), (".alpha", "alpha"))
+# Older diffusers attention-processor keys: "<block>.attn2.processor.to_q_lora.down.weight".
+_OLD_ATTN = re.compile(r"^(?P<m>.+?)\.(?:processor\.)?(?P<p>to_[qkv]|to_out)_lora\.(?P<d>down|up)\.weight$")
+_OLD_PROJ = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+             "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+
+
+def _parse_diffusers_key(k: str) -> tuple[str, str] | None:
+    """'unet.<path>.lora_A.weight' (and older spellings, bare PEFT keys) -> (canonical key, part)."""
+    k = k.removeprefix("base_model.model.")
+    m = _OLD_ATTN.match(k)
+    if m:
+        component = "text_encoder" if k.startswith(("text_encoder.", "text_model.")) else "unet"
+        path, part = f"{m['m']}.{_OLD_PROJ[component][m['p']]}", m["d"]
+    else:
+        hit = next(((k[: -len(s)], p) for s, p in _DIFFUSERS_SUFFIXES if k.endswith(s)), None)
+        if hit is None:
+            return None
+        path, part = hit
+    if path.startswith(("text_model.",) + _CLIP_CHILDREN):    # bare PEFT keys: the path tells the component
+        path = "text_encoder." + path
+    elif path.startswith(_UNET_ROOTS):
+        path = "unet." + path
+    return (canonical_key(path), part) if path.startswith(("unet.", "text_encoder.")) else None
+
+
+def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """diffusers' lora_adapter_metadata -> {component: LoraConfig fields}; {} when absent."""
+    raw = (metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"header metadata {LORA_ADAPTER_METADATA_KEY!r} is not valid JSON ({e}); "
+                         "the file is damaged, or re-save it with diffusers") from e
+    out: dict[str, dict] = {}
+    for k, v in flat.items() if isinstance(flat, dict) else ():
+        component, _, field = k.partition(".")
+        if component in COMPONENTS and field:
+            out.setdefault(component, {})[field] = v
+    return out
+
+
+def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                   module_names: dict[str, set[str]] | None = None) -> tuple[LoraSet, list[str]]:
+    """diffusers/PEFT layout -> LoraSet, plus every key that could not be used.
+
+    Alpha per module: an ``<path>.alpha`` tensor, else the LoraConfig in ``lora_adapter_metadata``
+    (alpha_pattern, then lora_alpha; rsLoRA converted to alpha/rank), else alpha = rank
+    (diffusers utils/peft_utils.py get_peft_kwargs). Keys are canonical ("text_model." kept)
+    unless ``module_names`` is given; then they are the base's own paths and others are unusable.
+    """
+    configs = adapter_configs(metadata or {})
+    resolve = _resolver(module_names)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unused: list[str] = []
+    for k, t in sd.items():
+        parsed = _parse_diffusers_key(k)
+        if parsed is None:
+            unused.append(k)
+        else:
+            groups.setdefault(parsed[0], {})[parsed[1]] = (k, t)
+    loras: LoraSet = {}
+    for ck, parts in groups.items():
+        key = resolve(ck)
+        w = _diffusers_weights(ck, parts, configs) if key else None
+        if w is None:
+            unused += [k for k, _ in parts.values()]
+        else:
+            loras[key] = w
+    return loras, sorted(unused)
+
+
+def _resolver(module_names: dict[str, set[str]] | None):
+    if module_names is None:
+        return lambda ck: ck
+    table = {canonical_key(f"{c}.{p}"): f"{c}.{p}" for c, names in module_names.items() if c in COMPONENTS
+             for p in names}
+    return table.get
+
+
+def _diffusers_weights(ck: str, parts: dict, configs: dict) -> LoraWeights | None:
+    if "down" not in parts or "up" not in parts:
+        return None
+    down, up = parts["down"][1], parts["up"][1]
+    alpha = _scalar(parts["alpha"][1]) if "alpha" in parts else _config_alpha(ck, down.shape[0], configs)
+    if alpha is None:                         # an alpha tensor that is not one number
+        return None
+    dora = parts["dora"][1] if "dora" in parts else None
+    if dora is not None and dora.dim() == 1:
+        dora = dora.reshape(-1, 1)            # PEFT [out] -> canonical [out, 1]
+    try:
+        return LoraWeights(down, up, alpha or float(down.shape[0]), dora)
+    except ValueError:
+        return None
+
+
+def _config_alpha(ck: str, rank: int, configs: dict) -> float:
+    component, path = ck.split(".", 1)
+    cfg = configs.get(component)
+    if not cfg:
+        return float(rank)
+    alpha = float(cfg.get("lora_alpha", 8))           # PEFT LoraConfig default lora_alpha = 8
+    patterns = cfg.get("alpha_pattern") or {}
+    names = (path, path.removeprefix("text_model.")) if component == "text_encoder" else (path,)
+    pat = next((p for p in patterns if any(_pattern_matches(p, n) for n in names)), None)
+    if pat is not None:
+        alpha = float(patterns[pat])
+    return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha   # rsLoRA alpha/sqrt(r) as alpha/r
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    """PEFT's rule: the pattern (a regex) matches the whole path or its tail after a dot."""
+    try:
+        return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", path) is not None
+    except re.error:
+        return pattern == path
+
+
+# ---- detection --------------------------------------------------------------------------------------------
+
+def detect_format(sd: dict[str, torch.Tensor]) -> str:
+    """"kohya" | "diffusers" (unet./text_encoder. keys) | "peft" (bare module paths) | "unknown"."""
+    if any(k.startswith(KOHYA_PREFIXES) for k in sd):
+        return "kohya"
+    parsed = {k: _parse_diffusers_key(k) for k in sd}
+    if any(p and k.startswith(("unet.", "text_encoder.")) for k, p in parsed.items()):
+        return "diffusers"
+    return "peft" if any(parsed.values()) else "unknown"
+
+
+_CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}   # UNet cross_attention_dim (diffusers model configs)
+_TE_DIM = {768: "sd1", 1024: "sd2"}                     # CLIP ViT-L/14 vs OpenCLIP ViT-H/14 width
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+
+
+def detect_family(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """"sd1" | "sd2" | "sdxl" | "unknown": tensor shapes first, then kohya/ModelSpec metadata."""
+    family = _family_from_shapes(sd)
+    return family if family != "unknown" else _family_from_metadata(metadata or {})
+
+
+def _family_from_shapes(sd: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in sd):
+        return "sdxl"                                   # two text encoders: SDXL (INTEROP.md section 1)
+    te = None
+    for k, t in sd.items():
+        if not k.endswith(_DOWN_SUFFIXES) or t.dim() < 2:
+            continue
+        flat = k.replace(".", "_").replace("processor_", "")
+        if ("attn2_to_k" in flat or "attn2_to_v" in flat) and int(t.shape[1]) in _CROSS_DIM:
+            return _CROSS_DIM[int(t.shape[1])]          # cross-attention k/v read the text embedding
+        if te is None and k.startswith(("lora_te_", "text_encoder.")) and "q_proj" in flat:
+            te = _TE_DIM.get(int(t.shape[1]))
+    return te or "unknown"
+
+
+def _family_from_metadata(meta: dict[str, str]) -> str:
+    version = str(meta.get("ss_base_model_version", ""))   # kohya train_network.py; A1111 network.py reads it
+    arch = str(meta.get("modelspec.architecture", ""))     # Stability ModelSpec
+    if version.startswith("sdxl_") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or meta.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1") or meta.get("ss_v2") == "False":
+        return "sd1"                                    # pre-SDXL kohya files carry only ss_v2
+    return "unknown"
+
+
+# ---- metadata (safetensors header: every value a str) -----------------------------------------------------
+
+_SS_VERSION = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sdxl": ("sdxl_base_v1-0", "False")}
+_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+# kohya-ss library/sai_model_spec.py: SDXL LoRAs name Stability's implementation, SD 1.x/2.x ones "diffusers".
+_IMPL = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int, resolution: int | tuple[int, int],
+                   seed: int, lr: float, base_name: str, output_name: str, rank: int | None = None,
+                   alpha: float | None = None, text_encoder: bool = False, extra: dict | None = None,
+                   prediction_type: str = "epsilon", family: str = "sd1", tag_frequency: dict | None = None,
+                   training_started_at: float | str | None = None, text_encoder_lr: float | None = None,
+                   network_args: dict | None = None, description: str | None = None, author: str | None = None,
+                   license: str | None = None, thumbnail: str | None = None, epoch: int | None = None,
+                   now: float | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` + ModelSpec 1.0.1 metadata (INTEROP.md section 3). Hashes: ``add_hashes`` once tensors exist.
+
+    ``rank``/``alpha`` default to the most common among ``loras``; ``extra`` adds keys (dict values
+    are JSON-encoded) and may not replace a computed one.
+    """
+    if family not in _SS_VERSION:
+        raise ValueError(f"family={family!r} is not allowed: use one of {', '.join(_SS_VERSION)}")
+    if prediction_type not in ("epsilon", "v"):
+        raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v'")
+    if not loras:
+        raise ValueError("loras is empty: there is nothing to describe")
+    now = time.time() if now is None else float(now)
+    w, h = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    rank = _most_common(x.rank for x in loras.values()) if rank is None else rank
+    alpha = _most_common(x.alpha for x in loras.values()) if alpha is None else alpha
+    if network_args is None:
+        network_args = {"dora_wd": "True"} if any(x.dora_scale is not None for x in loras.values()) else {}
+    version, v2 = _SS_VERSION[family]
+    meta = {
+        "ss_v2": v2, "ss_base_model_version": version, "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(network_args), "ss_steps": str(steps), "ss_max_train_steps": str(steps),
+        "ss_num_train_images": str(num_images), "ss_resolution": str((w, h)), "ss_seed": str(seed),
+        "ss_learning_rate": str(lr), "ss_unet_lr": str(lr),
+        "ss_sd_model_name": os.path.basename(base_name) if os.path.exists(base_name) else base_name,
+        "ss_output_name": output_name, "ss_training_started_at": _unix_time(training_started_at, now),
+        "ss_tag_frequency": json.dumps(_nested_tags(tag_frequency or {})),
+    }
+    if text_encoder:
+        meta["ss_text_encoder_lr"] = str(lr if text_encoder_lr is None else text_encoder_lr)
+    if epoch is not None:
+        meta["ss_epoch"] = str(epoch)
+    meta.update(_modelspec(family, prediction_type, output_name, f"{w}x{h}", now, trigger=trigger,
+                           description=description, author=author, license=license, thumbnail=thumbnail))
+    for key, value in (extra or {}).items():
+        if key in meta:
+            raise ValueError(f"extra metadata {key!r} would replace a computed value; use another key")
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def _modelspec(family: str, prediction_type: str, title: str, resolution: str, now: float, **optional) -> dict:
+    """Stability ModelSpec 1.0.1 (architecture/implementation as kohya-ss library/sai_model_spec.py)."""
+    arch = "stable-diffusion-v2-768-v" if family == "sd2" and prediction_type == "v" else _ARCH[family]
+    meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{arch}/lora",
+            "modelspec.implementation": _IMPL.get(family, "diffusers"), "modelspec.title": title,
+            "modelspec.resolution": resolution, "modelspec.prediction_type": prediction_type,
+            "modelspec.date": datetime.fromtimestamp(int(now)).astimezone().isoformat()}
+    names = {"trigger": "trigger_phrase"}
+    meta.update({f"modelspec.{names.get(k, k)}": str(v) for k, v in optional.items() if v})
+    return meta
+
+
+def _unix_time(value: float | str | None, now: float) -> str:
+    """kohya stores str(time.time()); accept a number, a numeric string or ISO-8601 (train.py's started_at)."""
+    if value is None or value == "":
+        return str(now)
+    try:
+        return str(float(value))
+    except ValueError:
+        try:
+            return str(datetime.fromisoformat(str(value)).timestamp())
+        except ValueError as e:
+            raise ValueError(f"training_started_at={value!r} is not allowed: use a unix time or ISO-8601") from e
+
+
+def _nested_tags(tags: dict) -> dict:
+    """kohya's ss_tag_frequency is {dataset: {tag: count}}; A1111's metadata editor reads that shape."""
+    return {"images": tags} if tags and all(isinstance(v, int) for v in tags.values()) else tags
+
+
+def add_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` plus ``sshs_model_hash`` / ``sshs_legacy_hash`` of the final tensors.
+
+    As kohya-ss library/train_util.py precalculate_safetensors_hashes: serialize with only the
+    ``ss_*`` keys (so later user edits do not change the hash); model hash = sha256 of the bytes
+    after the header; legacy = first 8 hex of sha256 of 0x10000 bytes at offset 0x100000.
+    """
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors.torch.save({k: t.detach().cpu().contiguous() for k, t in sd.items()}, metadata=training or None)
+    model_hash, legacy_hash = addnet_hashes(data)
+    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+
+
+def addnet_hashes(data: bytes) -> tuple[str, str]:
+    """(model hash, legacy hash) of safetensors bytes, as sd-webui-additional-networks defined them."""
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def sidecar_json(trigger: str, preferred_weight: float = 1.0, family: str = "sd1", description: str = "",
+                 notes: str = "", negative_text: str = "") -> dict:
+    """A1111's ``<name>.json`` beside the LoRA (extensions-builtin/Lora/ui_edit_user_metadata.py)."""
+    version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(family, "Unknown")
+    return {"description": description, "sd version": version, "activation text": trigger,
+            "preferred weight": float(preferred_weight), "negative text": negative_text, "notes": notes}
+
+
+__all__ = ["LoraWeights", "LoraSet", "FAMILY_NAMES", "LORA_ADAPTER_METADATA_KEY", "canonical_key", "kohya_name",
+           "to_kohya", "from_kohya", "to_diffusers", "from_diffusers", "adapter_configs", "detect_format",
+           "detect_family", "build_metadata", "add_hashes", "addnet_hashes", "sidecar_json",
+           "LoraFileError", "atomic_write_bytes", "save_lora_file", "read_lora_file"]

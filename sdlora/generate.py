@@ -1,0 +1,140 @@
+"""Generate images from a base with one or more LoRAs at chosen strengths.
+
+The base is loaded once; LoRA files are read once (cached by path and mtime);
+moving a strength only changes numbers in ``stack.LoraStack``. Training samples
+go through ``render``, the same function every generation uses.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import formats
+from .config import GenerateConfig
+from .models import Base, load_base
+from .stack import Applied, LoraStack
+
+
+@dataclass
+class LoraChoice:
+    """A LoRA file and its strengths (A1111's <lora:name:te:unet>, ComfyUI's strength_clip / strength_model)."""
+    path: str
+    strength: float = 1.0                 # U-Net strength
+    te_strength: float | None = None      # text-encoder strength; None means the same as strength
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """'file.safetensors', 'file.safetensors:0.8' or 'file.safetensors:0.8:0.5' (unet, then te)."""
+        parts = text.rsplit(":", 2)
+        nums: list[float] = []
+        while len(parts) > 1:
+            try:
+                nums.insert(0, float(parts[-1]))
+            except ValueError:
+                break
+            parts.pop()
+        path = ":".join(parts)
+        if len(nums) > 2:
+            raise ValueError(f"{text!r}: use FILE, FILE:STRENGTH or FILE:UNET_STRENGTH:TE_STRENGTH")
+        return cls(path, *nums)
+
+
+@dataclass
+class LoadedLora:
+    path: str
+    loras: formats.LoraSet
+    metadata: dict[str, str]
+    unused: list[str] = field(default_factory=list)   # keys that map to no module of the base
+    family: str = "unknown"
+
+
+def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> LoadedLora:
+    """Read a LoRA file of any supported format and match it to the base's modules."""
+    sd, meta = formats.read_lora_file(path, allow_pickle=allow_pickle)
+    family = formats.detect_family(sd, meta)
+    if family not in ("unknown", base.family):
+        raise formats.LoraFileError(
+            f"{path} is a LoRA for {formats.FAMILY_NAMES[family]} but the base '{base.name}' is "
+            f"{formats.FAMILY_NAMES[base.family]}; load it on a {formats.FAMILY_NAMES[family]} base")
+    fmt = formats.detect_format(sd)
+    if fmt == "kohya":
+        loras, unused = formats.from_kohya(sd, base.module_names())
+    elif fmt in ("diffusers", "peft"):
+        loras, unused = formats.from_diffusers(sd, meta)
+    else:
+        raise formats.LoraFileError(f"{path}: not a LoRA file sdlora knows (no kohya or diffusers LoRA keys)")
+    if not loras:
+        raise formats.LoraFileError(f"{path}: none of its {len(sd)} keys matches a module of the base "
+                                    f"'{base.name}'; first keys: {sorted(sd)[:3]}")
+    return LoadedLora(str(path), loras, meta, unused, family)
+
+
+def render(pipe, cfg: GenerateConfig, resolution: int) -> Image.Image:
+    """One image from a diffusers pipeline; the same seed gives the same image."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    with torch.no_grad():
+        out = pipe(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt or None,
+                   num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                   width=cfg.width or resolution, height=cfg.height or resolution,
+                   generator=gen, output_type="pil")
+    return out.images[0]
+
+
+def make_pipeline(base: Base):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Generator:
+    """A base pipeline plus a stack of LoRAs; thread-safe, one image at a time."""
+
+    def __init__(self, base: Base | str = "tiny"):
+        self.base = load_base(base) if isinstance(base, str) else base
+        self.pipe = make_pipeline(self.base)
+        self.stack = LoraStack({"unet": self.base.unet, "text_encoder": self.base.text_encoder})
+        self._files: dict[str, tuple[float, LoadedLora]] = {}
+        self.lock = threading.RLock()
+
+    def load(self, path: str | Path) -> LoadedLora:
+        p = Path(path)
+        if not p.is_file():
+            raise formats.LoraFileError(f"LoRA file {p} does not exist; check the path")
+        key, mtime = str(p.resolve()), p.stat().st_mtime
+        hit = self._files.get(key)
+        if hit is None or hit[0] != mtime:
+            hit = (mtime, read_lora(p, self.base))
+            self._files[key] = hit
+        return hit[1]
+
+    def set_loras(self, choices: list[LoraChoice], fused: bool = False) -> list[LoadedLora]:
+        loaded = [self.load(c.path) for c in choices]
+        applied = [Applied(Path(c.path).stem, ld.loras, c.strength,
+                           c.strength if c.te_strength is None else c.te_strength)
+                   for c, ld in zip(choices, loaded)]
+        with self.lock:
+            self.stack.set(applied, fused=fused)
+        return loaded
+
+    def generate(self, cfg: GenerateConfig, choices: list[LoraChoice] | None = None,
+                 fused: bool = False) -> Image.Image:
+        with self.lock:
+            if choices is not None:
+                self.set_loras(choices, fused)
+            return render(self.pipe, cfg, self.base.resolution)
+
+    def sweep(self, cfg: GenerateConfig, choice: LoraChoice,
+              strengths=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[Image.Image]:
+        """The same prompt and seed at several strengths of one LoRA."""
+        return [self.generate(cfg, [LoraChoice(choice.path, s, None if choice.te_strength is None
+                                               else choice.te_strength * s)]) for s in strengths]
+
+
+__all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "make_pipeline"]

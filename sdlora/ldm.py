@@ -1,0 +1,305 @@
+"""Original-SD ("LDM") single-file checkpoints, the layout A1111 and ComfyUI load.
+
+One file holds three models under three prefixes:
+  model.diffusion_model.*  UNet           (key rules: `sdlora.ldm_unet`)
+  first_stage_model.*      VAE            (key rules: `sdlora.ldm_keys`)
+  cond_stage_model.*       text encoder:  SD 1.x `transformer.text_model.*` (transformers CLIP),
+                                          SD 2.x `model.*` (open_clip, fused q/k/v `in_proj`)
+This module detects the family, splits and joins the prefixes, and builds the
+diffusers/transformers modules offline from the bundled configs in
+`sdlora/configs/<sd15|sd21|sd21-base>/` and the CLIP BPE files in
+`sdlora/assets/clip_tokenizer/` (SD 2 uses the same vocabulary with pad "!").
+
+What weights cannot say: whether an SD 2 model predicts noise (512 "base") or
+v (768). `family="sd2"` or a detected SD 2 file means `sd21` (768, v-prediction,
+as diffusers also assumes); pass `family="sd21-base"` for 512 epsilon models,
+or `prediction_type=` to override.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdlora.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
+                             normalize_family, text_encoder_from_ldm, text_encoder_to_ldm, vae_from_ldm,
+                             vae_to_ldm)
+from sdlora.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
+
+__all__ = ["CheckpointError", "detect_checkpoint_family", "ldm_module_names", "load_single_file",
+           "pipeline_to_ldm", "read_state_dict", "save_single_file", "split_pipeline", "text_encoder_from_ldm",
+           "text_encoder_to_ldm", "unet_from_ldm", "unet_to_ldm", "vae_from_ldm", "vae_to_ldm",
+           "config_dir", "load_tokenizer", "write_diffusers_config_folder"]
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+_CONFIG_NAMES = {"sd1": "sd15", "sd15": "sd15", "sd2": "sd21", "sd21": "sd21", "sd21-base": "sd21-base"}
+_CONTEXT_DIM = {"sd1": 768, "sd2": 1024}  # UNet cross-attention width = text encoder width
+# Tensors many original files carry that no diffusers module holds: LDM's DDPM
+# schedule buffers (the scheduler config rebuilds them) and the EMA copy.
+_IGNORED = frozenset({"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                      "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                      "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                      "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                      "logvar", "scale_factor", "lvlb_weights"})
+_IGNORED_PREFIXES = ("model_ema.",)
+
+
+def config_dir(family: str) -> Path:
+    """The bundled diffusers-layout config folder for a family name."""
+    normalize_family(family)
+    return CONFIG_ROOT / _CONFIG_NAMES[family]
+
+
+def detect_checkpoint_family(sd: Mapping[str, torch.Tensor]) -> str:
+    """'sd1' | 'sd2' | 'sdxl' | 'unknown' from an original-SD state dict's keys and shapes.
+
+    Text encoder first (`cond_stage_model.transformer` = SD 1, `.model` = SD 2,
+    `conditioner.embedders` = SDXL), else the UNet's cross-attention width
+    (768 / 1024 / 2048, 1280 for the SDXL refiner). v-prediction is not visible
+    in weights: SD 2 768 models are v, SD 2 512 "base" models are epsilon.
+    """
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        return "sdxl"
+    if any(k.startswith(LDM_TEXT_PREFIX + "model.") for k in sd):
+        return "sd2"
+    if any(k.startswith(LDM_TEXT_PREFIX + "transformer.") for k in sd):
+        return "sd1"
+    width = _context_width(sd, LDM_UNET_PREFIX)
+    return {768: "sd1", 1024: "sd2", 1280: "sdxl", 2048: "sdxl"}.get(width, "unknown")
+
+
+def _context_width(sd: Mapping[str, torch.Tensor], prefix: str = "") -> int | None:
+    for k, v in sd.items():
+        if k.startswith(prefix) and k.endswith("attn2.to_k.weight"):
+            return v.shape[-1]  # [inner, context_dim]
+    return None
+
+
+def pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te_sd: StateDict, family: str) -> StateDict:
+    """Three diffusers-layout state dicts -> one original-SD single-file state dict."""
+    fam = normalize_family(family)
+    width = _context_width(unet_sd)
+    if width is not None and width != _CONTEXT_DIM[fam]:
+        raise CheckpointError(f"family={family!r} needs cross-attention width {_CONTEXT_DIM[fam]}, "
+                              f"the UNet has {width}")
+    out: StateDict = {}
+    for prefix, part in ((LDM_UNET_PREFIX, unet_to_ldm(unet_sd)), (LDM_VAE_PREFIX, vae_to_ldm(vae_sd)),
+                         (LDM_TEXT_PREFIX, text_encoder_to_ldm(te_sd, fam))):
+        out.update((prefix + k, v) for k, v in part.items())
+    return out
+
+
+def split_pipeline(sd: StateDict, source: str = "state dict") -> tuple[StateDict, StateDict, StateDict]:
+    """Original-SD state dict -> (unet, vae, text) parts, prefixes kept; unknown keys raise."""
+    parts: tuple[StateDict, StateDict, StateDict] = ({}, {}, {})
+    unknown = []
+    for k, v in sd.items():
+        if k in _IGNORED or k.startswith(_IGNORED_PREFIXES):
+            continue
+        for part, prefix in zip(parts, (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)):
+            if k.startswith(prefix):
+                part[k] = v
+                break
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) belong to no known part: {sorted(unknown)[:12]}")
+    empty = [n for n, p in zip(("UNet (model.diffusion_model.*)", "VAE (first_stage_model.*)",
+                                "text encoder (cond_stage_model.*)"), parts) if not p]
+    if empty:
+        raise CheckpointError(f"{source}: no weights for the {', '.join(empty)}; a full SD checkpoint is needed")
+    return parts
+
+
+def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
+    """Tensors of a `.safetensors` file; pickled `.ckpt/.pt/.pth/.bin` only with `allow_pickle=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
+    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; use a .safetensors file")
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: pickled checkpoints can run code when opened; convert it to "
+                              ".safetensors, or pass allow_pickle=True to read it with torch.load(weights_only=True)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it ({e})") from e
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtype: torch.dtype = torch.float32,
+                     prediction_type: str | None = None, allow_pickle: bool = False,
+                     config: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build diffusers/transformers modules from an original-SD SD 1.x/2.x file, offline.
+
+    Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family",
+    "prediction_type"}; "family" is the config name used (sd15 / sd21 / sd21-base).
+    `config` replaces the bundled config folder with another diffusers-layout one.
+    `prediction_type` ("epsilon" / "v_prediction") overrides the scheduler config's.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v_prediction'")
+    path = Path(path)
+    sd = read_state_dict(path, allow_pickle=allow_pickle)
+    name = _config_name(family, detect_checkpoint_family(sd), path)
+    folder = Path(config) if config is not None else CONFIG_ROOT / name
+    unet_sd, vae_sd, te_sd = split_pipeline(sd, str(path))
+    del sd
+    unet_cfg = dict(UNet2DConditionModel.load_config(folder / "unet"))
+    conv_in, conv_out = (unet_sd.get(LDM_UNET_PREFIX + k) for k in ("input_blocks.0.0.weight", "out.2.weight"))
+    if conv_in is not None and conv_out is not None:  # inpainting models take 9 input channels
+        unet_cfg.update(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0])
+    unet = _build(lambda: UNet2DConditionModel.from_config(unet_cfg),
+                  unet_from_ldm(unet_sd, unet_cfg), dtype, f"{path}: UNet ({name} config)")
+    del unet_sd
+    vae_cfg = AutoencoderKL.load_config(folder / "vae")
+    vae = _build(lambda: AutoencoderKL.from_config(vae_cfg), vae_from_ldm(vae_sd, vae_cfg),
+                 dtype, f"{path}: VAE ({name} config)")
+    text_encoder = _build_text_encoder(folder, te_sd, dtype, f"{path}: text encoder ({name} config)")
+    scheduler = _build_scheduler(folder, prediction_type)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(folder),
+            "scheduler": scheduler, "family": name, "prediction_type": scheduler.config.prediction_type}
+
+
+def _build_text_encoder(folder: Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")
+    with torch.device("meta"):  # transformers < 5 names the weights text_model.*, 5 does not
+        first_key = next(iter(CLIPTextModel(cfg).state_dict()))
+    prefix = "text_model." if first_key.startswith("text_model.") else ""
+    return _build(lambda: CLIPTextModel(cfg), text_encoder_from_ldm(te_sd, cfg.to_dict(), text_model_prefix=prefix),
+                  dtype, what)
+
+
+def _build_scheduler(folder: Path, prediction_type: str | None):
+    import diffusers
+
+    cfg = dict(diffusers.DDIMScheduler.load_config(folder / "scheduler"))  # any scheduler class reads the file
+    if prediction_type is not None:
+        cfg["prediction_type"] = prediction_type
+    return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+
+def _config_name(family: str | None, detected: str, path: Path) -> str:
+    if detected == "sdxl":
+        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.embedders / 2048-wide "
+                              "cross-attention); SDXL single files are not supported yet")
+    if detected == "unknown":
+        raise CheckpointError(f"{path}: not an SD 1.x/2.x checkpoint in original-SD layout "
+                              "(no cond_stage_model.* or model.diffusion_model.* cross-attention keys)")
+    if family is None:
+        if detected == "sd2":
+            warnings.warn(f"{path}: SD 2.x file; assuming 768px v-prediction (sd21). "
+                          "Pass family='sd21-base' for a 512px epsilon model.", stacklevel=3)
+        return _CONFIG_NAMES[detected]
+    if normalize_family(family) != detected:
+        raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
+    return _CONFIG_NAMES[family]
+
+
+def _build(make: Callable[[], torch.nn.Module], sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
+    """Module from `make()` holding exactly `sd`; every mismatch is reported at once.
+
+    Built on the meta device and filled with `assign=True` (no random init, no
+    second copy); a module with non-persistent buffers (CLIP's position_ids)
+    is then rebuilt for real.
+    """
+    with torch.device("meta"):
+        model = make()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {expected[k]}" for k in sorted(set(sd) & set(expected))
+              if tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        problems = [f"{label} ({len(items)}): {items[:8]}" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape, file vs model", shapes))
+                    if items]
+        raise CheckpointError(f"{what} does not fit: " + "; ".join(problems))
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)  # now holds `sd`'s tensors, already in `dtype`
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = make().to(dtype)
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def load_tokenizer(config_folder: str | os.PathLike):
+    """CLIPTokenizer for a diffusers-layout folder (e.g. `config_dir("sd21")`).
+
+    Its `tokenizer/` holds only the special tokens (SD 2 pads with "!"); the BPE
+    files are read from `sdlora/assets/clip_tokenizer/` unless it has its own.
+    """
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(config_folder) / "tokenizer"
+    cfg_file = tok_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    vocab_dir = tok_dir if (tok_dir / "vocab.json").is_file() else TOKENIZER_DIR
+    if not (vocab_dir / "vocab.json").is_file() or not (vocab_dir / "merges.txt").is_file():
+        raise FileNotFoundError(f"CLIP tokenizer files missing: need vocab.json and merges.txt in {vocab_dir}")
+    keys = ("pad_token", "bos_token", "eos_token", "unk_token", "model_max_length")
+    return CLIPTokenizer.from_pretrained(str(vocab_dir), **{k: cfg[k] for k in keys if k in cfg})
+
+
+def write_diffusers_config_folder(family: str, dest: str | os.PathLike) -> Path:
+    """A complete diffusers-layout config folder (configs + tokenizer files, no weights) at `dest`,
+    e.g. for diffusers' `from_single_file(path, config=dest, local_files_only=True)`."""
+    dest = Path(dest)
+    shutil.copytree(config_dir(family), dest, dirs_exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy2(TOKENIZER_DIR / name, dest / "tokenizer" / name)
+    return dest
+
+
+def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
+                     text_encoder: torch.nn.Module, family: str, dtype: torch.dtype = torch.float16,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write an original-SD `.safetensors` atomically (temp file beside it, fsync, os.replace).
+
+    Floating tensors are cast to `dtype`; integer ones (position_ids) keep theirs.
+    Not written: LDM's DDPM schedule buffers and, for SD 2, open_clip's unused
+    last block / text_projection (loaders rebuild or ignore them).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path={str(path)!r}: use a name ending in .safetensors")
+    meta = {"format": "pt", **(metadata or {})}
+    bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"metadata values must be strings: {bad!r}")
+    sd = pipeline_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family)
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,206 @@
+"""Base-model sources: the built-in model, diffusers folders, hub ids, single files.
+
+A base is named by a string:
+- ``tiny``: the built-in base that ships with sdlora (``sdlora/base_model``);
+- ``tiny-random``: the same SD architecture, small, with random weights from a
+  fixed seed (tests and benchmarks; it draws noise);
+- ``sd15-random``: the full SD 1.5 architecture with random weights (benchmarks);
+- a local diffusers folder (has ``model_index.json``);
+- a single-file checkpoint in original-SD layout (``.safetensors``);
+- anything else is taken as a hub id for ``from_pretrained``.
+
+``load_base`` caches one copy per (name, dtype, device) per process; all weights
+are frozen. Training asks for a fresh copy so it never disturbs a generator.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN_DIR = PACKAGE_DIR / "base_model"
+TOKENIZER_DIR = PACKAGE_DIR / "assets" / "clip_tokenizer"
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+
+# SD 1.x training noise schedule (CompVis v1-inference.yaml: linear_start/end, 1000 steps).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", prediction_type="epsilon",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+class BaseModelError(ValueError):
+    """A base model could not be found or loaded."""
+
+
+@dataclass
+class Base:
+    """The frozen components of a Stable Diffusion 1.x/2.x pipeline."""
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: object                  # the sampling scheduler generation uses
+    family: str = "sd1"                # sd1 | sd2
+    resolution: int = 512              # native image size in px
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The DDPM scheduler training adds noise with, from the base's own config."""
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    def module_names(self) -> dict[str, set[str]]:
+        """Dotted paths of every Linear/Conv2d module, per component (LoRA file matching)."""
+        def names(model: torch.nn.Module) -> set[str]:
+            return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        return {"unet": names(self.unet), "text_encoder": names(self.text_encoder)}
+
+
+_cache: dict[tuple, Base] = {}
+_cache_lock = threading.Lock()
+
+
+def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              fresh: bool = False) -> Base:
+    """Load (once per process, unless ``fresh``) and freeze a base model."""
+    key = (name, dtype, str(device))
+    with _cache_lock:
+        if not fresh and key in _cache:
+            return _cache[key]
+        base = _load(name)
+        for model in (base.unet, base.vae, base.text_encoder):
+            model.requires_grad_(False)
+            model.eval()
+            if model.dtype != dtype:
+                model.to(dtype=dtype)
+            model.to(device)
+        if not fresh:
+            _cache[key] = base
+        return base
+
+
+def _load(name: str) -> Base:
+    if name == "tiny":
+        if not (BUILTIN_DIR / "model_index.json").is_file():
+            raise BaseModelError(f"the built-in base model is missing from {BUILTIN_DIR}; "
+                                 "rebuild it with 'python -m sdlora.tinybase build'")
+        return _from_folder(BUILTIN_DIR, "tiny")
+    if name == "tiny-random":
+        return tiny_random_base()
+    if name == "sd15-random":
+        return random_base_from_configs(CONFIGS_DIR / "sd15", "sd15-random")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseModelError(f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
+                                 "pass a diffusers folder or a .safetensors checkpoint file")
+        return _from_folder(path, name)
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or path.is_file():
+        if not path.is_file():
+            raise BaseModelError(f"base checkpoint {path} does not exist; check the path")
+        return _from_single_file(path)
+    return _from_hub(name)
+
+
+def _from_folder(path: Path, name: str) -> Base:
+    from diffusers import StableDiffusionPipeline
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise BaseModelError(f"could not load the diffusers pipeline in {path}: {e}") from e
+    return _from_pipeline(pipe, name)
+
+
+def _from_pipeline(pipe, name: str) -> Base:
+    family = "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
+    res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return Base(name=name, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, family=family, resolution=res)
+
+
+def _from_hub(name: str) -> Base:
+    from diffusers import StableDiffusionPipeline
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # hub errors come in many classes (OSError, HTTP, offline mode)
+        raise BaseModelError(
+            f"could not get base model '{name}' from the model hub ({type(e).__name__}). "
+            "Without network access, pass a local diffusers folder or a .safetensors checkpoint file, "
+            "or use the built-in base 'tiny'") from e
+    return _from_pipeline(pipe, name)
+
+
+def _from_single_file(path: Path) -> Base:
+    from . import ldm
+    parts = ldm.load_single_file(path)
+    unet, vae = parts["unet"], parts["vae"]
+    res = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return Base(name=str(path), unet=unet, vae=vae, text_encoder=parts["text_encoder"],
+                tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
+                family=parts["family"], resolution=res)
+
+
+def load_tokenizer(folder: Path = TOKENIZER_DIR) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer SD 1.x uses (49,408 tokens), shipped as data."""
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def tiny_random_base(seed: int = 0, sample_size: int = 8) -> Base:
+    """A very small SD-architecture pipeline with random weights (tests).
+
+    Same classes as SD 1.5 with the VAE's 8x downsampling (4 blocks); the U-Net has
+    two cross-attention down blocks, the mid block and two up blocks of two: 7 transformer blocks.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SD_SCHEDULE.items()
+                                               if k not in ("clip_sample", "set_alpha_to_one")})
+    return Base(name="tiny-random", unet=unet, vae=vae, text_encoder=text_encoder,
+                tokenizer=load_tokenizer(), scheduler=scheduler, family="sd1", resolution=sample_size * 8)
+
+
+def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
+    """A full-size architecture with random weights, built from bundled diffusers configs."""
+    from diffusers import PNDMScheduler
+    if not (folder / "unet" / "config.json").is_file():
+        raise BaseModelError(f"bundled configs missing in {folder}")
+    torch.manual_seed(seed)
+    read = lambda sub, f="config.json": json.loads((folder / sub / f).read_text())  # noqa: E731
+    unet = UNet2DConditionModel.from_config(read("unet"))
+    vae = AutoencoderKL.from_config(read("vae"))
+    te_cfg = read("text_encoder")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if not k.startswith("_")}))
+    scheduler = PNDMScheduler.from_config(read("scheduler", "scheduler_config.json"))
+    tok_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else TOKENIZER_DIR
+    family = "sd2" if te_cfg.get("hidden_size") == 1024 else "sd1"
+    return Base(name=name, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tok_dir),
+                scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
+
+
+__all__ = ["Base", "BaseModelError", "load_base", "load_tokenizer", "tiny_random_base", "random_base_from_configs"]

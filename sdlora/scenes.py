@@ -1,0 +1,214 @@
+"""Procedural scenes: one coloured shape on a plain or two-tone neutral background.
+
+The built-in `tiny` base model (sdlora/tinybase.py) is trained on these, the
+quality test (tests/test_tinybase.py) judges its images with `measure`, and the
+example-dataset script can draw from them. Everything here is deterministic
+given a `random.Random`, and depends only on PIL and numpy.
+
+A scene's caption reads "a small red circle on the left on a white background";
+size and position words are sometimes left out so short prompts work too.
+Shape colours are saturated hues and backgrounds are greys, so the foreground is
+simply "the saturated pixels" when an image is judged.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64        # px; the VAE maps 64x64x3 to 16x16x4 latents
+SUPERSAMPLE = 4        # draw at 4x and downsample, for anti-aliased edges
+
+# Well-separated saturated hues (RGB). Backgrounds are neutral, so none of these is one.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 25, 25),
+    "orange": (250, 135, 0),
+    "yellow": (240, 215, 0),
+    "green": (30, 170, 50),
+    "cyan": (0, 200, 215),
+    "blue": (30, 60, 225),
+    "purple": (135, 40, 190),
+    "pink": (250, 110, 200),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES: dict[str, int] = {"small": 16, "medium": 24, "large": 34}   # bounding-box side, px
+POSITIONS: dict[str, tuple[float, float]] = {                       # centre as a fraction of the image
+    "in the center": (0.5, 0.5),
+    "on the left": (0.28, 0.5),
+    "on the right": (0.72, 0.5),
+    "at the top": (0.5, 0.28),
+    "at the bottom": (0.5, 0.72),
+}
+# Colour-shape pairs never drawn in training; the quality test prompts these.
+HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("red", "star"), ("green", "triangle"), ("blue", "circle"),
+    ("yellow", "square"), ("purple", "triangle"), ("orange", "circle"),
+)
+STAR_INNER = 0.4       # inner/outer radius of the 5-point star (bounding-box fill ~0.34)
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    background: str               # "white", or "white and black" for two-tone
+    split: str = "none"           # two-tone split: "none", "vertical" or "horizontal"
+    jitter: tuple[int, int] = (0, 0)   # px offset of the shape centre
+
+    def caption(self, with_size: bool = True, with_position: bool = True) -> str:
+        size = f"{self.size} " if with_size else ""
+        where = f" {self.position}" if with_position else ""
+        return f"a {size}{self.colour} {self.shape}{where} on a {self.background} background"
+
+
+def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
+    """Outline of `shape` in a side x side box centred at (cx, cy); None for a circle."""
+    h = side / 2
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":                          # apex up, base = height = side
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "star":                              # 5 points, one up; fit the box vertically
+        r_out = side / (1 + math.cos(math.pi / 5))
+        top = cy - h
+        pts = []
+        for k in range(10):
+            r = r_out if k % 2 == 0 else r_out * STAR_INNER
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + r * math.cos(a), top + r_out + r * math.sin(a)))
+        return pts
+    if shape == "circle":
+        return None
+    raise ValueError(f"shape={shape!r} is not known: use one of {', '.join(SHAPES)}")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> None:
+    poly = shape_polygon(shape, cx, cy, side)
+    if poly is None:
+        draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene as an RGB image of size x size px."""
+    big = size * SUPERSAMPLE
+    names = scene.background.split(" and ")
+    img = Image.new("RGB", (big, big), BACKGROUNDS[names[0]])
+    draw = ImageDraw.Draw(img)
+    if scene.split == "vertical":
+        draw.rectangle([big // 2, 0, big, big], fill=BACKGROUNDS[names[1]])
+    elif scene.split == "horizontal":
+        draw.rectangle([0, big // 2, big, big], fill=BACKGROUNDS[names[1]])
+    fx, fy = POSITIONS[scene.position]
+    s = SUPERSAMPLE * size / IMAGE_SIZE
+    cx = fx * big + scene.jitter[0] * s
+    cy = fy * big + scene.jitter[1] * s
+    draw_shape(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour])
+    return img.resize((size, size), Image.BOX)
+
+
+def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
+    """A random training scene; held-out colour-shape pairs are redrawn unless allowed."""
+    while True:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if allow_held_out or (colour, shape) not in HELD_OUT:
+            break
+    bgs = list(BACKGROUNDS)
+    if rng.random() < 0.3:
+        first, second = rng.sample(bgs, 2)
+        background, split = f"{first} and {second}", rng.choice(("vertical", "horizontal"))
+    else:
+        background, split = rng.choice(bgs), "none"
+    return Scene(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)),
+                 background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
+
+
+def random_caption(scene: Scene, rng: random.Random) -> str:
+    """The scene's caption, with size and position each left out 25% of the time."""
+    return scene.caption(with_size=rng.random() > 0.25, with_position=rng.random() > 0.25)
+
+
+# ---- judging generated images ------------------------------------------------
+
+def foreground_mask(rgb: np.ndarray, min_chroma: int = 70) -> np.ndarray:
+    """(H, W) bool: pixels saturated enough to be the shape (backgrounds are grey)."""
+    rgb = rgb.astype(np.int16)
+    return (rgb.max(-1) - rgb.min(-1)) >= min_chroma
+
+
+def dominant_colour(rgb: np.ndarray, mask: np.ndarray) -> str | None:
+    """Name of the palette colour nearest to most foreground pixels; None if no foreground."""
+    if mask.sum() == 0:
+        return None
+    pix = rgb[mask].astype(np.float32)                                     # (N, 3)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)           # (C, 3)
+    nearest = ((pix[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)   # (N,)
+    return list(COLOURS)[np.bincount(nearest, minlength=len(COLOURS)).argmax()]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of mask (drops specks the sampler leaves)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_n, label = None, 0, 0
+    for y, x in zip(*np.nonzero(mask)):
+        if labels[y, x]:
+            continue
+        label += 1
+        stack, n = [(y, x)], 0
+        labels[y, x] = label
+        while stack:
+            cy, cx = stack.pop()
+            n += 1
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if n > best_n:
+            best, best_n = label, n
+    return labels == best if best else mask
+
+
+def shape_of(mask: np.ndarray) -> str | None:
+    """Which shape the mask is: the template that best overlaps it (IoU) in its bounding box."""
+    if mask.sum() < 12:
+        return None
+    mask = largest_component(mask)
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = mask[y0:y1, x0:x1]
+    h, w = crop.shape
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        big = SUPERSAMPLE
+        tmpl = Image.new("L", (w * big, h * big), 0)
+        poly = shape_polygon(shape, w * big / 2, h * big / 2, 1.0)
+        # stretch the unit template to the box: scale x by w, y by h
+        if poly is None:
+            ImageDraw.Draw(tmpl).ellipse([0, 0, w * big, h * big], fill=255)
+        else:
+            pts = [(w * big / 2 + (px - w * big / 2) * w * big, h * big / 2 + (py - h * big / 2) * h * big)
+                   for px, py in poly]
+            ImageDraw.Draw(tmpl).polygon(pts, fill=255)
+        t = np.asarray(tmpl.resize((w, h), Image.BOX)) >= 128
+        iou = (t & crop).sum() / max((t | crop).sum(), 1)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+def measure(image: Image.Image) -> tuple[str | None, str | None]:
+    """(dominant foreground colour, shape) of a generated image."""
+    rgb = np.asarray(image.convert("RGB"))
+    mask = foreground_mask(rgb)
+    return dominant_colour(rgb, mask), shape_of(mask)

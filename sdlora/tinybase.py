@@ -1,0 +1,388 @@
+"""Build the built-in `tiny` base model: a real, small Stable Diffusion trained from scratch.
+
+`python -m sdlora.tinybase build [--out DIR] [--quick]` draws the procedural
+scenes of `sdlora.scenes`, trains an `AutoencoderKL`, then a cross-attention
+`UNet2DConditionModel` together with a `CLIPTextModel` (SD 1.5's tokenizer),
+and saves a diffusers `StableDiffusionPipeline` folder (default
+`sdlora/base_model/`). It is trained as SD was: scaled-linear betas
+0.00085-0.012 over 1000 steps, epsilon prediction, VAE latents scaled to unit
+spread, 10% empty captions for classifier-free guidance. Seeds are fixed and
+figures are printed as it goes; `evaluate` is the quality bar the tests use.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdlora import scenes
+
+PACKAGE = Path(__file__).resolve().parent
+DEFAULT_OUT = PACKAGE / "base_model"
+TOKENIZER_DIR = PACKAGE / "assets" / "clip_tokenizer"
+# SD 1.x's training noise schedule (CompVis v1-inference.yaml: linear_start/end, timesteps).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", prediction_type="epsilon")
+
+
+@dataclass
+class BuildConfig:
+    """Everything the build depends on; saved beside the model as build.json."""
+    seed: int = 0                       # one seed for scenes, init, noise and sampling
+    threads: int = 1                    # torch CPU threads (the machine is shared)
+    n_images: int = 6000                # procedural training scenes (latents cached once)
+    empty_caption_p: float = 0.1        # share of captions dropped to "" (for CFG), as SD
+    vae_channels: tuple = (32, 64, 64)  # 2 downsamples: 64 px -> 16x16x4 latents
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_crop: int = 32                  # VAE trains on random crops (it is fully convolutional)
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6             # SD's KL weight for its f=8 KL-autoencoder
+    text_hidden: int = 64               # CLIP text width = U-Net cross_attention_dim
+    text_layers: int = 2
+    unet_channels: tuple = (32, 64, 128)  # cross-attention at 8x8 and 4x4 (16x16 attention is 3x the cost)
+    unet_steps: int = 3000
+    batch: int = 32
+    lr: float = 1e-3                    # constant after warm-up; the EMA does the annealing, so
+    warmup: int = 100                   # a run stopped at step k equals a run of k steps
+    ema_decay: float = 0.998
+    max_minutes: float = 0.0            # >0: stop the U-Net loop after this long (steps done are recorded)
+    sample_steps: int = 20              # DPM-Solver++ steps recommended for sampling
+    guidance: float = 5.0               # recommended classifier-free guidance scale
+
+    @classmethod
+    def quick(cls) -> "BuildConfig":
+        """A few-minute end-to-end check; the model it makes is not usable."""
+        return cls(n_images=600, vae_steps=60, unet_steps=60, warmup=20)
+
+
+def log(msg: str) -> None:
+    print(f"[tinybase {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def n_params(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# ---- models -----------------------------------------------------------------
+
+def make_vae(cfg: BuildConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         block_out_channels=cfg.vae_channels, norm_num_groups=16,
+                         sample_size=scenes.IMAGE_SIZE)
+
+
+def make_text_encoder(cfg: BuildConfig) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+                            num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+                            projection_dim=cfg.text_hidden, hidden_act="quick_gelu",
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(config)
+
+
+def make_unet(cfg: BuildConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=scenes.IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=cfg.unet_channels, norm_num_groups=16, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cfg.text_hidden)
+
+
+# ---- data ---------------------------------------------------------------------
+
+def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 64, 64) in [-1, 1] and token ids (N, 4, 77): 4 caption variants per scene."""
+    rng = random.Random(cfg.seed)
+    images, captions = [], []
+    for _ in range(cfg.n_images):
+        scene = scenes.random_scene(rng)
+        images.append(np.asarray(scenes.render(scene)))
+        captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ids = tokenize(tokenizer, captions).view(cfg.n_images, 4, -1)
+    return x, ids
+
+
+def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """(len(texts), 77) ids, padded and truncated as StableDiffusionPipeline does."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# ---- training -------------------------------------------------------------------
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def warmup_constant(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup)
+
+
+def train_vae(cfg: BuildConfig, images: torch.Tensor) -> AutoencoderKL:
+    """L1 + MSE reconstruction with SD's small KL term, on random crops."""
+    vae = make_vae(cfg)
+    log(f"VAE {n_params(vae):.2f}M params, {cfg.vae_steps} steps x {cfg.vae_batch} crops of {cfg.vae_crop}px")
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.vae_steps, 50))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    c, size = cfg.vae_crop, images.shape[-1]
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        oy, ox = torch.randint(0, size - c + 1, (2,), generator=gen).tolist()
+        x = images[idx, :, oy:oy + c, ox:ox + c]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step:5d}  recon {rec.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (N, 4, 16, 16) of every image, computed once."""
+    means, stds = [], []
+    for chunk in images.split(256):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def check_vae(vae: AutoencoderKL, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    """Reconstruction PSNR and how often the judge reads back the right colour and shape."""
+    n = min(64, len(images))
+    recon = vae.decode(mean[:n]).sample.clamp(-1, 1)
+    mse = F.mse_loss(recon, images[:n]).item()
+    agree = 0
+    for a, b in zip(to_pil(images[:n]), to_pil(recon)):
+        agree += scenes.measure(a) == scenes.measure(b)
+    return {"psnr_db": 10 * math.log10(4 / mse), "judge_agreement": agree / n}
+
+
+def to_pil(x: torch.Tensor) -> list:
+    from PIL import Image
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.shadow = copy.deepcopy(module).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p, 1 - d)
+
+
+def train_denoiser(cfg, latents, ids, empty_ids) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
+    """U-Net + text encoder, epsilon prediction under SD's schedule, 10% empty captions."""
+    torch.manual_seed(cfg.seed + 2)
+    unet, text_encoder = make_unet(cfg), make_text_encoder(cfg)
+    log(f"U-Net {n_params(unet):.2f}M params, text encoder {n_params(text_encoder):.2f}M params; "
+        f"{cfg.unet_steps} steps x batch {cfg.batch}")
+    noise_sched = DDPMScheduler(**SD_SCHEDULE)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_constant(s, cfg.warmup))
+    ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    mean, std = latents
+    t0, running = time.time(), None
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(len(mean), (cfg.batch,), generator=gen)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)       # (B, 4, 16, 16), scaled
+        variant = torch.randint(ids.shape[1], (cfg.batch,), generator=gen)
+        tok = ids[idx, variant]                                                        # (B, 77)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.empty_caption_p
+        tok = torch.where(drop[:, None], empty_ids[None], tok)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        cond = text_encoder(tok)[0]                                                    # (B, 77, hidden)
+        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_u.update(unet)
+        ema_t.update(text_encoder)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            rate = (time.time() - t0) / (step + 1)
+            log(f"unet step {step:5d}  loss {running:.4f}  {rate:.2f}s/step  eta {rate * (cfg.unet_steps - step - 1) / 60:.1f} min")
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached: stopping after {step + 1} steps "
+                f"(--unet-steps {step + 1} reproduces this model)")
+            break
+    return ema_u.shadow.eval(), ema_t.shadow.eval(), step + 1
+
+
+# ---- saving and judging -------------------------------------------------------------
+
+def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfig, figures: dict) -> StableDiffusionPipeline:
+    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    # U-Net and VAE go to disk in fp16 (diffusers loads them as fp32 by default); the text encoder
+    # stays fp32 because transformers would load fp16 weights as fp16. About 23 MB in all.
+    for model in (unet, vae):
+        model.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for model in (unet, vae):
+        model.to(torch.float32)
+    info = {"config": asdict(cfg), "figures": figures, "held_out": [list(p) for p in scenes.HELD_OUT],
+            "schedule": SD_SCHEDULE}
+    (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    return pipe
+
+
+def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
+    """README.md for the saved pipeline: vocabulary, training choices and measured figures."""
+    ev, pm = figures.get("held_out_eval", {}), figures["params_m"]
+    pairs = ", ".join(f"{c} {s}" for c, s in scenes.HELD_OUT)
+    lines = [
+        "# sdlora `tiny` base model", "",
+        "A real Stable Diffusion 1.x-architecture pipeline (diffusers `AutoencoderKL`, cross-attention",
+        "`UNet2DConditionModel`, `CLIPTextModel`, SD 1.5's `CLIPTokenizer`, `DPMSolverMultistepScheduler`),",
+        "trained from scratch on CPU by `python -m sdlora.tinybase build` on procedural 64x64 scenes.",
+        "It exists so that every code path a user takes with SD 1.5 can run, and be tested, in seconds.", "",
+        "## What it draws", "",
+        "One shape on a plain or two-tone grey background, 64x64 px (16x16x4 latents). Prompts read",
+        "`a [size] <colour> <shape> [position] on a <background> background`, e.g.",
+        "`a small red circle on the left on a white background`.", "",
+        f"- colours: {', '.join(scenes.COLOURS)}",
+        f"- shapes: {', '.join(scenes.SHAPES)}",
+        f"- sizes: {', '.join(scenes.SIZES)} (optional)",
+        f"- positions: {', '.join(scenes.POSITIONS)} (optional)",
+        f"- backgrounds: {', '.join(scenes.BACKGROUNDS)}, or two of them (`white and black`)",
+        f"- held out of training (never drawn together): {pairs}", "",
+        "## How it was trained", "",
+        "- noise schedule as SD: scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction",
+        f"- {cfg.empty_caption_p:.0%} empty captions (the caption replaced by \"\"), so classifier-free guidance works",
+        f"- VAE: {pm['vae']:.2f}M params, {cfg.vae_steps} steps; latents scaled by "
+        f"`scaling_factor` = {figures['scaling_factor']:.4f} (1 / their std, as SD's 0.18215)",
+        f"- U-Net {pm['unet']:.2f}M params (channels {tuple(cfg.unet_channels)}, cross-attention at 8x8 and 4x4) and "
+        f"text encoder {pm['text_encoder']:.2f}M params ({cfg.text_layers} layers, width {cfg.text_hidden}; "
+        "most of it the 49,408-token embedding) trained together",
+        f"- {cfg.unet_steps} steps at batch {cfg.batch}, AdamW lr {cfg.lr} (constant after {cfg.warmup} warm-up "
+        f"steps), EMA {cfg.ema_decay}; {cfg.n_images} scenes, seed {cfg.seed}; weights saved as fp16",
+        f"- full settings and figures: `build.json`", "",
+        "## Use and measured figures", "",
+        f"Recommended: {cfg.sample_steps} steps of the saved DPM-Solver++ scheduler, guidance {cfg.guidance}, 64x64.", "",
+        f"- held-out prompts ({ev.get('n', '?')} images, fixed seeds): prompt's colour dominant in "
+        f"{ev.get('colour_acc', float('nan')):.0%}, prompt's shape in {ev.get('shape_acc', float('nan')):.0%}",
+        f"- {ev.get('s_per_image_batched', float('nan')):.2f} s per image (batches of 12, CPU, {cfg.threads} thread)",
+        f"- build time {figures.get('build_minutes', float('nan')):.0f} min on a shared 2-core CPU", "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def held_out_prompts() -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape): 6 held-out pairs x 2 sizes x 3 backgrounds, all centred."""
+    return [(f"a {size} {colour} {shape} in the center on a {bg} background", colour, shape)
+            for colour, shape in scenes.HELD_OUT for size in ("medium", "large") for bg in scenes.BACKGROUNDS]
+
+
+@torch.no_grad()
+def evaluate(pipe: StableDiffusionPipeline, steps: int = 20, guidance: float = 5.0, seed: int = 0,
+             batch: int = 12) -> dict:
+    """Colour and shape accuracy on held-out prompts, and seconds per image."""
+    prompts = held_out_prompts()
+    images, t0 = [], time.time()
+    for i in range(0, len(prompts), batch):
+        chunk = [p for p, _, _ in prompts[i:i + batch]]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+    per_image = (time.time() - t0) / len(prompts)
+    got = [scenes.measure(im) for im in images]
+    colour = sum(g[0] == c for g, (_, c, _) in zip(got, prompts)) / len(prompts)
+    shape = sum(g[1] == s for g, (_, _, s) in zip(got, prompts)) / len(prompts)
+    return {"colour_acc": colour, "shape_acc": shape, "s_per_image_batched": per_image,
+            "n": len(prompts), "images": images, "measured": got}
+
+
+def build(cfg: BuildConfig, out: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    images, ids = make_dataset(cfg, tokenizer)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    log(f"{cfg.n_images} scenes drawn ({len(scenes.HELD_OUT)} colour-shape pairs held out)")
+    vae = train_vae(cfg, images)
+    mean, std = encode_latents(vae, images)
+    scale = 1.0 / mean.std().item()                    # as SD's 0.18215: unit-spread latents
+    vae.register_to_config(scaling_factor=scale)
+    vae_figs = check_vae(vae, images, mean)
+    log(f"latents cached; scaling_factor {scale:.4f}; VAE recon {vae_figs}")
+    unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids)
+    cfg = replace(cfg, unet_steps=steps_done, max_minutes=0.0)
+    figures = {"vae": vae_figs, "scaling_factor": scale, "train_minutes": (time.time() - t_start) / 60,
+               "params_m": {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}}
+    pipe = save_pipeline(out, vae, unet, text_encoder, tokenizer, cfg, figures)
+    result = evaluate(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
+    figures["held_out_eval"] = {k: result[k] for k in ("colour_acc", "shape_acc", "s_per_image_batched", "n")}
+    figures["build_minutes"] = (time.time() - t_start) / 60
+    save_pipeline(out, vae, unet, text_encoder, tokenizer, cfg, figures)
+    write_model_card(out, cfg, figures)
+    log(f"held-out: colour {result['colour_acc']:.0%}, shape {result['shape_acc']:.0%} "
+        f"({result['n']} images, {result['s_per_image_batched']:.2f}s/image); saved to {out}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdlora.tinybase", description="Build the tiny base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train from scratch and save a diffusers pipeline")
+    b.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    b.add_argument("--quick", action="store_true", help="a few-minute smoke run (not a usable model)")
+    b.add_argument("--unet-steps", type=int, help="override the U-Net training steps")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    b.add_argument("--max-minutes", type=float, help="stop U-Net training after this long (shared machines)")
+    args = parser.parse_args(argv)
+    cfg = BuildConfig.quick() if args.quick else BuildConfig()
+    if args.unet_steps:
+        cfg = replace(cfg, unet_steps=args.unet_steps)
+    if args.threads:
+        cfg = replace(cfg, threads=args.threads)
+    if args.max_minutes:
+        cfg = replace(cfg, max_minutes=args.max_minutes)
+    build(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,615 @@
+"""The web UI's logic: one server-side `WebUI` object and plain handler methods.
+
+`app.py` only lays out Gradio components and wires them to these methods, so
+everything here is testable without a browser. State lives in the `WebUI`
+object, not in the browser session: a training keeps running when the tab is
+closed, and a reopened page shows it. Handlers raise `UserError` with a
+message meant for the user; app.py shows it as a notice.
+
+Files are written only under `outputs/` (runs, and uploaded datasets in
+`outputs/.uploads/`) and the temporary upload folder Gradio writes to.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+import shutil
+import threading
+import time
+import traceback
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import data as dataset
+from .config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps
+from .runs import latest_checkpoint, safe_name
+from .train import Callbacks, train
+
+MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
+MAX_FILE_BYTES = 25 * 2**20     # per image or caption file
+MAX_TOTAL_BYTES = 500 * 2**20   # per dataset
+MAX_LORA_BYTES = 1024 * 2**20   # an uploaded LoRA file (SD 1.x LoRAs are 10-300 MB)
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
+TEMPLATES = {"style": "an image in {trigger} style", "subject": "a photo of {trigger}"}
+_BAD_CHARS = set('<>:"/\\|?*')
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message says what."""
+
+
+def safe_filename(name: str) -> str:
+    """A plain file name from an uploaded name: no folders, no '..', no control characters; unicode kept."""
+    name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable() and c not in _BAD_CHARS).strip().lstrip(".").strip()
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, ""
+    while len((stem + dot + suffix).encode("utf-8")) > 200:   # most file systems allow 255 bytes
+        stem = stem[:-1]
+    return (stem + dot + suffix) if stem else f"file{dot}{suffix}"
+
+
+def within(path: str | Path, root: str | Path) -> bool:
+    """True if `path` (after resolving links and '..') is inside `root`."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def native_resolution(base: str) -> int:
+    """The base's image size in px without loading it (512 when it cannot be read cheaply)."""
+    from .models import BUILTIN_DIR
+    if base == "tiny-random":
+        return 64
+    folder = BUILTIN_DIR if base == "tiny" else Path(base)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
+def suggest(n_images: int) -> dict:
+    """Settings derived from the number of usable images (shown before training starts)."""
+    steps = default_steps(max(n_images, 1))
+    return {"steps": steps, "rank": 4 if n_images < 8 else 8 if n_images <= 30 else 16, "lr": 1e-4,
+            "sample_every": max(1, steps // 5), "text_encoder": False}
+
+
+def _whole(v):
+    """Gradio numbers arrive as floats; whole ones become ints, anything else is left for validation."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def build_configs(form: dict, folder: str, base: str, outputs: str) -> tuple[DataConfig, LoraSpec, TrainConfig]:
+    """The three config objects from the Train tab's fields; ConfigError names a bad field."""
+    f = {k: _whole(v) for k, v in form.items()}
+    data = DataConfig(folder=folder, trigger=f["trigger"] or "", template=f["template"] or TEMPLATES["style"],
+                      resolution=f["resolution"] or None, flip=bool(f["flip"]))
+    spec = LoraSpec(rank=f["rank"], alpha=f["alpha"] or None, dropout=float(f["dropout"] or 0),
+                    self_attention=bool(f["self_attention"]), text_encoder=bool(f["text_encoder"]),
+                    use_dora=bool(f["use_dora"]), use_rslora=bool(f["use_rslora"]))
+    cfg = TrainConfig(base=(f.get("base") or base).strip(), steps=f["steps"] or None, lr=float(f["lr"]),
+                      batch_size=f["batch_size"], grad_accum=f["grad_accum"], schedule=f["schedule"],
+                      warmup_steps=f["warmup_steps"] or 0, seed=f["seed"] or 0,
+                      sample_every=f["sample_every"] or 0, checkpoint_every=f["checkpoint_every"] or 0,
+                      mixed_precision=f["mixed_precision"], noise_offset=float(f["noise_offset"] or 0),
+                      min_snr_gamma=float(f["min_snr_gamma"]) if f["min_snr_gamma"] else None,
+                      save_format=f["save_format"], save_dtype=f["save_dtype"], output_dir=outputs,
+                      run_name=(f["run_name"] or "").strip())
+    return data, spec, cfg
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One image card of the Train tab's gallery."""
+    name: str
+    preview: str | None          # PNG of the image exactly as trained (None if unusable)
+    caption: str                 # the exact caption it trains with
+    notes: list[str]             # warnings, or the reason it is skipped
+    usable: bool
+
+
+@dataclass
+class Dataset:
+    folder: Path
+    trigger: str
+    template: str
+    resolution: int
+    items: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    upload_notes: list[str] = field(default_factory=list)   # files refused at upload (limits)
+
+    def scan(self) -> None:
+        self.items, self.problems = dataset.scan_dataset(self.folder, self.trigger, self.template, self.resolution)
+
+    def rows(self) -> list[Row]:
+        out = []
+        for it in self.items:
+            out.append(Row(it.path.name, str(self.preview(it.path)), it.caption, list(it.notes), True))
+        for p in self.problems:
+            if p.fatal and Path(p.path) != self.folder:
+                out.append(Row(Path(p.path).name, None, "", [p.reason], False))
+        return out
+
+    def preview(self, path: Path) -> Path:
+        """The image as it will be trained (EXIF rotation, alpha on white, crop), cached per resolution."""
+        out = self.folder / ".preview" / f"{self.resolution}-{path.stem}.png"
+        if not out.is_file() or out.stat().st_mtime < path.stat().st_mtime:
+            out.parent.mkdir(exist_ok=True)
+            dataset.load_image(path, self.resolution).save(out)
+        return out
+
+    def summary(self) -> str:
+        n, skipped = len(self.items), sum(1 for p in self.problems if p.fatal and Path(p.path) != self.folder)
+        noted = sum(1 for it in self.items if it.notes)
+        parts = [f"**{n} image{'s' * (n != 1)} ready to train**"]
+        if noted:
+            parts.append(f"{noted} with notes")
+        if skipped:
+            parts.append(f"{skipped} skipped (see the reasons below)")
+        lines = [", ".join(parts) + "."]
+        if n < dataset.MIN_IMAGES:
+            lines.append(f"At least {dataset.MIN_IMAGES} usable images are needed before training can start.")
+        elif n < 5:
+            lines.append("5 to 20 images work best for a style; a few more would help.")
+        elif n > 20:
+            lines.append(f"More than 20 images is fine; training takes longer ({default_steps(n)} steps suggested).")
+        lines += [f"Note: {p.reason}" for p in self.problems if Path(p.path) == self.folder]
+        lines += [f"Not added: {t}" for t in self.upload_notes]
+        return "\n\n".join(html.escape(line, quote=False) for line in lines)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+class Job(Callbacks):
+    """One training run in a background thread; pages poll its fields (``rev`` changes on every update)."""
+
+    def __init__(self, run_dir: Path | None = None):
+        self.state = "starting"          # starting, running, stopping, stopped, done, failed
+        self.cancel = threading.Event()
+        self.run_dir = run_dir
+        self.step = self.total = 0
+        self.loss, self.eta = math.nan, 0.0
+        self.losses: list[tuple[int, float]] = _read_log(run_dir) if run_dir else []
+        self.samples: list[tuple[str, str]] = []       # (path, caption), newest first
+        self.message, self.error = "", ""
+        self.lora_path: Path | None = None
+        self.thread: threading.Thread | None = None
+        self.rev = 0
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def on_plan(self, plan) -> None:
+        self.total, self.state, self.rev = plan.steps, "running", self.rev + 1
+
+    def on_step(self, info) -> None:
+        self.step, self.total, self.loss, self.eta = info.step, info.total, info.loss, info.eta
+        self.losses.append((info.step, info.loss))
+        self.rev += 1
+
+    def on_sample(self, step: int, paths: list[Path]) -> None:
+        self.run_dir = self.run_dir or paths[0].parent.parent
+        new = []
+        for p in paths:
+            m = re.search(r"seed(\d+)-(\d+)$", p.stem)
+            seed, idx = (m.group(1), int(m.group(2))) if m else ("?", 0)
+            which = "with trigger" if idx == 0 else "without trigger" if idx == 1 else f"prompt {idx + 1}"
+            new.append((str(p), f"step {step} · seed {seed} · {which}"))
+        self.samples = new + self.samples
+        self.rev += 1
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.run_dir = self.run_dir or path.parent.parent
+
+    def on_message(self, text: str) -> None:
+        self.message, self.rev = text, self.rev + 1
+
+    def run(self, data, spec, cfg, resume) -> None:
+        try:
+            res = train(data, spec, cfg, callbacks=self, cancel=self.cancel, resume=resume)
+            self.run_dir, self.step, self.lora_path = res.run_dir, res.steps_done, res.lora_path
+            self.state = "stopped" if res.cancelled else "done"
+        except Exception as e:  # any failure is shown on the page; the server keeps running
+            traceback.print_exc()
+            self.error, self.state = str(e) or type(e).__name__, "failed"
+        self.rev += 1
+
+    def status_html(self) -> str:
+        pct = 100.0 * self.step / self.total if self.total else 0.0
+        loss = f" · loss {self.loss:.4f}" if math.isfinite(self.loss) else ""
+        text = {
+            "starting": "Starting: loading the base model and caching the images…",
+            "running": f"Step {self.step} / {self.total}{loss} · {duration(self.eta)} left",
+            "stopping": f"Stopping at step {self.step} / {self.total}: writing a checkpoint…",
+            "stopped": f"Stopped at step {self.step} / {self.total}. Press Resume to continue from there.",
+            "done": f"Done: {self.step} / {self.total} steps{loss}. Download the LoRA below or open it in Generate.",
+            "failed": f"Training failed: {self.error}",
+        }[self.state]
+        if self.state == "done":
+            pct = 100.0
+        return progress_html(pct, text, self.state)
+
+
+def progress_html(pct: float, text: str, state: str = "idle") -> str:
+    return (f'<div class="sdl-progress" data-state="{state}"><div class="sdl-bar">'
+            f'<div class="sdl-fill" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="sdl-text">{html.escape(text)}</div></div>')
+
+
+def _read_log(run_dir: Path) -> list[tuple[int, float]]:
+    try:
+        with (Path(run_dir) / "log.csv").open(encoding="utf-8") as fh:
+            return [(int(r[0]), float(r[1])) for r in csv.reader(fh) if len(r) >= 2]
+    except (OSError, ValueError):
+        return []
+
+
+# ---- the server-side object --------------------------------------------------------------------
+
+class WebUI:
+    """Everything the pages show, shared by every browser tab of this server."""
+
+    def __init__(self, outputs: str | Path = "outputs", base: str = "tiny", datasets_dir: str | Path = "datasets",
+                 upload_dir: str | Path | None = None):
+        self.outputs = Path(outputs).resolve()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.base, self.datasets_dir = base, Path(datasets_dir)
+        self.upload_dir = Path(upload_dir).resolve() if upload_dir else None
+        self.dataset: Dataset | None = None
+        self.job: Job | None = None
+        self.uploaded_loras: list[Path] = []
+        self._gen, self._gen_name, self.base_loads = None, "", 0
+        self._lock, self._gen_lock = threading.Lock(), threading.Lock()
+
+    # ---- Train tab: data ----
+    def load_uploads(self, paths: list[str], trigger: str, template: str, resolution=None) -> Dataset:
+        """Copy uploaded files into a new dataset folder (names sanitised, limits checked) and scan it."""
+        paths = [Path(p) for p in (paths or [])]
+        if not paths:
+            raise UserError("No files received: drop 5 to 20 images (PNG, JPEG or WebP) on the upload box.")
+        if len(paths) > MAX_FILES:
+            raise UserError(f"{len(paths)} files uploaded; the limit is {MAX_FILES} per dataset. "
+                            "Pick your best images (5 to 20 are enough for a style).")
+        folder, notes, total, taken = self._new_dataset_folder(), [], 0, set()
+        for p in paths:
+            name, size = safe_filename(p.name), p.stat().st_size
+            if size > MAX_FILE_BYTES:
+                notes.append(f"{name}: {size / 2**20:.1f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit per file; "
+                             "use a smaller export of it")
+                continue
+            if total + size > MAX_TOTAL_BYTES:
+                notes.append(f"{name}: the dataset would pass {MAX_TOTAL_BYTES // 2**20} MB in total; "
+                             "use fewer or smaller images")
+                continue
+            stem, suffix, i = Path(name).stem, Path(name).suffix, 1
+            while name.lower() in taken:
+                i += 1
+                name = f"{stem}-{i}{suffix}"
+            taken.add(name.lower())
+            target = folder / name
+            if not within(target, folder):      # cannot happen after safe_filename; checked anyway
+                raise UserError(f"refused file name {p.name!r}")
+            shutil.copyfile(p, target)
+            total += size
+        return self._use(folder, trigger, template, resolution, notes)
+
+    def load_example(self, name: str, template: str, resolution=None) -> tuple[Dataset, str]:
+        """Copy an example dataset from datasets/ (so caption edits never touch it); returns it and its trigger."""
+        src = self.datasets_dir / (name or "")
+        if not name or not src.is_dir() or not within(src, self.datasets_dir):
+            raise UserError(f"No example dataset {name!r} in {self.datasets_dir}; pick one from the list.")
+        folder = self._new_dataset_folder()
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name.lower() not in ("readme.md", "readme.txt"):
+                shutil.copyfile(f, folder / f.name)
+        trigger = example_trigger(src)
+        return self._use(folder, trigger, template, resolution, []), trigger
+
+    def examples(self) -> list[str]:
+        if not self.datasets_dir.is_dir():
+            return []
+        return sorted(d.name for d in self.datasets_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    def rescan(self, trigger: str, template: str, resolution=None) -> Dataset | None:
+        """Scan the current dataset again with new trigger / template / resolution."""
+        if self.dataset is None:
+            return None
+        return self._use(self.dataset.folder, trigger, template, resolution, self.dataset.upload_notes)
+
+    def set_caption(self, name: str, text: str) -> Row:
+        """Save an edited caption as the image's .txt file; returns the card as it trains now."""
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Upload images first.")
+        image = ds.folder / safe_filename(name)
+        if not image.is_file() or not within(image, ds.folder):
+            raise UserError(f"{name!r} is not in the current dataset.")
+        image.with_suffix(".txt").write_text(" ".join((text or "").split()), encoding="utf-8")
+        ds.scan()
+        return next(r for r in ds.rows() if r.name == image.name)
+
+    def _new_dataset_folder(self) -> Path:
+        root = self.outputs / ".uploads"
+        root.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1, 1000):
+            folder = root / (f"dataset-{stamp}" + (f"-{i}" if i > 1 else ""))
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+        raise UserError(f"could not create a dataset folder in {root}")
+
+    def _use(self, folder: Path, trigger: str, template: str, resolution, notes: list[str]) -> Dataset:
+        try:
+            probe = DataConfig(folder=str(folder), trigger=trigger or "", template=template or TEMPLATES["style"],
+                               resolution=_whole(resolution) or None)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+        ds = Dataset(folder, probe.trigger, probe.template, probe.resolution or native_resolution(self.base),
+                     upload_notes=list(notes))
+        ds.scan()
+        self.dataset = ds
+        return ds
+
+    # ---- Train tab: runs ----
+    def start(self, form: dict) -> Job:
+        """Start training the current dataset in a background thread; one training at a time."""
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Add images first: drop them on the upload box or load an example dataset.")
+        try:
+            data, spec, cfg = build_configs(form, str(ds.folder), self.base, str(self.outputs))
+            ds.trigger, ds.template = data.trigger, data.template
+            ds.scan()
+            dataset.require_trainable(ds.items, ds.problems, ds.folder.name)
+        except (ConfigError, dataset.DatasetError) as e:
+            raise UserError(str(e)) from None
+        return self._launch(Job(), (data, spec, cfg, None))
+
+    def resume(self, run_dir: str) -> Job:
+        run = Path(run_dir or "")
+        if not run_dir or not within(run, self.outputs) or latest_checkpoint(run) is None:
+            raise UserError("Pick a stopped run to resume (one with a checkpoint under outputs/).")
+        job = Job(run)
+        job.step = int(latest_checkpoint(run).name.split("-")[1])
+        return self._launch(job, (None, None, None, str(run)))
+
+    def _launch(self, job: Job, args) -> Job:
+        with self._lock:
+            if self.job is not None and self.job.alive():
+                cur = self.job
+                raise UserError(f"A training is already running (step {cur.step} of {cur.total or '?'}). "
+                                "Only one runs at a time: press Stop, or wait until it finishes.")
+            self.job = job
+            job.thread = threading.Thread(target=job.run, args=args, name="sdlora-train", daemon=True)
+            job.thread.start()
+        return job
+
+    def stop(self) -> str:
+        job = self.job
+        if job is None or not job.alive():
+            return "Nothing is training."
+        job.cancel.set()
+        job.state, job.rev = "stopping", job.rev + 1
+        return "Stopping after the current step; a checkpoint is written so you can resume."
+
+    def progress(self) -> dict:
+        """What the Train tab shows about the current (or last) run."""
+        job = self.job
+        if job is None:
+            return {"rev": -1, "html": progress_html(0, "Not started. Add images, check the captions, press Start."),
+                    "losses": [], "samples": [], "files": [], "lora": None}
+        files = []
+        if job.lora_path is not None:
+            stem = job.lora_path.parent / job.lora_path.stem
+            files = [str(p) for p in (job.lora_path, Path(f"{stem}.json"), Path(f"{stem}.preview.png")) if p.is_file()]
+        return {"rev": job.rev, "html": job.status_html(), "losses": list(job.losses), "samples": list(job.samples),
+                "files": files, "lora": str(job.lora_path) if job.lora_path else None}
+
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        runs = [d for d in self.outputs.iterdir() if d.is_dir() and not d.name.startswith(".")
+                and (d / "config.json").is_file() and not (d / f"{d.name}.safetensors").exists()
+                and latest_checkpoint(d) is not None]
+        runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        if self.job is not None and self.job.alive():
+            runs = [d for d in runs if d != self.job.run_dir]
+        return [(f"{d.name} (stopped at step {int(latest_checkpoint(d).name.split('-')[1])})", str(d)) for d in runs]
+
+    # ---- Generate tab ----
+    def generator(self, base: str):
+        """The Generator for `base`, loaded once and kept; another base replaces it."""
+        from .generate import Generator
+        from .models import BaseModelError
+        base = (base or self.base).strip()
+        with self._gen_lock:
+            if self._gen is None or self._gen_name != base:
+                self._gen = None
+                try:
+                    self._gen = Generator(base)
+                except BaseModelError as e:
+                    raise UserError(str(e)) from None
+                self._gen_name, self.base_loads = base, self.base_loads + 1
+            return self._gen
+
+    def lora_choices(self) -> list[tuple[str, str]]:
+        found = [(str(p.relative_to(self.outputs)), str(p)) for p in lora_files(self.outputs)]
+        return found + [(f"uploaded: {p.name}", str(p)) for p in self.uploaded_loras if p.is_file()]
+
+    def add_lora_upload(self, path: str) -> str:
+        """Accept an uploaded external LoRA (it stays in the temporary upload folder)."""
+        from .formats import LoraFileError, read_lora_file
+        p = Path(path or "")
+        if p.suffix.lower() != ".safetensors":
+            raise UserError(f"{safe_filename(p.name)}: only .safetensors LoRA files can be uploaded "
+                            "(pickle files can run code when opened).")
+        if p.stat().st_size > MAX_LORA_BYTES:
+            raise UserError(f"{safe_filename(p.name)} is over the {MAX_LORA_BYTES // 2**20} MB limit for a LoRA file.")
+        try:
+            read_lora_file(p)
+        except LoraFileError as e:
+            raise UserError(str(e)) from None
+        self.uploaded_loras.append(p.resolve())
+        return str(p.resolve())
+
+    def _choices(self, slots) -> list:
+        from .generate import LoraChoice
+        out = []
+        for path, strength, separate, te in slots:
+            if not path:
+                continue
+            if not (within(path, self.outputs) or (self.upload_dir and within(path, self.upload_dir))):
+                raise UserError(f"{Path(path).name}: only LoRA files under outputs/ or uploaded here can be used.")
+            out.append(LoraChoice(str(path), float(strength), float(te) if separate else None))
+        return out
+
+    def generate(self, base: str, slots, gen: dict):
+        """One image; moving a strength never reloads the base (the Generator is kept)."""
+        from .formats import LoraFileError
+        cfg, choices = self._gen_config(gen), self._choices(slots)
+        g = self.generator(base)
+        try:
+            image = g.generate(cfg, choices)
+        except (LoraFileError, ValueError) as e:
+            raise UserError(str(e)) from None
+        used = ", ".join(f"{Path(c.path).stem} at {c.strength:g}" for c in choices) or "no LoRA"
+        return image, f"Base '{self._gen_name}' (loaded once), {used}, seed {cfg.seed}."
+
+    def sweep(self, base: str, slots, gen: dict) -> list[tuple]:
+        """The first LoRA at strengths 0 to 1 with the same seed: one row of images."""
+        from .formats import LoraFileError
+        cfg, choices = self._gen_config(gen), self._choices(slots)
+        if not choices:
+            raise UserError("Pick a LoRA first: the sweep shows it at strengths 0, 0.25, 0.5, 0.75 and 1.")
+        try:
+            images = self.generator(base).sweep(cfg, choices[0], SWEEP)
+        except (LoraFileError, ValueError) as e:
+            raise UserError(str(e)) from None
+        return [(im, f"strength {s:g}") for im, s in zip(images, SWEEP)]
+
+    @staticmethod
+    def _gen_config(gen: dict) -> GenerateConfig:
+        g = {k: _whole(v) for k, v in gen.items()}
+        try:
+            return GenerateConfig(prompt=g["prompt"] or "", negative_prompt=g["negative_prompt"] or "",
+                                  seed=g["seed"] or 0, steps=g["steps"], guidance=float(g["guidance"]),
+                                  width=g["width"] or None, height=g["height"] or None)
+        except (ConfigError, TypeError) as e:
+            raise UserError(str(e)) from None
+
+    def prompt_for(self, path: str, prompt: str) -> str:
+        """The prompt with the LoRA's trigger word in it (pre-filled when a LoRA is picked)."""
+        trigger = lora_info(Path(path)).get("trigger", "") if path else ""
+        prompt = (prompt or "").strip()
+        if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", prompt, re.IGNORECASE):
+            return prompt
+        return f"{trigger}, {prompt}" if prompt else TEMPLATES["style"].format(trigger=trigger)
+
+    # ---- Library tab ----
+    def library(self) -> list[dict]:
+        return [lora_info(p) for p in lora_files(self.outputs)]
+
+    def library_view(self) -> tuple[list, list[list[str]], list[tuple[str, str]]]:
+        """(preview gallery items, table rows as plain text, dropdown choices) for the Library tab."""
+        infos = self.library()
+        gallery = [(i["preview"], i["name"]) for i in infos if i["preview"]]
+        cols = ("base", "rank", "alpha", "trigger", "steps", "images", "date", "compat")
+        table = [[str(Path(i["file"]).relative_to(self.outputs))] +
+                 ([str(i.get(c, "")) for c in cols] if "error" not in i else [f"unreadable: {i['error']}"] + [""] * 7)
+                 for i in infos]
+        return gallery, table, [(row[0], i["file"]) for row, i in zip(table, infos)]
+
+    def details(self, path: str) -> dict:
+        """Preview, metadata, compatibility and downloadable files of one library LoRA."""
+        p = Path(path or "")
+        if not path or p.resolve() not in {q.resolve() for q in lora_files(self.outputs)}:
+            return {"preview": None, "metadata": None, "compat": "", "files": []}
+        info = lora_info(p)
+        files = [f for f in (p, p.with_suffix(".json"), p.parent / f"{p.stem}.preview.png") if f.is_file()]
+        meta = {k: v for k, v in info.items() if k not in ("preview", "compat", "name")}
+        return {"preview": info["preview"], "metadata": meta, "files": [str(f) for f in files],
+                "compat": info["compat"] or "no compat.json in this run folder (not checked yet)"}
+
+    def delete(self, path: str) -> str:
+        p = Path(path or "")
+        if not path or p.resolve() not in {q.resolve() for q in lora_files(self.outputs)}:
+            raise UserError("Pick a LoRA from the library to delete.")
+        run = p.parent
+        if self.job is not None and self.job.alive() and self.job.run_dir and run.resolve() == Path(self.job.run_dir).resolve():
+            raise UserError("This run is training right now; stop it first.")
+        if run.resolve() != self.outputs and (run / "config.json").is_file():
+            shutil.rmtree(run)
+            return f"Deleted the run folder {run.name} (LoRA, samples, checkpoints)."
+        for f in (p, p.with_suffix(".json"), p.parent / f"{p.stem}.preview.png"):
+            f.unlink(missing_ok=True)
+        return f"Deleted {p.name}."
+
+
+def lora_files(outputs: Path) -> list[Path]:
+    """LoRA files in outputs/ and in its run folders (not checkpoints, not hidden folders)."""
+    found = [p for p in outputs.glob("*.safetensors")] + [p for p in outputs.glob("*/*.safetensors")]
+    return sorted((p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(outputs).parts)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def lora_info(path: Path) -> dict:
+    """describe() plus the preview and compatibility result; an unreadable file gives its error instead."""
+    from .info import describe
+    try:
+        info = describe(path)
+    except Exception as e:  # a damaged file must not break the whole library
+        info = {"file": str(path), "error": str(e)}
+    info["name"] = path.stem
+    preview = path.parent / f"{path.stem}.preview.png"
+    info["preview"] = str(preview) if preview.is_file() else None
+    info["compat"] = compat_summary(path.parent / "compat.json")
+    return info
+
+
+def compat_summary(path: Path) -> str:
+    """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
+    if not path.is_file():
+        return ""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        report = report.get("tools", report) if isinstance(report, dict) else report
+        return " · ".join(f"{t} {r['mapped']}/{r['total']}" for t, r in report.items())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return "compat.json present but not readable"
+
+
+def example_trigger(folder: Path) -> str:
+    """The trigger word an example dataset's README names ('Trigger: neonstyle'), else the folder name."""
+    for readme in (folder / "README.md", folder / "README.txt"):
+        if readme.is_file():
+            m = re.search(r"trigger(?:\s+word)?\s*[:=]?\s*[`*'\"]*([\w-]+)", readme.read_text(encoding="utf-8", errors="replace"),
+                          re.IGNORECASE)
+            if m:
+                return m.group(1)
+    return safe_name(folder.name).replace(".", "-")
+
+
+__all__ = ["WebUI", "UserError", "Dataset", "Row", "Job", "safe_filename", "within", "build_configs", "suggest",
+           "native_resolution", "lora_files", "lora_info", "compat_summary", "example_trigger", "duration"]

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny SD-architecture models with random weights and small image folders.
+
+Nothing here downloads anything; every model is built from configs with a fixed seed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_base():
+    """A fresh tiny-random base (64 px, 7 transformer blocks); each test may modify it."""
+    from sdlora.models import tiny_random_base
+    return tiny_random_base()
+
+
+def make_style_images(folder: Path, n: int = 4, size: int = 64, captions: bool = True) -> Path:
+    """n images of one 'style' (dark background, bright outlined shapes), with captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(255, 40, 40), (40, 255, 40), (60, 120, 255), (255, 220, 30), (220, 60, 255)]
+    for i in range(n):
+        img = Image.new("RGB", (size, size), (10, 10, 20))
+        d = ImageDraw.Draw(img)
+        c = colours[i % len(colours)]
+        box = (8 + 2 * i, 10 + i, size - 10 - i, size - 8 - 2 * i)
+        (d.ellipse if i % 2 else d.rectangle)(box, outline=c, width=3)
+        img.save(folder / f"img {i}.png")
+        if captions:
+            (folder / f"img {i}.txt").write_text(f"a {'circle' if i % 2 else 'square'} outline", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def style_dir(tmp_path) -> Path:
+    return make_style_images(tmp_path / "style")

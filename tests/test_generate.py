@@ -1,0 +1,101 @@
+"""Generation with LoRAs: determinism, strength 0 == base, and the same weights as diffusers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdlora import GenerateConfig, Generator, LoraChoice, LoraSpec
+from sdlora import formats
+from sdlora import lora as lora_mod
+from sdlora.formats import LoraWeights
+
+
+def write_lora(base, path, rank=4, alpha=2.5, seed=3, te=False):
+    """A random non-zero LoRA file for the base's attn2 modules (and text encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    loras = {}
+    comps = [("unet", base.unet, ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"))]
+    if te:
+        comps.append(("text_encoder", base.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")))
+    for comp, model, suffixes in comps:
+        for name in lora_mod.target_names(model, suffixes):
+            m = model.get_submodule(name)
+            loras[f"{comp}.{name}"] = LoraWeights(down=torch.randn(rank, m.in_features, generator=g) * 0.2,
+                                                  up=torch.randn(m.out_features, rank, generator=g) * 0.2,
+                                                  alpha=alpha)
+    formats.save_lora_file(path, formats.to_kohya(loras, dtype=torch.float32), {"ss_network_dim": str(rank)})
+    return path
+
+
+def pixels(img):
+    return np.asarray(img).astype(np.int16)
+
+
+@pytest.fixture
+def gen(tiny_base):
+    return Generator(tiny_base)
+
+
+def test_same_seed_same_image_and_strength_zero_is_base(gen, tmp_path):
+    cfg = GenerateConfig(prompt="a red circle", seed=3, steps=4)
+    plain = pixels(gen.generate(cfg))
+    assert np.array_equal(plain, pixels(gen.generate(cfg)))
+    path = write_lora(gen.base, tmp_path / "a.safetensors")
+    assert np.array_equal(plain, pixels(gen.generate(cfg, [LoraChoice(str(path), 0.0)])))
+    assert np.array_equal(plain, pixels(gen.generate(cfg, [LoraChoice(str(path), 0.0)], fused=True)))
+    one = pixels(gen.generate(cfg, [LoraChoice(str(path), 1.0)]))
+    assert np.abs(one - plain).max() > 0
+
+
+def test_strength_change_never_reloads_base(gen, tmp_path, monkeypatch):
+    path = write_lora(gen.base, tmp_path / "a.safetensors")
+    cfg = GenerateConfig(prompt="x", steps=2)
+    gen.generate(cfg, [LoraChoice(str(path), 0.5)])
+    import sdlora.generate as g
+    import sdlora.models as m
+    monkeypatch.setattr(m, "_load", lambda name: (_ for _ in ()).throw(AssertionError("base reloaded")))
+    monkeypatch.setattr(g, "read_lora", lambda *a, **k: (_ for _ in ()).throw(AssertionError("file re-read")))
+    unet_id = id(gen.base.unet)
+    for s in (0.1, 0.9, -0.5, 2.0):
+        gen.generate(cfg, [LoraChoice(str(path), s)])
+    assert id(gen.base.unet) == unet_id
+
+
+def test_sweep_gives_one_image_per_strength(gen, tmp_path):
+    path = write_lora(gen.base, tmp_path / "a.safetensors")
+    imgs = gen.sweep(GenerateConfig(prompt="x", steps=2, seed=1), LoraChoice(str(path)))
+    assert len(imgs) == 5
+    assert np.array_equal(pixels(imgs[0]), pixels(gen.generate(GenerateConfig(prompt="x", steps=2, seed=1), [])))
+
+
+def test_lora_choice_parse():
+    assert LoraChoice.parse("a.safetensors") == LoraChoice("a.safetensors", 1.0, None)
+    assert LoraChoice.parse("a.safetensors:0.8") == LoraChoice("a.safetensors", 0.8, None)
+    assert LoraChoice.parse("C:/x/a.safetensors:0.8:-0.5") == LoraChoice("C:/x/a.safetensors", 0.8, -0.5)
+
+
+def test_our_weights_equal_diffusers_load_lora_weights_at_0_8(tiny_base, tmp_path):
+    """diffusers' own loader + set_adapters(0.8) + fuse gives the weights our generator fuses at 0.8."""
+    from diffusers import StableDiffusionPipeline
+    from sdlora.generate import make_pipeline
+    path = write_lora(tiny_base, tmp_path / "ours.safetensors", rank=4, alpha=2.5, te=True)
+    original = {k: v.clone() for k, v in tiny_base.unet.state_dict().items()}
+    gen = Generator(tiny_base)
+    gen.set_loras([LoraChoice(str(path), 0.8)], fused=True)
+    ours = {k: v.clone() for k, v in tiny_base.unet.state_dict().items()}
+    ours_te = {k: v.clone() for k, v in tiny_base.text_encoder.state_dict().items()}
+    gen.set_loras([])
+    pipe: StableDiffusionPipeline = make_pipeline(tiny_base)
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.8])
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    theirs = tiny_base.unet.state_dict()
+    for k, v in ours.items():
+        assert torch.allclose(v, theirs[k], atol=1e-5), k
+    theirs_te = tiny_base.text_encoder.state_dict()
+    for k, v in ours_te.items():
+        assert torch.allclose(v, theirs_te[k], atol=1e-5), k
+    moved = [k for k in ours if not torch.allclose(ours[k], original[k], atol=1e-4)]
+    assert len(moved) == 28 and all(".attn2." in k for k in moved)     # the LoRA really changed 28 weights

@@ -1,0 +1,113 @@
+"""Training on the tiny random base: files, resume, non-finite loss, only LoRA changes."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, TrainingError, train
+from sdlora.train import _Trainer
+
+
+def cfg(tmp_path, **kw):
+    kw = {"base": "tiny-random", "steps": 6, "lr": 1e-3, "output_dir": str(tmp_path / "out"), **kw}
+    return TrainConfig(**kw)
+
+
+def test_train_writes_run_folder_with_lora_config_and_sidecars(tmp_path, style_dir):
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, alpha=2.0), cfg(tmp_path))
+    run = res.run_dir
+    assert run.name == "zqx" and res.steps_done == 6 and not res.cancelled
+    assert res.lora_path == run / "zqx.safetensors"
+    sd = load_file(str(res.lora_path))
+    assert len([k for k in sd if k.endswith(".lora_down.weight")]) == 28
+    assert all(k.startswith("lora_unet_") for k in sd)
+    assert {float(v) for k, v in sd.items() if k.endswith(".alpha")} == {2.0}
+    assert all(v.dtype == torch.float16 for k, v in sd.items() if k.endswith("weight"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 6 and config["lora"]["rank"] == 4 and "torch" in config["versions"]
+    assert config["captions"]["img 0.png"] == "zqx, a square outline"       # trigger added to the .txt caption
+    sidecar = json.loads((run / "zqx.json").read_text())
+    assert sidecar["activation text"] == "zqx" and sidecar["sd version"] == "SD1"
+    assert (run / "zqx.preview.png").is_file()
+    assert len((run / "log.csv").read_text().splitlines()) == 6
+
+
+def test_trained_lora_changes_only_lora_parameters(tmp_path, style_dir, tiny_base):
+    before = {k: v.clone() for k, v in tiny_base.unet.state_dict().items()}
+    te_before = {k: v.clone() for k, v in tiny_base.text_encoder.state_dict().items()}
+    res = train(DataConfig(folder=str(style_dir)), LoraSpec(rank=4), cfg(tmp_path, steps=3), base=tiny_base)
+    # the caller's base comes back without adapters and with identical weights
+    assert tiny_base.unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(tiny_base.unet.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(tiny_base.text_encoder.state_dict()[k], v) for k, v in te_before.items())
+    sd = load_file(str(res.lora_path))
+    ups = [v for k, v in sd.items() if k.endswith("lora_up.weight")]
+    assert all(u.abs().sum() > 0 for u in ups)                     # every B moved away from zero
+
+
+def test_second_run_never_overwrites_the_first(tmp_path, style_dir):
+    a = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2))
+    first = a.lora_path.read_bytes()
+    b = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2, seed=5))
+    assert b.run_dir.name == "zqx-2" and a.lora_path.read_bytes() == first
+
+
+class StopAt(Callbacks):
+    def __init__(self, step, event):
+        self.step, self.event = step, event
+
+    def on_step(self, info):
+        if info.step == self.step:
+            self.event.set()
+
+
+def test_resume_equals_uninterrupted(tmp_path, style_dir):
+    data = DataConfig(folder=str(style_dir), flip=True)
+    spec = LoraSpec(rank=4, alpha=8.0, dropout=0.1, text_encoder=True)
+    full = train(data, spec, cfg(tmp_path, steps=6, schedule="cosine", warmup_steps=2, run_name="full"))
+    stop = threading.Event()
+    part = train(data, spec, cfg(tmp_path, steps=6, schedule="cosine", warmup_steps=2, run_name="part"),
+                 callbacks=StopAt(3, stop), cancel=stop)
+    assert part.cancelled and part.steps_done == 3 and part.lora_path is None
+    resumed = train(None, resume=part.run_dir)
+    assert resumed.steps_done == 6 and resumed.run_dir == part.run_dir
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, style_dir, monkeypatch):
+    real = _Trainer.one_step
+
+    def nan_at_5(self, step):
+        return float("nan") if step == 4 else real(self, step)
+    monkeypatch.setattr(_Trainer, "one_step", nan_at_5)
+    with pytest.raises(TrainingError, match=r"at step 5.*step-000004"):
+        train(DataConfig(folder=str(style_dir)), LoraSpec(rank=2), cfg(tmp_path, steps=8, checkpoint_every=2))
+    run = tmp_path / "out" / "sks"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not (run / "sks.safetensors").exists()
+
+
+def test_samples_written_every_n_steps_with_and_without_trigger(tmp_path, style_dir):
+    seen = []
+
+    class Rec(Callbacks):
+        def on_sample(self, step, paths):
+            seen.append((step, [p.name for p in paths]))
+    train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
+          cfg(tmp_path, steps=4, sample_every=2, sample_seeds=(7,)), callbacks=Rec())
+    assert [s for s, _ in seen] == [2, 4]
+    assert seen[0][1] == ["step-000002-seed7-0.png", "step-000002-seed7-1.png"]
+
+
+def test_prior_preservation_generates_class_images(tmp_path, style_dir):
+    data = DataConfig(folder=str(style_dir), class_prompt="an image", num_class_images=2)
+    res = train(data, LoraSpec(rank=2), cfg(tmp_path, steps=2))
+    assert sorted(p.name for p in (res.run_dir / "class_images").iterdir()) == ["class-0000.png", "class-0001.png"]
+    assert res.lora_path.is_file()
