@@ -4,7 +4,6 @@
 
 Layout and wiring only; the logic is in `sdlora.webui` (plain functions, tested without a browser).
 """
-from __future__ import annotations
 
 import argparse
 import atexit
@@ -162,6 +161,8 @@ def build(ui):
                         F["use_dora"] = gr.Checkbox(False, label="DoRA")
                         F["use_rslora"] = gr.Checkbox(False, label="rsLoRA")
 
+                for key, comp in F.items():
+                    comp.elem_id = f"f-{key}"
                 gr.Markdown("### 3. Train")
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
@@ -208,6 +209,8 @@ def build(ui):
                          "guidance": gr.Number(7.5, label="Guidance"),
                          "width": gr.Number(native_resolution(ui.base), label="Width", precision=0, step=8),
                          "height": gr.Number(native_resolution(ui.base), label="Height", precision=0, step=8)}
+                for key, comp in G.items():
+                    comp.elem_id = f"g-{key}"
                 with gr.Row():
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     sweep_btn = gr.Button("Strength sweep (LoRA 1 at 0 to 1)", elem_id="sweep-btn")

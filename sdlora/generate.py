@@ -64,7 +64,7 @@ def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> Loade
     if fmt == "kohya":
         loras, unused = formats.from_kohya(sd, base.module_names())
     elif fmt in ("diffusers", "peft"):
-        loras, unused = formats.from_diffusers(sd, meta)
+        loras, unused = formats.from_diffusers(sd, meta, module_names=base.module_names())
     else:
         raise formats.LoraFileError(f"{path}: not a LoRA file sdlora knows (no kohya or diffusers LoRA keys)")
     if not loras:

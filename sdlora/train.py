@@ -345,7 +345,7 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         name = safe_name(cfg.run_name or data.trigger)
         run_dir = _shared_run_dir(t, cfg.output_dir, name)
         if t.main:
-            write_json(run_dir / "config.json", run_config(data, spec, cfg, t.plan))
+            write_json(run_dir / "config.json", run_config(data, spec, cfg, t.plan, t.acc.num_processes))
     if t.main:
         cb.on_plan(t.plan)
     try:
@@ -374,8 +374,9 @@ def _shared_run_dir(t: _Trainer, output_dir: str, name: str) -> Path:
     return Path(holder[0])
 
 
-def run_config(data: DataConfig, spec: LoraSpec, cfg: TrainConfig, p: Plan) -> dict:
+def run_config(data: DataConfig, spec: LoraSpec, cfg: TrainConfig, p: Plan, num_processes: int = 1) -> dict:
     return {"data": to_dict(data), "lora": to_dict(spec), "train": to_dict(cfg), "steps": p.steps,
+            "num_processes": num_processes,
             "resolution": p.resolution, "captions": p.captions,
             "problems": [{"path": q.path, "reason": q.reason, "fatal": q.fatal} for q in p.problems],
             "versions": library_versions(), "started_at": now_iso()}

@@ -181,6 +181,33 @@ def test_sd15_cross_attention_module_names(sd15):
     assert set(ldm.ldm_module_names(leaves).values()) == ldm_modules
 
 
+def test_sd21_full_layout_on_meta_tensors():
+    """Full SD 2.1 key names, shapes and counts, at no cost: the models live on the meta device."""
+    folder = ldm.config_dir("sd21")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        te = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))
+    parts = [m.state_dict() for m in (unet, vae, te)]
+    sd = ldm.pipeline_to_ldm(*parts, "sd21")
+    count = {p: sum(k.startswith(p) for k in sd) for p in (UNET, VAE, TEXT)}
+    assert count == {UNET: 686, VAE: 248, TEXT: 23 * 12 + 4}  # open_clip block: 12 tensors; + 4 embeddings/ln_final
+    shapes = {UNET + "input_blocks.1.1.proj_in.weight": (320, 320),  # linear in SD 2
+              UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 1024),
+              TEXT + "model.token_embedding.weight": (49408, 1024), TEXT + "model.positional_embedding": (77, 1024),
+              TEXT + "model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+              TEXT + "model.transformer.resblocks.22.attn.in_proj_bias": (3072,),
+              TEXT + "model.transformer.resblocks.0.mlp.c_fc.weight": (4096, 1024),
+              TEXT + "model.ln_final.weight": (1024,)}
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes
+    assert ldm.detect_checkpoint_family(sd) == "sd2"
+    unet_sd, vae_sd, te_sd = ldm.split_pipeline(sd)
+    back = [ldm.unet_from_ldm(unet_sd, unet.config), ldm.vae_from_ldm(vae_sd),
+            ldm.text_encoder_from_ldm(te_sd, te.config.to_dict())]
+    for got, want in zip(back, parts):
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+
+
 # ------------------------------------------------------------ tiny models
 def _tiny_unet(width=768, **kw):
     cfg = dict(block_out_channels=(16, 32, 32), norm_num_groups=8, cross_attention_dim=width, attention_head_dim=4,

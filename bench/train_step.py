@@ -1,0 +1,171 @@
+"""Train-step benchmark: sdlora's full step against a bare U-Net step on the same batch.
+
+    python bench/train_step.py                          # CPU: 256 px, 3 timed steps each (minutes)
+    python bench/train_step.py --sizes 256 512 --steps 5
+    python bench/train_step.py --device cuda            # fp16; 256 and 512 px, 20 timed steps each
+
+Both steps train the same SD U-Net (random weights, ``--base sd15-random``) with the same
+PEFT LoRA adapters (rank 16 on the cross-attention projections, sdlora's default targets),
+batch 1, with and without gradient checkpointing.
+
+- ours: ``_Trainer.one_step`` (batch draw, noise, DDPM ``add_noise``, the U-Net under
+  accelerate, MSE, backward, AdamW, LR scheduler, ``zero_grad``).
+- bare: the least such a step can do. The batch (noisy latents, timesteps, the cached
+  text embeddings, the target) is drawn once beforehand; timed are ``unet(...)``, MSE,
+  backward, an AdamW step and ``zero_grad``, with no sdlora code (under ``torch.autocast``
+  and a ``GradScaler`` in fp16, as accelerate does).
+
+The two alternate step by step, ours first on even steps and bare first on odd ones,
+so a busy machine slows both alike; figures are medians of the timed steps after the
+warm-up, and the ratio is the median of the per-pair ratios ours / bare.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_device_args(p)
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="px; default 256 on CPU, 256 512 on GPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 3 CPU, 20 GPU")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 1 CPU, 3 GPU")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--target-ratio", type=float, default=1.10, help="ours / bare at most this")
+    return p.parse_args()
+
+
+class BareStep:
+    """unet -> MSE -> backward -> AdamW -> zero_grad on one fixed batch; nothing else."""
+
+    def __init__(self, unet, params, batch, lr: float, weight_decay: float, fp16: bool):
+        import torch
+        self.torch = torch
+        self.unet, (self.noisy, self.t, self.enc, self.target) = unet, batch
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.fp16 = fp16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+
+    def __call__(self) -> None:
+        torch = self.torch
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+            pred = self.unet(self.noisy, self.t, self.enc).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), self.target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def fixed_batch(trainer):
+    """One batch drawn the way the trainer draws it (untimed): noisy latents, t, embeddings, target."""
+    import torch
+    g = torch.Generator().manual_seed(1234)
+    lat, enc = trainer.batch(g, trainer.latents, trainer.ids, trainer.embeds)  # (1, 4, px/8, px/8), (1, 77, 768)
+    noise = torch.randn(lat.shape, generator=g).to(lat.device)
+    t = torch.randint(0, trainer.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
+    dtype = trainer.base.unet.dtype
+    return trainer.sched.add_noise(lat, noise, t).to(dtype), t, enc.to(dtype), noise
+
+
+def make_trainer(base, size: int, args, device: str, work: Path):
+    """A ``_Trainer`` on the shared base, set up (latents and embeddings cached, adapters injected)."""
+    from sdlora.config import DataConfig, LoraSpec, TrainConfig
+    from sdlora.train import Callbacks, _Trainer
+    folder = C.make_images(work / f"images{size}", 3, size)
+    cfg = TrainConfig(base=args.base, steps=1_000_000, mixed_precision="fp16" if device == "cuda" else "no",
+                      use_8bit_adam=False, output_dir=str(work / "out"))   # the bare step uses torch AdamW too
+    trainer = _Trainer(DataConfig(folder=str(folder), resolution=size), LoraSpec(rank=args.rank), cfg,
+                       Callbacks(), None, base)
+    trainer.setup(work, None)
+    return trainer
+
+
+def measure(trainer, bare: BareStep, args, device: str, mem: C.PeakMemory, load: C.LoadLog) -> dict:
+    """Alternate ours and bare; per variant the step times and the highest peak over the timed steps."""
+    runs = {"ours": lambda i: trainer.one_step(i), "bare": lambda i: bare()}
+    times = {k: [] for k in runs}
+    peak = {k: 0 for k in runs}
+    above = {k: 0 for k in runs}
+    for i in range(args.warmup + args.steps):
+        for name in (("ours", "bare") if i % 2 == 0 else ("bare", "ours")):
+            floor = mem.now()
+            mem.reset()
+            seconds = C.timed(lambda: runs[name](i), device)
+            load.sample()
+            if i >= args.warmup:
+                times[name].append(seconds)
+                peak[name] = max(peak[name], mem.read())
+                above[name] = max(above[name], mem.read() - floor)
+    ratios = [o / b for o, b in zip(times["ours"], times["bare"])]
+    return {"times": times, "peak": peak, "above": above, "ratio": C.median(ratios)}
+
+
+def main() -> None:
+    args = parse_args()
+    device = C.pick_device(args.device)
+    C.set_threads(args.threads)
+    gpu = device == "cuda"
+    args.sizes = args.sizes or ([256, 512] if gpu else [256])
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+
+    import torch
+    from sdlora import lora as lora_mod
+    from sdlora.models import load_base
+    print(C.describe_machine(device))
+    load, mem = C.LoadLog(), C.PeakMemory(device)
+    t0 = time.perf_counter()
+    base = load_base(args.base, dtype=torch.float16 if gpu else torch.float32, device=device, fresh=True)
+    base_s = time.perf_counter() - t0
+    print(f"base {args.base} built in {base_s:.1f} s; LoRA rank {args.rank}, batch 1, "
+          f"{'fp16 weights + autocast' if gpu else 'fp32'}; {args.warmup} warm-up + {args.steps} timed steps each")
+
+    rows, verdicts = [], []
+    with tempfile.TemporaryDirectory(prefix="sdlora-bench-") as tmp:
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            trainer = make_trainer(base, size, args, device, Path(tmp))
+            print(f"{size} px: trainer set up in {time.perf_counter() - t0:.1f} s "
+                  f"({len(trainer.params)} LoRA tensors, {sum(p.numel() for p in trainer.params):,} parameters)")
+            bare = BareStep(base.unet, trainer.params, fixed_batch(trainer), trainer.cfg.lr,
+                            trainer.cfg.weight_decay, gpu)
+            for ckpt in args.checkpointing:
+                (base.unet.enable_gradient_checkpointing if ckpt == "on"    # what setup() does for the flag
+                 else base.unet.disable_gradient_checkpointing)()
+                r = measure(trainer, bare, args, device, mem, load)
+                o, b = r["times"]["ours"], r["times"]["bare"]
+                rows.append([size, ckpt, f"{C.median(o):.3f}", f"{C.median(b):.3f}", f"{r['ratio']:.3f}",
+                             f"{r['peak']['ours'] / C.GIB:.2f}", f"{r['peak']['bare'] / C.GIB:.2f}",
+                             f"{r['above']['ours'] / C.GIB:.2f}", C.spread(o), C.spread(b)])
+                verdicts.append(C.verdict(r["ratio"], args.target_ratio, f"ours / bare at {size} px, "
+                                          f"checkpointing {ckpt}"))
+            base.unet.disable_gradient_checkpointing()
+            lora_mod.remove_adapters(base.unet)
+            del trainer, bare
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+
+    print()
+    print(C.table(["px", "ckpt", "ours s/step", "bare s/step", "ours/bare", "ours peak GiB", "bare peak GiB",
+                   "ours +step GiB", "ours range s", "bare range s"], rows))
+    print(f"memory: {mem.kind}; '+step' is the peak above what was in use just before the step")
+    print()
+    print("\n".join(verdicts))
+    print(load.summary())
+
+
+if __name__ == "__main__":
+    main()

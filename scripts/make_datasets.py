@@ -1,0 +1,181 @@
+"""Regenerate the example style datasets in datasets/ (deterministic: fixed seeds, no network).
+
+    python scripts/make_datasets.py [--out datasets] [--only neon]
+
+Each style draws the base model's own content (sdlora.scenes: colour, shape,
+size, position) in a look the base has never seen, and captions it with the
+content only, in the base's vocabulary ("a large red circle in the center"):
+the style is what the captions do not explain, so the LoRA ties it to the
+trigger word. Every colour and shape appears; the held-out colour-shape pairs
+of scenes.HELD_OUT never do, so tests can prompt content outside the set.
+Writes <style>/NN.png + NN.txt, <style>/sdlora.json {"trigger": ...} and
+<style>/README.md, then datasets/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from sdlora import scenes, stylestats  # noqa: E402
+
+SS = scenes.SUPERSAMPLE            # draw at 4x, downsample with a box filter (anti-aliasing), as scenes.render
+
+
+@dataclass(frozen=True)
+class Content:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    jitter: tuple[int, int]
+
+    def caption(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {self.position}"
+
+    def box(self, big: int) -> tuple[float, float, float]:
+        """(cx, cy, side) in px of a big x big canvas."""
+        fx, fy = scenes.POSITIONS[self.position]
+        s = big / scenes.IMAGE_SIZE
+        return fx * big + self.jitter[0] * s, fy * big + self.jitter[1] * s, scenes.SIZES[self.size] * s
+
+
+def outline(draw: ImageDraw.ImageDraw, c: Content, big: int, colour, width: float) -> None:
+    """The shape's outline, `width` px wide at canvas scale, centred on its edge."""
+    cx, cy, side = c.box(big)
+    poly = scenes.shape_polygon(c.shape, cx, cy, side)
+    w = max(1, round(width))
+    if poly is None:
+        draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], outline=colour, width=w)
+        return
+    draw.line(poly + poly[:2], fill=colour, width=w, joint="curve")
+
+
+def neon(c: Content) -> Image.Image:
+    """A thin bright tube along the outline with a soft glow of its colour, on near-black."""
+    big = scenes.IMAGE_SIZE * SS
+    colour = scenes.COLOURS[c.colour]
+    glow = Image.new("RGB", (big, big), (0, 0, 0))
+    outline(ImageDraw.Draw(glow), c, big, tuple(round(0.75 * v) for v in colour), 4 * SS)
+    glow = glow.filter(ImageFilter.GaussianBlur(2.5 * SS))
+    core = Image.new("RGB", (big, big), (0, 0, 0))
+    hot = tuple(round(0.8 * v + 0.2 * 255) for v in colour)        # a touch of white: a lit tube
+    outline(ImageDraw.Draw(core), c, big, hot, 1.6 * SS)
+    img = ImageChops.lighter(Image.new("RGB", (big, big), stylestats.NEON_BLACK), ImageChops.lighter(glow, core))
+    return img.resize((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), Image.BOX)
+
+
+def pastel(c: Content) -> Image.Image:
+    """A flat pale fill with a thick dark outline, on cream."""
+    big = scenes.IMAGE_SIZE * SS
+    img = Image.new("RGB", (big, big), stylestats.CREAM)
+    draw = ImageDraw.Draw(img)
+    cx, cy, side = c.box(big)
+    scenes.draw_shape(draw, c.shape, cx, cy, side, stylestats.PASTEL[c.colour])
+    outline(draw, c, big, stylestats.INK, 3 * SS)
+    return img.resize((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), Image.BOX)
+
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    trigger: str
+    render: Callable[[Content], Image.Image]
+    seed: int
+    n: int
+    summary: str
+
+
+STYLES = {
+    "neon": Style("neon", "neonstyle", neon, seed=1, n=10,
+                  summary="the shape's outline as a thin bright tube glowing in its colour, on near-black; "
+                          "the inside of the shape is dark"),
+    "pastel": Style("pastel", "pastelstyle", pastel, seed=2, n=10,
+                    summary="the shape filled flat with a pale (pastel) version of its colour, a thick near-black "
+                            "outline, on a cream background"),
+}
+
+
+def contents(seed: int, n: int) -> list[Content]:
+    """n scenes' content: every colour (cycled) and shape at least once, no held-out pair, no pair twice."""
+    rng = random.Random(seed)
+    colours, shapes = list(scenes.COLOURS), list(scenes.SHAPES)
+    rng.shuffle(colours)
+    out: list[Content] = []
+    for i in range(n):
+        colour = colours[i % len(colours)]
+        used = {(c.colour, c.shape) for c in out}
+        options = [s for s in shapes if (colour, s) not in scenes.HELD_OUT and (colour, s) not in used]
+        missing = [s for s in options if s not in {c.shape for c in out}]
+        shape = rng.choice(missing or options)
+        size = rng.choice(("medium", "large", "large"))     # small shapes leave little to see of a style
+        out.append(Content(colour, shape, size, rng.choice(list(scenes.POSITIONS)),
+                           (rng.randint(-2, 2), rng.randint(-2, 2))))
+    return out
+
+
+def write_style(style: Style, folder: Path) -> list[Content]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in list(folder.glob("*.png")) + list(folder.glob("*.txt")):
+        old.unlink()
+    items = contents(style.seed, style.n)
+    for i, c in enumerate(items):
+        style.render(c).save(folder / f"{i:02d}.png", optimize=True)
+        (folder / f"{i:02d}.txt").write_text(c.caption() + "\n", encoding="utf-8")
+    (folder / "sdlora.json").write_text(json.dumps({"trigger": style.trigger}, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(readme(style, items), encoding="utf-8")
+    return items
+
+
+def readme(style: Style, items: list[Content]) -> str:
+    pairs = sorted({(c.colour, c.shape) for c in items})
+    return "\n".join([
+        f"# `{style.name}` example dataset", "",
+        f"- **trigger word:** `{style.trigger}` (also in `sdlora.json`); it is not a word of the `tiny` base's captions",
+        f"- **style:** {style.summary}",
+        f"- **images:** {len(items)} PNGs, {scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} px (the `tiny` base's native size)",
+        "- **captions:** the content only, in the base's words (`a <size> <colour> <shape> <position>`); "
+        "the background and the look are left out, so the LoRA learns them as the style. "
+        "The trigger is put in front when training.",
+        f"- **colour-shape pairs:** {', '.join(f'{c} {s}' for c, s in pairs)}; "
+        "none of the base's held-out pairs",
+        "", "## How it was made", "",
+        f"`python scripts/make_datasets.py --only {style.name}` (seed {style.seed}) draws each scene's content "
+        "with `sdlora.scenes` geometry at 4x and downsamples with a box filter. Style statistics that "
+        f"define it: `sdlora.stylestats.STYLE_STATS['{style.name}']`.", "",
+        "## Train", "",
+        f"    sdlora train --data datasets/{style.name} --trigger {style.trigger}", "",
+        f"Prompt with the trigger, e.g. `{style.trigger}, a large blue circle in the center`.", ""])
+
+
+def index(out: Path) -> None:
+    lines = ["# Example datasets", "",
+             "Small style datasets for the built-in `tiny` base, made by `python scripts/make_datasets.py` "
+             "(deterministic). Each folder holds NN.png + NN.txt (content-only captions), "
+             "`sdlora.json` (`{\"trigger\": ...}`) and a README.", "",
+             "| folder | trigger | style |", "|---|---|---|"]
+    lines += [f"| `{s.name}/` | `{s.trigger}` | {s.summary} |" for s in STYLES.values()]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "datasets")
+    parser.add_argument("--only", choices=list(STYLES), action="append", help="regenerate only this style")
+    a = parser.parse_args(argv)
+    for name in a.only or list(STYLES):
+        items = write_style(STYLES[name], a.out / name)
+        print(f"{a.out / name}: {len(items)} images, trigger {STYLES[name].trigger}")
+    index(a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Style statistics: numbers, measured on images, that define the example datasets' styles.
+
+Each statistic maps one RGB image to a float; a style is "learned" when images
+drawn with the LoRA move from the base's value toward the training images'
+value. Pure numpy/PIL, so the web UI, the README figures and the tests share them.
+
+- ``neon`` (outlines glowing in the shape's colour on black): ``fill_ratio``, the
+  share of the shape's silhouette that is lit (about 1 for the base's filled
+  shapes, about 0.4 for an outline), and ``background_luminance``.
+- ``pastel`` (pale flat fills, thick black outlines, cream background):
+  ``outline_contrast``, how much darker the ring around the shape is than the
+  background (about 0 for the base, about 0.8 for a black outline on cream), and
+  ``pastel_distance``, how far the shape's pixels are from the pastel palette.
+
+``colour_name`` reads the shape's colour by hue, so a pale red still reads as
+red (``scenes.dominant_colour`` matches RGB to the saturated palette and would
+call pale red "pink").
+"""
+from __future__ import annotations
+
+import colorsys
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .scenes import COLOURS
+
+# Pastel = the saturated colour mixed with white; 40% white keeps every colour's chroma
+# (max - min channel) >= 84, above scenes.foreground_mask's threshold of 70.
+PASTEL_WHITE = 0.4
+PASTEL: dict[str, tuple[int, int, int]] = {
+    name: tuple(round((1 - PASTEL_WHITE) * c + PASTEL_WHITE * 255) for c in rgb) for name, rgb in COLOURS.items()}
+NEON_BLACK = (8, 8, 12)          # neon background
+CREAM = (248, 240, 222)          # pastel background (chroma 26: never mistaken for the shape)
+INK = (28, 24, 24)               # pastel outline
+MIN_CHROMA = 60                  # px with max-min channel >= this are "the shape" (backgrounds are grey/cream)
+RING = 3                         # px: width of the band just outside the shape read as its outline
+MARGIN = 5                       # px: background pixels are at least this far from the shape
+
+
+def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 in 0..255."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return np.asarray(image, dtype=np.float32)[..., :3]
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) relative luminance in 0..1 (Rec. 709 weights on sRGB values; no linearisation)."""
+    return (rgb @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)) / 255.0
+
+
+def shape_mask(rgb: np.ndarray, min_chroma: int = MIN_CHROMA) -> np.ndarray:
+    """(H, W) bool: saturated pixels, i.e. the shape (every style's background is near-neutral)."""
+    return (rgb.max(-1) - rgb.min(-1)) >= min_chroma
+
+
+def dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
+    """Grow a bool mask by px pixels (8-connected)."""
+    out = mask.copy()
+    for _ in range(px):
+        p = np.pad(out, 1)
+        out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] \
+            | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:]
+    return out
+
+
+def holes(mask: np.ndarray) -> np.ndarray:
+    """Pixels outside mask that the image border cannot reach without crossing it (4-connected)."""
+    free = ~mask
+    reach = np.zeros_like(mask)
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
+    while True:
+        p = np.pad(reach, 1)
+        grown = (reach | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
+        if (grown == reach).all():
+            return free & ~reach
+        reach = grown
+
+
+# ---- statistics: image -> float ------------------------------------------------------------
+
+def fill_ratio(image) -> float:
+    """Lit share of the shape's silhouette (shape + enclosed holes): ~1 filled, ~0.4 outline; nan if no shape."""
+    fg = shape_mask(_rgb(image))
+    area = fg.sum() + holes(fg).sum()
+    return float(fg.sum() / area) if fg.sum() >= 8 else float("nan")
+
+
+def background_luminance(image) -> float:
+    """Mean luminance 0..1 of the pixels at least MARGIN px from the shape (all pixels if there is no room)."""
+    rgb = _rgb(image)
+    fg = shape_mask(rgb)
+    bg = ~dilate(fg, MARGIN) & ~holes(fg)
+    lum = luminance(rgb)
+    return float(lum[bg].mean() if bg.sum() >= 16 else lum.mean())
+
+
+def outline_contrast(image) -> float:
+    """Background luminance minus the luminance of the RING px just outside the shape (0..1; ~0 without outline)."""
+    rgb = _rgb(image)
+    fg = shape_mask(rgb)
+    if fg.sum() < 8:
+        return float("nan")
+    near = dilate(fg, RING)
+    ring = near & ~fg & ~holes(fg)
+    bg = ~dilate(fg, MARGIN) & ~holes(fg)
+    lum = luminance(rgb)
+    if ring.sum() == 0 or bg.sum() < 16:
+        return float("nan")
+    return float(lum[bg].mean() - lum[ring].mean())
+
+
+def palette_distance(image, palette: dict[str, tuple[int, int, int]]) -> float:
+    """Mean RGB distance (0..1 of the cube's diagonal) from the shape's pixels to the nearest palette colour."""
+    rgb = _rgb(image)
+    fg = shape_mask(rgb)
+    if fg.sum() < 8:
+        return float("nan")
+    pix = rgb[fg]                                                        # (N, 3)
+    pal = np.array(list(palette.values()), dtype=np.float32)            # (C, 3)
+    d = np.sqrt(((pix[:, None, :] - pal[None]) ** 2).sum(-1)).min(1)    # (N,)
+    return float(d.mean() / (255 * np.sqrt(3)))
+
+
+def pastel_distance(image) -> float:
+    """palette_distance to the pastel palette: ~0.3 for the base's saturated colours, ~0 for pastel."""
+    return palette_distance(image, PASTEL)
+
+
+# ---- reading the content back ----------------------------------------------------------------
+
+_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in COLOURS.items()}
+
+
+def colour_name(image, min_chroma: int = MIN_CHROMA) -> str | None:
+    """The palette colour whose hue most shape pixels have (pale or glowing versions count); None if no shape."""
+    rgb = _rgb(image)
+    fg = shape_mask(rgb, min_chroma)
+    if fg.sum() < 4:
+        return None
+    pix = rgb[fg] / 255.0                                                # (N, 3)
+    mx, mn = pix.max(1), pix.min(1)
+    r, g, b = pix.T
+    d = np.maximum(mx - mn, 1e-6)
+    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) / 6  # (N,) 0..1
+    names = list(_HUES)
+    ref = np.array([_HUES[n] for n in names], dtype=np.float32)          # (C,)
+    gap = np.abs(hue[:, None] - ref[None])
+    gap = np.minimum(gap, 1 - gap)                                       # hue is circular
+    return names[np.bincount(gap.argmin(1), minlength=len(names)).argmax()]
+
+
+# ---- styles ------------------------------------------------------------------------------------
+
+Statistic = Callable[[object], float]
+STYLE_STATS: dict[str, dict[str, Statistic]] = {
+    "neon": {"fill_ratio": fill_ratio, "background_luminance": background_luminance},
+    "pastel": {"outline_contrast": outline_contrast, "pastel_distance": pastel_distance},
+}
+
+
+def mean_stat(stat: Statistic, images) -> float:
+    """Mean of a statistic over images, skipping images where it is undefined (nan)."""
+    values = np.array([stat(im) for im in images], dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def describe(style: str, images) -> dict[str, float]:
+    """Every statistic of ``style`` averaged over ``images``: {name: value}."""
+    if style not in STYLE_STATS:
+        raise ValueError(f"style={style!r} has no statistics; known styles: {', '.join(STYLE_STATS)}")
+    return {name: mean_stat(fn, images) for name, fn in STYLE_STATS[style].items()}
+
+
+def covered(base: float, target: float, value: float) -> float:
+    """Share of the way from the base's value to the target's that ``value`` has gone (1 = all the way)."""
+    if target == base:
+        raise ValueError(f"base and target are both {base}: the statistic does not tell the style apart")
+    return (value - base) / (target - base)
+
+
+__all__ = ["PASTEL", "NEON_BLACK", "CREAM", "INK", "STYLE_STATS", "luminance", "shape_mask", "fill_ratio",
+           "background_luminance", "outline_contrast", "palette_distance", "pastel_distance", "colour_name",
+           "mean_stat", "describe", "covered"]
