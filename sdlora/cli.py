@@ -163,16 +163,53 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_check(a) -> int:
+    from .interop import check_file, format_check
+    from .models import load_base
+    report = check_file(a.file, load_base(a.base))
+    print(json.dumps(report, indent=2) if a.json else format_check(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_merge(a) -> int:
+    from .generate import Generator, LoraChoice
+    from .interop import merge
+    out = Path(a.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {a.out}: use a file name ending in .safetensors")
+    if out.exists() and not a.overwrite:
+        raise ValueError(f"--out {a.out} exists; choose another name or pass --overwrite")
+    gen = Generator(a.base)
+    gen.set_loras([LoraChoice.parse(x) for x in a.lora], fused=True)
+    merge(gen, out, metadata={"sdlora_merged_loras": json.dumps(a.lora)})
+    print(out)
+    return 0
+
+
+def _extra_parsers(sub) -> None:
+    p = sub.add_parser("inspect", help="show a LoRA file's format, base, modules, rank, alpha, trigger")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("check", help="will A1111, ComfyUI and diffusers use every key of this LoRA on BASE?")
+    p.add_argument("file")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("merge", help="bake LoRAs into a single-file checkpoint (original-SD layout)")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH[:TE_STRENGTH]]")
+    p.add_argument("--out", required=True, help=".safetensors file to write")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion style LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
-    p = sub.add_parser("inspect", help="show a LoRA file's format, base, modules, rank, alpha, trigger")
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true")
+    _extra_parsers(sub)
     a = parser.parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect}[a.command]
+    handler = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "check": cmd_check,
+               "merge": cmd_merge}[a.command]
     try:
         return handler(a)
     except KeyboardInterrupt:

@@ -46,7 +46,19 @@ def export_run(t, run_dir: Path) -> Path:
     preview = _preview(t)
     if preview is not None:
         write_png(run_dir / f"{name}.preview.png", preview)
+    _record_check(t, run_dir, sd, metadata)
     return path
+
+
+def _record_check(t, run_dir: Path, sd: dict, metadata: dict) -> None:
+    """Run the per-tool key check on the exported file and keep the result beside it."""
+    from .interop import check_state_dict, format_check
+    lora_mod.remove_adapters(t.acc.unwrap_model(t.unet))          # the check needs the base's own module names
+    if t.spec.text_encoder:
+        lora_mod.remove_adapters(t.base.text_encoder)
+    report = check_state_dict(sd, metadata, t.base)
+    write_json(run_dir / "compat.json", report)
+    t.cb.on_message(format_check(report))
 
 
 def _preview(t):

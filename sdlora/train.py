@@ -352,7 +352,12 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         start = t.setup(run_dir, resume_from)
         if t.main and resume_from is not None:
             cb.on_message(f"resuming {run_dir} at step {start} of {t.plan.steps}")
-        result = t.run(run_dir, start)
+        try:
+            result = t.run(run_dir, start)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_oom(e):
+                raise
+            raise TrainingError(out_of_memory_advice(cfg, t.plan.resolution, run_dir)) from e
         if not result.cancelled and t.main:
             from .export import export_run
             result.lora_path = export_run(t, run_dir)
@@ -363,6 +368,32 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
             lora_mod.remove_adapters(base.unet)
             lora_mod.remove_adapters(base.text_encoder)
         t.acc.end_training()
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def out_of_memory_advice(cfg: TrainConfig, resolution: int, run_dir: Path) -> str:
+    """What to change when training ran out of memory, from the settings actually in use."""
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(f"batch_size {cfg.batch_size} -> 1 (use grad_accum {cfg.grad_accum * cfg.batch_size} to keep the "
+                    "effective batch)")
+    if resolution > 512:
+        tips.append(f"resolution {resolution} -> 512")
+    elif resolution > 256:
+        tips.append(f"resolution {resolution} -> {resolution // 2}")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing on")
+    if cfg.mixed_precision == "no" and torch.cuda.is_available():
+        tips.append("mixed_precision bf16 or fp16")
+    if not cfg.use_8bit_adam or not torch.cuda.is_available():
+        tips.append("8-bit Adam (install bitsandbytes; CUDA only)")
+    tips.append("keep the text encoder frozen so its embeddings stay cached")
+    return (f"out of memory while training in {run_dir}. Settings that lower memory: " + "; ".join(tips) +
+            ". Start a new run with them (the checkpoints already in the run folder stay)")
 
 
 def _shared_run_dir(t: _Trainer, output_dir: str, name: str) -> Path:
