@@ -22,8 +22,10 @@ def _float_or_none(text: str) -> float | None:
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a style LoRA from a folder of images")
     p.add_argument("--data", help="folder of images (with optional same-name .txt captions)")
-    p.add_argument("--trigger", default="sks", help="the word that calls up the style (default: sks)")
-    p.add_argument("--template", default=DataConfig.template, help="caption for images without a .txt")
+    p.add_argument("--trigger", default=None,
+                   help="the word that calls up the style (default: the dataset's sdlora.json, else sks)")
+    p.add_argument("--template", default=None, help="caption for images without a .txt (default: "
+                   "the dataset's sdlora.json, else 'an image in {trigger} style')")
     p.add_argument("--base", default="tiny", help="'tiny' (built in), a diffusers folder, a .safetensors or a hub id")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from the number of images)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank: width of the update (bigger learns more, file grows)")
@@ -60,7 +62,11 @@ def _train_parser(sub) -> None:
 
 
 def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
-    data = DataConfig(folder=a.data or "", trigger=a.trigger, template=a.template, resolution=a.resolution,
+    from .data import folder_defaults
+    own = folder_defaults(a.data) if a.data and Path(a.data).is_dir() else {}
+    trigger = a.trigger or own.get("trigger", DataConfig.trigger)
+    template = a.template or own.get("template", DataConfig.template)
+    data = DataConfig(folder=a.data or "", trigger=trigger, template=template, resolution=a.resolution,
                       flip=a.flip, class_prompt=a.class_prompt, class_folder=a.class_data,
                       num_class_images=a.num_class_images)
     spec = LoraSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, self_attention=a.self_attention,

@@ -230,3 +230,23 @@ def require_trainable(items: list[Item], problems: list[Problem], folder: Path |
 
 __all__ = ["DatasetError", "Problem", "Item", "scan_dataset", "require_trainable",
            "load_image", "to_tensor", "caption_for"]
+
+
+def folder_defaults(folder: str | Path) -> dict[str, str]:
+    """Settings a dataset folder carries in ``sdlora.json`` (``trigger``, ``template``); {} if none.
+
+    The CLI and the web UI use them when the user gives no trigger, so
+    ``sdlora train --data datasets/neon`` trains with the dataset's own trigger word.
+    """
+    import json
+    path = Path(folder) / "sdlora.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); fix it or delete it") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path} must hold a JSON object like {{\"trigger\": \"mystyle\"}}")
+    known = {"trigger", "template"}
+    return {k: str(v) for k, v in raw.items() if k in known and isinstance(v, str) and v.strip()}

@@ -55,3 +55,14 @@ def test_too_few_images_lists_every_problem(tmp_path, capsys):
     (d / "empty.jpg").write_bytes(b"")
     code, out, err = run(capsys, "train", "--data", str(d), "--base", "tiny-random")
     assert code == 2 and "notes.png" in err and "empty.jpg" in err
+
+
+def test_dataset_folder_carries_its_trigger(tmp_path, style_dir, capsys):
+    (style_dir / "sdlora.json").write_text('{"trigger": "glowzz"}', encoding="utf-8")
+    code, out, err = run(capsys, "train", "--data", str(style_dir), "--base", "tiny-random", "--steps", "1",
+                         "--output-dir", str(tmp_path / "o"))
+    assert code == 0, err
+    assert out.strip().endswith("glowzz.safetensors") and "glowzz, a square outline" in err
+    (style_dir / "sdlora.json").write_text("{not json", encoding="utf-8")
+    code, out, err = run(capsys, "train", "--data", str(style_dir), "--base", "tiny-random")
+    assert code == 2 and "sdlora.json" in err and "not valid JSON" in err
