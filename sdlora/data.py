@@ -22,6 +22,9 @@ MAX_ASPECT = 4.0   # long/short side; beyond it the square crop keeps under a qu
 # Files operating systems drop into folders; never images, never worth a warning.
 _OS_JUNK = {"thumbs.db", "desktop.ini"}
 _IMAGE_KINDS = {"PNG", "JPEG", "GIF", "WebP", "TIFF", "BMP", "HEIC", "AVIF"}
+# Side files a dataset folder may carry: captions (read with their image), its own settings
+# (sdlora.json) and notes. A file with one of these suffixes is never judged as an image.
+_SIDE_FILES = {".txt", ".md", ".json"}
 
 
 class DatasetError(ValueError):
@@ -149,8 +152,8 @@ def _candidates(folder: Path) -> tuple[list[Path], list[Problem]]:
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name.lower() in _OS_JUNK:
             continue
-        if entry.suffix.lower() == ".txt":
-            continue  # captions, read alongside their image
+        if entry.suffix.lower() in _SIDE_FILES:
+            continue
         try:
             mode = entry.stat().st_mode
         except OSError:

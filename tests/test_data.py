@@ -459,3 +459,15 @@ def test_load_image_on_bad_file_names_it(tmp_path):
     (tmp_path / "x.png").write_text("hello")
     with pytest.raises(ValueError, match="x.png: not an image"):
         load_image(tmp_path / "x.png", 8)
+
+
+def test_dataset_side_files_are_not_judged_as_images(tmp_path):
+    from PIL import Image as _Image
+    for i in range(3):
+        _Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "README.md").write_text("# my style\n", encoding="utf-8")
+    (tmp_path / "sdlora.json").write_text('{"trigger": "x"}', encoding="utf-8")
+    (tmp_path / "notes.png").write_text("a text file named like an image", encoding="utf-8")
+    items, problems = scan_dataset(tmp_path, "x", resolution=64)
+    assert len(items) == 3
+    assert [Path(p.path).name for p in problems if p.fatal] == ["notes.png"]
