@@ -154,6 +154,23 @@ def _from_single_file(path: Path) -> Base:
                 family=parts["family"], resolution=res)
 
 
+def native_resolution(name: str) -> int:
+    """A base's native image size in px, read from its configs without loading any weights.
+
+    Lets the dataset be checked before the (slow, large) base is loaded. Single files and
+    hub ids are taken at SD's 512 px.
+    """
+    if name == "tiny-random":
+        return 64
+    folder = {"tiny": BUILTIN_DIR, "sd15-random": CONFIGS_DIR / "sd15"}.get(name, Path(name).expanduser())
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
 def load_tokenizer(folder: Path = TOKENIZER_DIR) -> CLIPTokenizer:
     """The real CLIP BPE tokenizer SD 1.x uses (49,408 tokens), shipped as data."""
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -203,4 +220,4 @@ def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
                 scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
 
 
-__all__ = ["Base", "BaseModelError", "load_base", "load_tokenizer", "tiny_random_base", "random_base_from_configs"]
+__all__ = ["Base", "BaseModelError", "load_base", "load_tokenizer", "native_resolution", "tiny_random_base", "random_base_from_configs"]

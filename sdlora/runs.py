@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from .formats import atomic_write_bytes
+from .safefiles import LoraFileError, atomic_write_bytes, read_lora_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 
@@ -112,9 +112,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain containers only)."""
-    adapters = load_file(str(path / "adapter.safetensors"))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    """Read a checkpoint written by ``save_checkpoint``, with the checks any file from elsewhere gets:
+    the adapter through the safe safetensors reader (header, dtypes, NaN/Inf), the state with
+    ``torch.load(weights_only=True)`` so it cannot run code."""
+    adapters, _ = read_lora_file(path / "adapter.safetensors")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:          # UnpicklingError, EOFError, RuntimeError for a damaged zip, ...
+        raise LoraFileError(f"{path / 'state.pt'} cannot be read as a training state ({type(e).__name__}); "
+                            "the checkpoint is damaged or not sdlora's. Resume from an earlier checkpoint by "
+                            "deleting this folder") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
+        raise LoraFileError(f"{path / 'state.pt'} is not an sdlora training state (no optimizer/scheduler/step)")
     return adapters, state
 
 

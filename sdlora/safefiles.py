@@ -14,6 +14,7 @@ unpickled; they are refused unless asked for, and then loaded only with
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -60,6 +61,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.chmod(tmp, 0o644)          # mkstemp makes 0600; other tools (A1111, ComfyUI) must read it
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        advice = {errno.ENOSPC: "free disk space or choose another output folder",
+                  errno.EDQUOT: "free disk space or choose another output folder",
+                  errno.EACCES: "make the folder writable or choose another output folder",
+                  errno.EROFS: "choose an output folder on a writable disk"}.get(e.errno, "check the folder")
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; {advice}", str(path)) from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -224,8 +233,11 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                             "trust its source") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if not isinstance(obj, dict):
         raise LoraFileError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors; not a LoRA file")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise LoraFileError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor; not a LoRA file")
     for key, t in obj.items():
         _check_finite(path, key, t)
     return obj

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import data as dataset
 from . import lora as lora_mod
 from .config import ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
-from .models import Base, load_base, load_tokenizer
+from .models import Base, load_base, load_tokenizer, native_resolution
 from .runs import (latest_checkpoint, library_versions, load_checkpoint, new_run_dir, now_iso, safe_name,
                    save_checkpoint, write_json)
 
@@ -93,8 +93,9 @@ class _Trainer:
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
         self.main = self.acc.is_main_process
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        # The images are checked before the base is loaded: a bad folder costs no model load.
+        self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
-        self.plan = plan(data, cfg, self.base.resolution)
         self.sched = self.base.noise_scheduler()
 
     # ---- data -------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class _Trainer:
         base, cfg = self.base, self.cfg
         self.cache(self.plan.items, [it.caption for it in self.plan.items])
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
+        torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         lora_mod.inject(base.unet, base.text_encoder, self.spec)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
@@ -222,7 +224,7 @@ class _Trainer:
     def run(self, run_dir: Path, start: int) -> TrainResult:
         total, cfg = self.plan.steps, self.cfg
         t0, done, loss_value, last_ckpt = time.time(), 0, float("nan"), latest_checkpoint(run_dir)
-        log = (run_dir / "log.csv").open("a", encoding="utf-8") if self.main else None
+        log = _open_log(run_dir / "log.csv", start) if self.main else None
         try:
             for step in range(start, total):
                 if self.cancel.is_set():
@@ -311,6 +313,15 @@ class _Trainer:
         first = self.plan.items[0].caption
         without = " ".join(w for w in first.replace(",", " ").split() if w != self.data.trigger)
         return [first, without]
+
+
+def _open_log(path: Path, start: int):
+    """log.csv for appending; on resume, rows past the checkpoint's step (from a killed run) are dropped."""
+    if start and path.is_file():
+        rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r and int(r.split(",", 1)[0]) <= start]
+        from .safefiles import atomic_write_bytes
+        atomic_write_bytes(path, ("".join(r + "\n" for r in rows)).encode("utf-8"))
+    return path.open("a", encoding="utf-8")
 
 
 def _optimizer(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
