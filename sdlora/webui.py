@@ -36,6 +36,7 @@ MAX_LORA_BYTES = 1024 * 2**20   # an uploaded LoRA file (SD 1.x LoRAs are 10-300
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 TEMPLATES = {"style": "an image in {trigger} style", "subject": "a photo of {trigger}"}
 _BAD_CHARS = set('<>:"/\\|?*')
+_EXAMPLE_EXTRAS = {"readme.md", "readme.txt", "sdlora.json"}   # example-folder files that are not training data
 
 
 class UserError(ValueError):
@@ -106,7 +107,7 @@ def build_configs(form: dict, folder: str, base: str, outputs: str) -> tuple[Dat
     spec = LoraSpec(rank=f["rank"], alpha=f["alpha"] or None, dropout=float(f["dropout"] or 0),
                     self_attention=bool(f["self_attention"]), text_encoder=bool(f["text_encoder"]),
                     use_dora=bool(f["use_dora"]), use_rslora=bool(f["use_rslora"]))
-    cfg = TrainConfig(base=(f.get("base") or base).strip(), steps=f["steps"] or None, lr=float(f["lr"]),
+    cfg = TrainConfig(base=(f.get("base") or base).strip(), steps=f["steps"] or None, lr=f["lr"],
                       batch_size=f["batch_size"], grad_accum=f["grad_accum"], schedule=f["schedule"],
                       warmup_steps=f["warmup_steps"] or 0, seed=f["seed"] or 0,
                       sample_every=f["sample_every"] or 0, checkpoint_every=f["checkpoint_every"] or 0,
@@ -201,7 +202,9 @@ class Job(Callbacks):
         return self.thread is not None and self.thread.is_alive()
 
     def on_plan(self, plan) -> None:
-        self.total, self.state, self.rev = plan.steps, "running", self.rev + 1
+        self.total, self.rev = plan.steps, self.rev + 1
+        if self.state == "starting":           # a Stop pressed while loading stays "stopping"
+            self.state = "running"
 
     def on_step(self, info) -> None:
         self.step, self.total, self.loss, self.eta = info.step, info.total, info.loss, info.eta
@@ -214,8 +217,8 @@ class Job(Callbacks):
         for p in paths:
             m = re.search(r"seed(\d+)-(\d+)$", p.stem)
             seed, idx = (m.group(1), int(m.group(2))) if m else ("?", 0)
-            which = "with trigger" if idx == 0 else "without trigger" if idx == 1 else f"prompt {idx + 1}"
-            new.append((str(p), f"step {step} · seed {seed} · {which}"))
+            which = "with trigger" if idx == 0 else "no trigger" if idx == 1 else f"prompt {idx + 1}"
+            new.append((str(p), f"step {step}, {which}, seed {seed}"))
         self.samples = new + self.samples
         self.rev += 1
 
@@ -248,13 +251,22 @@ class Job(Callbacks):
         }[self.state]
         if self.state == "done":
             pct = 100.0
-        return progress_html(pct, text, self.state)
+        return progress_html(pct, text, self.state, self.message)
 
 
-def progress_html(pct: float, text: str, state: str = "idle") -> str:
+def notes_html(row: Row) -> str:
+    """A card's notes as an escaped list: warnings, or why the file is not used."""
+    cls, prefix = ("sdl-warn", "") if row.usable else ("sdl-fatal", "Not used: ")
+    items = "".join(f'<li class="{cls}">{html.escape(prefix + n)}</li>' for n in row.notes)
+    return f'<ul class="sdl-notes">{items}</ul>' if items else ""
+
+
+def progress_html(pct: float, text: str, state: str = "idle", note: str = "") -> str:
+    """The progress bar with its line of text (and the trainer's last message); all text escaped."""
+    note = f'<div class="sdl-msg">{html.escape(note)}</div>' if note else ""
     return (f'<div class="sdl-progress" data-state="{state}"><div class="sdl-bar">'
             f'<div class="sdl-fill" style="width:{pct:.1f}%"></div></div>'
-            f'<div class="sdl-text">{html.escape(text)}</div></div>')
+            f'<div class="sdl-text">{html.escape(text)}</div>{note}</div>')
 
 
 def _read_log(run_dir: Path) -> list[tuple[int, float]]:
@@ -312,7 +324,20 @@ class WebUI:
                 raise UserError(f"refused file name {p.name!r}")
             shutil.copyfile(p, target)
             total += size
+        self._keep_edited_captions(folder)
         return self._use(folder, trigger, template, resolution, notes)
+
+    def _keep_edited_captions(self, folder: Path) -> None:
+        """Adding files re-uploads the whole list: captions edited before carry over to the same image names."""
+        if self.dataset is None:
+            return
+        for image in folder.iterdir():
+            old = self.dataset.folder / f"{image.stem}.txt"
+            if image.suffix.lower() != ".txt" and not image.with_suffix(".txt").exists() and old.is_file():
+                shutil.copyfile(old, image.with_suffix(".txt"))
+
+    def clear_dataset(self) -> None:
+        self.dataset = None
 
     def load_example(self, name: str, template: str, resolution=None) -> tuple[Dataset, str]:
         """Copy an example dataset from datasets/ (so caption edits never touch it); returns it and its trigger."""
@@ -321,7 +346,7 @@ class WebUI:
             raise UserError(f"No example dataset {name!r} in {self.datasets_dir}; pick one from the list.")
         folder = self._new_dataset_folder()
         for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.name.lower() not in ("readme.md", "readme.txt"):
+            if f.is_file() and not f.name.startswith(".") and f.name.lower() not in _EXAMPLE_EXTRAS:
                 shutil.copyfile(f, folder / f.name)
         trigger = example_trigger(src)
         return self._use(folder, trigger, template, resolution, []), trigger
@@ -332,10 +357,12 @@ class WebUI:
         return sorted(d.name for d in self.datasets_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
     def rescan(self, trigger: str, template: str, resolution=None) -> Dataset | None:
-        """Scan the current dataset again with new trigger / template / resolution."""
-        if self.dataset is None:
+        """Scan the current dataset again if trigger / template / resolution changed; None if nothing changed."""
+        ds = self.dataset
+        res = _whole(resolution) or native_resolution(self.base)
+        if ds is None or ((trigger or "").strip(), template, res) == (ds.trigger, ds.template, ds.resolution):
             return None
-        return self._use(self.dataset.folder, trigger, template, resolution, self.dataset.upload_notes)
+        return self._use(ds.folder, trigger, template, resolution, ds.upload_notes)
 
     def set_caption(self, name: str, text: str) -> Row:
         """Save an edited caption as the image's .txt file; returns the card as it trains now."""
@@ -345,8 +372,10 @@ class WebUI:
         image = ds.folder / safe_filename(name)
         if not image.is_file() or not within(image, ds.folder):
             raise UserError(f"{name!r} is not in the current dataset.")
-        image.with_suffix(".txt").write_text(" ".join((text or "").split()), encoding="utf-8")
-        ds.scan()
+        text = " ".join((text or "").split())
+        if text != next((it.caption for it in ds.items if it.path.name == image.name), None):
+            image.with_suffix(".txt").write_text(text, encoding="utf-8")   # only real edits become caption files
+            ds.scan()
         return next(r for r in ds.rows() if r.name == image.name)
 
     def _new_dataset_folder(self) -> Path:
@@ -377,19 +406,24 @@ class WebUI:
     # ---- Train tab: runs ----
     def start(self, form: dict) -> Job:
         """Start training the current dataset in a background thread; one training at a time."""
+        self._refuse_if_busy()
         ds = self.dataset
         if ds is None:
             raise UserError("Add images first: drop them on the upload box or load an example dataset.")
         try:
             data, spec, cfg = build_configs(form, str(ds.folder), self.base, str(self.outputs))
             ds.trigger, ds.template = data.trigger, data.template
+            ds.resolution = data.resolution or ds.resolution
             ds.scan()
             dataset.require_trainable(ds.items, ds.problems, ds.folder.name)
         except (ConfigError, dataset.DatasetError) as e:
             raise UserError(str(e)) from None
+        except (TypeError, ValueError) as e:        # an emptied number field arrives as None
+            raise UserError(f"a setting is empty or not a number ({e}); fill in every field") from None
         return self._launch(Job(), (data, spec, cfg, None))
 
     def resume(self, run_dir: str) -> Job:
+        self._refuse_if_busy()
         run = Path(run_dir or "")
         if not run_dir or not within(run, self.outputs) or latest_checkpoint(run) is None:
             raise UserError("Pick a stopped run to resume (one with a checkpoint under outputs/).")
@@ -397,12 +431,16 @@ class WebUI:
         job.step = int(latest_checkpoint(run).name.split("-")[1])
         return self._launch(job, (None, None, None, str(run)))
 
+    def _refuse_if_busy(self) -> None:
+        cur = self.job
+        if cur is not None and cur.alive():
+            where = f"at step {cur.step} of {cur.total}" if cur.total else "starting up"
+            raise UserError(f"A training is already running ({where}). Only one runs at a time: "
+                            "press Stop, or wait until it finishes.")
+
     def _launch(self, job: Job, args) -> Job:
         with self._lock:
-            if self.job is not None and self.job.alive():
-                cur = self.job
-                raise UserError(f"A training is already running (step {cur.step} of {cur.total or '?'}). "
-                                "Only one runs at a time: press Stop, or wait until it finishes.")
+            self._refuse_if_busy()
             self.job = job
             job.thread = threading.Thread(target=job.run, args=args, name="sdlora-train", daemon=True)
             job.thread.start()
@@ -507,7 +545,7 @@ class WebUI:
             images = self.generator(base).sweep(cfg, choices[0], SWEEP)
         except (LoraFileError, ValueError) as e:
             raise UserError(str(e)) from None
-        return [(im, f"strength {s:g}") for im, s in zip(images, SWEEP)]
+        return [(im, f"{s:g}") for im, s in zip(images, SWEEP)]
 
     @staticmethod
     def _gen_config(gen: dict) -> GenerateConfig:
@@ -535,9 +573,10 @@ class WebUI:
         """(preview gallery items, table rows as plain text, dropdown choices) for the Library tab."""
         infos = self.library()
         gallery = [(i["preview"], i["name"]) for i in infos if i["preview"]]
-        cols = ("base", "rank", "alpha", "trigger", "steps", "images", "date", "compat")
+        cols = ("title", "base", "rank", "alpha", "trigger", "steps", "images", "date", "compat")
         table = [[str(Path(i["file"]).relative_to(self.outputs))] +
-                 ([str(i.get(c, "")) for c in cols] if "error" not in i else [f"unreadable: {i['error']}"] + [""] * 7)
+                 ([str(i.get(c, ""))[:16].replace("T", " ") if c == "date" else str(i.get(c, "")) for c in cols]
+                  if "error" not in i else [f"unreadable: {i['error']}"] + [""] * 8)
                  for i in infos]
         return gallery, table, [(row[0], i["file"]) for row, i in zip(table, infos)]
 
@@ -550,28 +589,31 @@ class WebUI:
         files = [f for f in (p, p.with_suffix(".json"), p.parent / f"{p.stem}.preview.png") if f.is_file()]
         meta = {k: v for k, v in info.items() if k not in ("preview", "compat", "name")}
         return {"preview": info["preview"], "metadata": meta, "files": [str(f) for f in files],
-                "compat": info["compat"] or "no compat.json in this run folder (not checked yet)"}
+                "compat": compat_details(p.parent / "compat.json")}
 
     def delete(self, path: str) -> str:
         p = Path(path or "")
         if not path or p.resolve() not in {q.resolve() for q in lora_files(self.outputs)}:
             raise UserError("Pick a LoRA from the library to delete.")
         run = p.parent
-        if self.job is not None and self.job.alive() and self.job.run_dir and run.resolve() == Path(self.job.run_dir).resolve():
+        job = self.job
+        if job is not None and job.alive() and job.run_dir and run.resolve() == Path(job.run_dir).resolve():
             raise UserError("This run is training right now; stop it first.")
         if run.resolve() != self.outputs and (run / "config.json").is_file():
             shutil.rmtree(run)
             return f"Deleted the run folder {run.name} (LoRA, samples, checkpoints)."
         for f in (p, p.with_suffix(".json"), p.parent / f"{p.stem}.preview.png"):
             f.unlink(missing_ok=True)
+        if run.resolve() != self.outputs and not any(run.iterdir()):
+            run.rmdir()
         return f"Deleted {p.name}."
 
 
 def lora_files(outputs: Path) -> list[Path]:
     """LoRA files in outputs/ and in its run folders (not checkpoints, not hidden folders)."""
-    found = [p for p in outputs.glob("*.safetensors")] + [p for p in outputs.glob("*/*.safetensors")]
-    return sorted((p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(outputs).parts)),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    found = [*outputs.glob("*.safetensors"), *outputs.glob("*/*.safetensors")]
+    found = [p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(outputs).parts)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def lora_info(path: Path) -> dict:
@@ -588,28 +630,63 @@ def lora_info(path: Path) -> dict:
     return info
 
 
-def compat_summary(path: Path) -> str:
-    """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
+def _compat_tools(path: Path) -> dict | None:
+    """The per-tool part of a run's compat.json ({tool: {mapped, total, unmapped, note}}), None if absent."""
     if not path.is_file():
-        return ""
+        return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-        report = report.get("tools", report) if isinstance(report, dict) else report
-        return " · ".join(f"{t} {r['mapped']}/{r['total']}" for t, r in report.items())
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return "compat.json present but not readable"
+        tools = report.get("tools", report)
+        if all(isinstance(r, dict) and {"mapped", "total"} <= set(r) for r in tools.values()):
+            return tools
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def compat_summary(path: Path) -> str:
+    """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
+    from .compat import TOOLS
+    tools = _compat_tools(path)
+    if tools is None:
+        return ""
+    if not tools:
+        return "compat.json is not readable"
+    return " · ".join(f"{TOOLS.get(t, t)} {r['mapped']}/{r['total']}" for t, r in tools.items())
+
+
+def compat_details(path: Path) -> str:
+    """One line per tool with the keys it would skip, from compat.json."""
+    from .compat import format_report
+    tools = _compat_tools(path)
+    if tools is None:
+        return "Not checked: this run folder has no compat.json."
+    if not tools:
+        return "compat.json is not readable."
+    try:
+        return format_report(tools)
+    except (KeyError, TypeError):
+        return compat_summary(path)
 
 
 def example_trigger(folder: Path) -> str:
-    """The trigger word an example dataset's README names ('Trigger: neonstyle'), else the folder name."""
+    """An example dataset's trigger: sdlora.json {"trigger": ...}, else 'trigger word: x' in its README,
+    else the folder name."""
+    try:
+        trigger = json.loads((folder / "sdlora.json").read_text(encoding="utf-8")).get("trigger", "")
+        if isinstance(trigger, str) and trigger.strip():
+            return trigger.strip()
+    except (OSError, ValueError, AttributeError):
+        pass
     for readme in (folder / "README.md", folder / "README.txt"):
         if readme.is_file():
-            m = re.search(r"trigger(?:\s+word)?\s*[:=]?\s*[`*'\"]*([\w-]+)", readme.read_text(encoding="utf-8", errors="replace"),
-                          re.IGNORECASE)
+            text = readme.read_text(encoding="utf-8", errors="replace")
+            m = re.search(r"trigger(?:\s+word)?\s*[:=][\s`*'\":]*([\w-]+)", text, re.IGNORECASE)
             if m:
                 return m.group(1)
     return safe_name(folder.name).replace(".", "-")
 
 
 __all__ = ["WebUI", "UserError", "Dataset", "Row", "Job", "safe_filename", "within", "build_configs", "suggest",
-           "native_resolution", "lora_files", "lora_info", "compat_summary", "example_trigger", "duration"]
+           "native_resolution", "lora_files", "lora_info", "compat_summary", "compat_details", "example_trigger",
+           "duration", "notes_html", "progress_html"]

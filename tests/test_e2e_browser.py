@@ -30,7 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 XSS_TITLE = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>"
 STEPS = 6
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _need_browser():
@@ -91,37 +91,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app_server(tmp_path):
-    outputs = tmp_path / "outputs"
-    _xss_lora(outputs)
-    base = "tiny" if (REPO / "sdlora" / "base_model" / "model_index.json").is_file() else "tiny-random"
+def _start_app(folder: Path, *args: str, env: dict | None = None):
+    """Start app.py in `folder` on a free port -> (process, url, port, log); fails with the log if it does not start."""
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("SDLORA_AUTH", None)
-    log = open(tmp_path / "app.log", "w+", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--base", base,
-                             "--outputs", str(outputs)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url, t0 = None, time.time()
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    if env is None or "SDLORA_AUTH" not in env:
+        full_env.pop("SDLORA_AUTH", None)
+    log = open(folder / "app.log", "w+", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *args], cwd=folder,
+                            stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    t0 = time.time()
     while time.time() - t0 < 180 and proc.poll() is None:
         log.seek(0)
         m = re.search(r"sdlora web UI: (http://\S+)", log.read())
         if m:
-            url = m.group(1).rstrip("/")
-            break
+            return proc, m.group(1).rstrip("/"), port, log
         time.sleep(0.5)
+    _stop(proc, log)
+    log.seek(0)
+    pytest.fail(f"app did not start:\n{log.read()[-3000:]}")
+
+
+def _stop(proc, log) -> None:
+    proc.terminate()
     try:
-        if url is None:
-            log.seek(0)
-            pytest.fail(f"app did not start:\n{log.read()[-3000:]}")
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("app")
+    outputs = tmp_path / "outputs"
+    _xss_lora(outputs)
+    base = "tiny" if (REPO / "sdlora" / "base_model" / "model_index.json").is_file() else "tiny-random"
+    proc, url, port, log = _start_app(tmp_path, "--base", base, "--outputs", str(outputs))
+    try:
         yield {"url": url, "port": port, "outputs": outputs, "tmp": tmp_path, "base": base, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop(proc, log)
 
 
 def _status(port: int, path: str) -> int:
@@ -133,17 +143,44 @@ def _status(port: int, path: str) -> int:
     return status
 
 
-def _refusals(srv) -> None:
+def test_http_serves_outputs_only(app_server):
+    """Files outside outputs/ are refused over HTTP: absolute paths, '../', encoded '..' and the app's own files."""
+    srv = app_server
     port, outputs, tmp = srv["port"], srv["outputs"], srv["tmp"]
     secret = tmp / "secret.txt"
     secret.write_text("not for the browser")
     ok = outputs / "xss" / "xss.safetensors"
     assert _status(port, f"/gradio_api/file={ok}") == 200                     # inside outputs/: served
     for path in [f"/gradio_api/file={secret}", "/gradio_api/file=/etc/passwd",
-                 f"/gradio_api/file={outputs}/../secret.txt", f"/gradio_api/file={quote(str(outputs))}%2F..%2Fsecret.txt",
+                 f"/gradio_api/file={outputs}/../secret.txt",
+                 f"/gradio_api/file={quote(str(outputs))}%2F..%2Fsecret.txt",
                  "/gradio_api/file=../../../../../../etc/passwd", "/gradio_api/file=app.log",
                  f"/gradio_api/file={REPO / 'app.py'}", "/file=/etc/passwd", "/gradio_api/file=%2Fetc%2Fpasswd"]:
         assert _status(port, path) in (403, 404), path
+
+
+def test_auth_from_env_and_warning_off_localhost(tmp_path):
+    """SDLORA_AUTH requires a login; a host other than 127.0.0.1 prints a warning."""
+    proc, url, port, log = _start_app(tmp_path, "--base", "tiny-random", "--outputs", str(tmp_path / "out"),
+                                      "--host", "127.0.0.2", env={"SDLORA_AUTH": "me:s3cret"})
+    try:
+        log.seek(0)
+        text = log.read()
+        assert "WARNING: the UI is reachable through 127.0.0.2" in text and "Add --auth" not in text
+        conn = http.client.HTTPConnection("127.0.0.2", port, timeout=30)
+        conn.request("GET", "/config")
+        assert conn.getresponse().status in (401, 403)
+        conn.close()
+        for password, want in (("wrong", 400), ("s3cret", 200)):
+            conn = http.client.HTTPConnection("127.0.0.2", port, timeout=30)
+            conn.request("POST", "/login", body=f"username=me&password={password}",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+            assert conn.getresponse().status == want, password
+            conn.close()
+    finally:
+        _stop(proc, log)
+    uploads = re.search(r"uploads and generated images go to (\S+) ", text).group(1)
+    assert not Path(uploads).exists()                               # the temporary folder goes with the app
 
 
 def _text(page, selector: str) -> str:
@@ -160,11 +197,11 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+@pytest.mark.browser
 def test_browser_train_generate_library(app_server, tmp_path):
     _need_browser()
     from playwright.sync_api import expect, sync_playwright
     srv, t_start = app_server, time.time()
-    _refusals(srv)
     upload = _images(tmp_path / "upload")
     timings = {}
     with sync_playwright() as p:
@@ -174,7 +211,10 @@ def test_browser_train_generate_library(app_server, tmp_path):
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.set_default_timeout(60_000)
         page.goto(srv["url"])
-        page.locator("#f-trigger").get_by_role("textbox").fill("zqx")
+        expect(page.locator("#progress")).to_contain_text("Not started")    # the page has loaded its state
+        trigger = page.locator("#f-trigger").get_by_role("textbox")
+        trigger.fill("zqx")
+        trigger.press("Tab")
         page.locator("#upload input[type=file]").set_input_files([str(p) for p in upload])
         expect(page.locator("#ds-summary")).to_contain_text("6 images ready to train", timeout=120_000)
         expect(page.locator("#ds-summary")).to_contain_text("1 skipped")
@@ -212,13 +252,13 @@ def test_browser_train_generate_library(app_server, tmp_path):
         assert any(s.startswith("Step") for s in seen) or "Starting" in " ".join(seen), seen
         assert f"{STEPS} / {STEPS}" in text
         expect(page.locator("#samples img").first).to_be_visible()
-        expect(page.locator("#result")).to_contain_text("zqx.safetensors")
+        expect(page.locator("#result a[href$='/zqx.safetensors']")).to_have_count(1)
         _shot(page, "2-train-done")
 
         again = browser.new_page(viewport={"width": 1280, "height": 900})   # a reopened tab sees the run
         again.goto(srv["url"])
         expect(again.locator("#progress")).to_contain_text("Done", timeout=30_000)
-        href = again.locator("#result a", has_text="zqx.safetensors").first.get_attribute("href")
+        href = again.locator("#result a[href$='/zqx.safetensors']").first.get_attribute("href")
         body = again.request.get(href).body()
         from safetensors.torch import load as load_safetensors
         keys = list(load_safetensors(body))
@@ -253,12 +293,14 @@ def test_browser_train_generate_library(app_server, tmp_path):
         assert page.evaluate("window.__xss") is None and not dialogs
         _shot(page, "4-library")
         table.get_by_text("xss/xss.safetensors").first.click()
-        expect(page.locator("#lib-files")).to_contain_text("xss.safetensors")
+        expect(page.locator("#lib-files a[href$='/xss.safetensors']")).to_have_count(1)
         page.locator("#lib-delete").click()
         page.locator("#lib-confirm").click()
         expect(table).not_to_contain_text("xss/xss.safetensors", timeout=30_000)
-        assert not (srv["outputs"] / "xss").exists()
+        assert not (srv["outputs"] / "xss" / "xss.safetensors").exists()
         assert page.evaluate("window.__xss") is None and not dialogs
         browser.close()
+    written = {p.name for p in srv["tmp"].iterdir()}                 # the app's working folder: only outputs/ grew
+    assert written <= {"outputs", "app.log", "secret.txt"}, written
     timings["total"] = time.time() - t_start
     print("e2e timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

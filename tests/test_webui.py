@@ -1,0 +1,480 @@
+"""The web UI's handlers (sdlora.webui), called as plain functions: no browser, no server."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from sdlora import webui
+from sdlora.data import load_image
+from sdlora.webui import UserError, WebUI, safe_filename
+
+REPO = Path(__file__).resolve().parents[1]
+XSS = "<script>alert(1)</script>"
+
+
+def _app():
+    spec = importlib.util.spec_from_file_location("sdlora_app", REPO / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _png(path: Path, colour=(220, 40, 40), size=(80, 80), mode="RGB") -> Path:
+    img = Image.new(mode, size, (10, 10, 20) if mode == "RGB" else (0, 0, 0, 0))
+    ImageDraw.Draw(img).ellipse((10, 10, size[0] - 10, size[1] - 10), outline=colour, width=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _uploads(tmp_path: Path, n: int = 4) -> list[str]:
+    colours = [(220, 40, 40), (40, 200, 60), (50, 90, 230), (240, 200, 20), (200, 40, 220)]
+    return [str(_png(tmp_path / "in" / f"img {i}.png", colours[i % 5], (80 + i, 80))) for i in range(n)]
+
+
+def form(**kw) -> dict:
+    """The Train tab's fields with the UI's defaults."""
+    f = dict(trigger="zqx", steps=4.0, rank=4.0, lr=1e-3, resolution=64.0, text_encoder=False, alpha=0.0,
+             template=webui.TEMPLATES["style"], base="tiny-random", run_name="", sample_every=0.0,
+             checkpoint_every=0.0, seed=0.0, batch_size=1.0, grad_accum=1.0, schedule="constant", warmup_steps=0.0,
+             dropout=0.0, noise_offset=0.0, min_snr_gamma=0.0, mixed_precision="no", save_format="kohya",
+             save_dtype="fp16", flip=False, self_attention=False, use_dora=False, use_rslora=False)
+    f.update(kw)
+    return f
+
+
+@pytest.fixture
+def ui(tmp_path):
+    return WebUI(tmp_path / "outputs", base="tiny-random", datasets_dir=tmp_path / "datasets",
+                 upload_dir=tmp_path / "uploads")
+
+
+def _lora(path: Path, title: str = "demo", trigger: str = "zqx", scale: float = 0.5) -> Path:
+    """A kohya LoRA for the tiny-random base's cross-attention (random, so it visibly changes images)."""
+    from sdlora.models import tiny_random_base
+    unet = tiny_random_base().unet
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, mod in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = torch.randn(2, mod.in_features, generator=g) * scale
+            sd[f"{key}.lora_up.weight"] = torch.randn(mod.out_features, 2, generator=g) * scale
+            sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"modelspec.title": title, "modelspec.trigger_phrase": trigger,
+                                       "modelspec.architecture": "stable-diffusion-v1/lora",
+                                       "ss_steps": "10", "ss_num_train_images": "5"})
+    return path
+
+
+# ---- names, limits, dataset ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, want", [
+    ("../../etc/passwd", "passwd"), ("..\\..\\win.png", "win.png"), ("/abs/path/x.png", "x.png"),
+    ("café ☕ 1.png", "café ☕ 1.png"), (".hidden.png", "hidden.png"), ("a\x00b\x1f.png", "ab.png"),
+    ("<script>x</script>.png", "script.png"), ("<b>.png", "b.png"), ("..", "file"), ("", "file"),
+    ("cafe\u0301.png", "café.png"),
+])
+def test_safe_filename_keeps_unicode_and_drops_paths(raw, want):
+    assert safe_filename(raw) == want
+
+
+def test_safe_filename_limits_length_in_bytes():
+    name = safe_filename("ü" * 300 + ".png")
+    assert name.endswith(".png") and len(name.encode()) <= 200
+
+
+def test_upload_copies_into_outputs_with_safe_names(ui, tmp_path):
+    evil = _png(tmp_path / "in" / "x" / "..png")           # a name that is only dots and a suffix
+    paths = _uploads(tmp_path) + [str(evil)]
+    ds = ui.load_uploads(paths, "zqx", webui.TEMPLATES["style"], 64)
+    assert webui.within(ds.folder, ui.outputs / ".uploads")
+    assert sorted(p.name for p in ds.folder.iterdir() if p.is_file()) == ["img 0.png", "img 1.png", "img 2.png",
+                                                                         "img 3.png", "png"]
+    assert len(ds.items) == 4 and all(it.caption == "an image in zqx style" for it in ds.items)
+
+
+def test_upload_limits_give_clear_messages(ui, tmp_path, monkeypatch):
+    paths = _uploads(tmp_path, 5)
+    monkeypatch.setattr(webui, "MAX_FILES", 4)
+    with pytest.raises(UserError, match="5 files uploaded; the limit is 4"):
+        ui.load_uploads(paths, "zqx", "", 64)
+    monkeypatch.setattr(webui, "MAX_FILES", 200)
+    big = tmp_path / "in" / "big.png"
+    big.write_bytes(Path(paths[0]).read_bytes() + b"\0" * 4000)
+    monkeypatch.setattr(webui, "MAX_FILE_BYTES", 2000)
+    ds = ui.load_uploads(paths + [str(big)], "zqx", "", 64)
+    assert "big.png" not in {p.name for p in ds.folder.iterdir()}
+    assert "over the 0 MB limit per file" in ds.summary() or "limit per file" in ds.summary()
+    monkeypatch.setattr(webui, "MAX_FILE_BYTES", 10**9)
+    monkeypatch.setattr(webui, "MAX_TOTAL_BYTES", 3 * Path(paths[0]).stat().st_size + 10)
+    ds = ui.load_uploads(paths, "zqx", "", 64)
+    assert len(ds.items) == 3 and "in total" in ds.summary()
+    with pytest.raises(UserError, match="No files"):
+        ui.load_uploads([], "zqx", "", 64)
+
+
+def test_duplicate_names_are_renamed_not_overwritten(ui, tmp_path):
+    a = _png(tmp_path / "a" / "Same.png", (200, 0, 0))
+    b = _png(tmp_path / "b" / "same.png", (0, 200, 0))
+    c = _png(tmp_path / "c" / "other.png", (0, 0, 200))
+    ds = ui.load_uploads([str(a), str(b), str(c)], "zqx", "", 64)
+    assert sorted(p.name for p in ds.folder.iterdir() if p.is_file()) == ["Same.png", "other.png", "same-2.png"]
+
+
+def test_gallery_shows_each_image_as_trained_with_problems_beside_it(ui, tmp_path):
+    paths = _uploads(tmp_path, 3)
+    rgba = _png(tmp_path / "in" / "alpha.png", (255, 0, 200, 255), (80, 80), mode="RGBA")
+    exif = Image.new("RGB", (120, 80), (10, 10, 20))
+    ImageDraw.Draw(exif).rectangle((5, 30, 115, 50), fill=(0, 220, 220))
+    tags = Image.Exif()
+    tags[0x0112] = 6
+    exif.save(tmp_path / "in" / "turned.jpg", exif=tags.tobytes(), quality=95)
+    (tmp_path / "in" / "notes.png").write_bytes(b"plain text, not a picture")
+    ds = ui.load_uploads(paths + [str(rgba), str(tmp_path / "in" / "turned.jpg"), str(tmp_path / "in" / "notes.png")],
+                         "zqx", webui.TEMPLATES["style"], 64)
+    rows = {r.name: r for r in ds.rows()}
+    for name in ("alpha.png", "turned.jpg"):
+        shown = np.asarray(Image.open(rows[name].preview).convert("RGB"))
+        assert np.array_equal(shown, np.asarray(load_image(ds.folder / name, 64)))      # exactly what trains
+    assert np.asarray(Image.open(rows["alpha.png"].preview))[0, 0].tolist()[:3] == [255, 255, 255]  # alpha on white
+    turned = np.asarray(Image.open(rows["turned.jpg"].preview).convert("RGB")).astype(int)
+    assert turned[:, 32].sum() > turned[32, :].sum()         # the horizontal bar now stands upright
+    bad = rows["notes.png"]
+    assert not bad.usable and bad.preview is None and "not an image" in bad.notes[0]
+    assert "5 images ready to train" in ds.summary() and "1 skipped" in ds.summary()
+
+
+def test_caption_edit_is_saved_and_trigger_is_kept(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path), "zqx", webui.TEMPLATES["style"], 64)
+    row = ui.set_caption("img 1.png", "zqx, a   green\nring")
+    assert row.caption == "zqx, a green ring" and row.notes == []
+    assert (ui.dataset.folder / "img 1.txt").read_text(encoding="utf-8") == "zqx, a green ring"
+    row = ui.set_caption("img 0.png", " an image in  zqx style ")      # unchanged: no caption file is written
+    assert row.caption == "an image in zqx style" and not (ui.dataset.folder / "img 0.txt").exists()
+    row = ui.set_caption("img 2.png", "a blue ring")
+    assert row.caption == "zqx, a blue ring" and "trigger added" in row.notes[0]
+    with pytest.raises(UserError):
+        ui.set_caption("../../escape.png", "x")
+
+
+def test_adding_files_keeps_edited_captions(ui, tmp_path):
+    paths = _uploads(tmp_path, 3)
+    ui.load_uploads(paths, "zqx", webui.TEMPLATES["style"], 64)
+    ui.set_caption("img 1.png", "zqx, edited before adding more")
+    ds = ui.load_uploads(paths + _uploads(tmp_path / "more", 4)[3:], "zqx", webui.TEMPLATES["style"], 64)
+    assert {it.path.name: it.caption for it in ds.items}["img 1.png"] == "zqx, edited before adding more"
+    assert len(ds.items) == 4
+    ui.clear_dataset()
+    assert ui.dataset is None and ui.rescan("x", webui.TEMPLATES["style"], 64) is None
+
+
+def test_rescan_follows_trigger_and_style(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path), "zqx", webui.TEMPLATES["style"], 64)
+    assert ui.rescan("zqx", webui.TEMPLATES["style"], 64) is None                  # nothing changed: no re-render
+    ds = ui.rescan("neonstyle", webui.TEMPLATES["subject"], 64)
+    assert {it.caption for it in ds.items} == {"a photo of neonstyle"}
+    with pytest.raises(UserError, match="trigger"):
+        ui.rescan("two words", webui.TEMPLATES["style"], 64)
+
+
+def test_defaults_follow_the_number_of_images():
+    from sdlora.config import default_steps
+    for n in (3, 5, 12, 25, 60):
+        s = webui.suggest(n)
+        assert s["steps"] == default_steps(n) and 1 <= s["sample_every"] <= s["steps"]
+    assert webui.suggest(5)["rank"] <= webui.suggest(12)["rank"] <= webui.suggest(60)["rank"]
+
+
+def test_example_dataset_is_copied_with_its_trigger(ui, tmp_path):
+    ex = tmp_path / "datasets" / "neon"
+    for i in range(3):
+        _png(ex / f"{i}.png", (0, 255, 60 * i))
+        (ex / f"{i}.txt").write_text(f"neonstyle, shape {i}", encoding="utf-8")
+    (ex / "README.md").write_text("# Neon\n\nTrigger word: `neonstyle`\n", encoding="utf-8")
+    assert ui.examples() == ["neon"]
+    ds, trigger = ui.load_example("neon", webui.TEMPLATES["style"], 64)
+    assert trigger == "neonstyle" and len(ds.items) == 3 and ds.items[0].caption == "neonstyle, shape 0"
+    ui.set_caption("0.png", "neonstyle, changed")
+    assert (ex / "0.txt").read_text(encoding="utf-8") == "neonstyle, shape 0"          # the example is untouched
+    with pytest.raises(UserError):
+        ui.load_example("../outputs", "", 64)
+    (ex / "sdlora.json").write_text('{"trigger": "fromjson"}')
+    ds, trigger = ui.load_example("neon", webui.TEMPLATES["style"], 64)
+    assert trigger == "fromjson" and not [p for p in ds.problems if p.fatal]     # sdlora.json is not copied
+
+
+@pytest.mark.skipif(not (REPO / "datasets").is_dir() or not any((REPO / "datasets").iterdir()),
+                    reason="no example datasets in datasets/ yet")
+def test_repo_example_datasets_load_clean(tmp_path):
+    ui = WebUI(tmp_path / "outputs", base="tiny-random", datasets_dir=REPO / "datasets")
+    for name in ui.examples():
+        ds, trigger = ui.load_example(name, webui.TEMPLATES["style"], 64)
+        assert trigger and len(ds.items) >= 5 and not [p for p in ds.problems if p.fatal], (name, ds.problems)
+        assert all(trigger in it.caption for it in ds.items)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def test_start_refuses_bad_input_with_the_field_named(ui, tmp_path):
+    with pytest.raises(UserError, match="Add images first"):
+        ui.start(form())
+    ui.load_uploads(_uploads(tmp_path, 2), "zqx", webui.TEMPLATES["style"], 64)
+    with pytest.raises(UserError, match="at least 3 are needed"):
+        ui.start(form())
+    ui.load_uploads(_uploads(tmp_path, 3), "zqx", webui.TEMPLATES["style"], 64)
+    with pytest.raises(UserError, match="rank"):
+        ui.start(form(rank=0.0))
+    with pytest.raises(UserError, match="steps"):
+        ui.start(form(steps=2.5))
+    with pytest.raises(UserError, match="lr"):
+        ui.start(form(lr=-1.0))
+    with pytest.raises(UserError, match="lr=None"):
+        ui.start(form(lr=None))                                    # an emptied field
+    with pytest.raises(UserError, match="empty or not a number"):
+        ui.start(form(dropout="x"))
+    assert ui.job is None
+
+
+def _wait(cond, timeout=600):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_train_in_background_one_at_a_time_stop_and_resume(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path), "zqx", webui.TEMPLATES["style"], 64)
+    job = ui.start(form(steps=6.0))
+    assert job.thread.is_alive()                                   # the handler returned at once
+    with pytest.raises(UserError, match="already running"):
+        ui.start(form())
+    _wait(lambda: job.step >= 1 or not job.alive())
+    assert "Step" in ui.progress()["html"]
+    assert "Stopping" in ui.stop()
+    job.thread.join(300)
+    assert job.state == "stopped", job.error
+    stopped_at = job.step
+    assert 1 <= stopped_at < 6 and "Resume" in ui.progress()["html"]
+    [(label, run)] = ui.resumable_runs()
+    assert f"stopped at step {stopped_at}" in label
+    job = ui.resume(run)
+    job.thread.join(600)
+    assert job.state == "done", job.error
+    view = ui.progress()
+    assert [s for s, _ in view["losses"]] == list(range(1, 7))    # the plot continues where it stopped
+    assert view["lora"].endswith("zqx.safetensors") and len(view["files"]) == 3
+    assert "Done: 6 / 6" in view["html"] and ui.resumable_runs() == []
+    assert "already" not in ui.stop()
+
+
+def test_progress_view_reports_steps_samples_and_messages(tmp_path):
+    from sdlora.train import StepInfo
+    job = webui.Job()
+    revs = [job.rev]
+    job.on_plan(type("Plan", (), {"steps": 10})())
+    job.on_step(StepInfo(3, 10, 0.25, 1e-4, 6.0, 14.0))
+    revs.append(job.rev)
+    assert "Step 3 / 10 · loss 0.2500 · 14 s left" in job.status_html() and 'style="width:30.0%"' in job.status_html()
+    run = tmp_path / "run"
+    job.on_sample(3, [run / "samples" / f"step-000003-seed{s}-{i}.png" for i in (0, 1) for s in (1, 2)])
+    assert [c for _, c in job.samples] == ["step 3, with trigger, seed 1", "step 3, with trigger, seed 2",
+                                           "step 3, no trigger, seed 1", "step 3, no trigger, seed 2"]
+    job.on_sample(6, [run / "samples" / "step-000006-seed1-0.png"])
+    assert job.samples[0][1].startswith("step 6") and job.run_dir == run      # newest first
+    job.on_message("resuming <run> at step 3")
+    revs.append(job.rev)
+    assert "resuming &lt;run&gt; at step 3" in job.status_html()
+    assert revs == sorted(set(revs))                                          # every update is seen by the pages
+
+
+def test_a_failed_start_shows_its_reason_escaped(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path, 3), "zqx", webui.TEMPLATES["style"], 64)
+    job = ui.start(form(base="/no/such/folder/" + XSS + ".safetensors"))
+    job.thread.join(120)
+    assert job.state == "failed"
+    html = ui.progress()["html"]
+    assert "Training failed" in html and "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_resume_refuses_folders_outside_outputs(ui, tmp_path):
+    for bad in ("", str(tmp_path), str(ui.outputs / ".." / "x")):
+        with pytest.raises(UserError):
+            ui.resume(bad)
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+GEN = dict(prompt="zqx, a red circle", negative_prompt="", seed=3.0, steps=3.0, guidance=5.0, width=64.0, height=64.0)
+
+
+def test_generate_strengths_without_reloading_the_base(ui):
+    lora = str(_lora(ui.outputs / "demo" / "demo.safetensors"))
+    img0, info0 = ui.generate("tiny-random", [(lora, 0.0, False, 1.0)], GEN)
+    img1, info1 = ui.generate("tiny-random", [(lora, 1.0, False, 1.0)], GEN)
+    plain, _ = ui.generate("tiny-random", [], GEN)
+    again0, _ = ui.generate("tiny-random", [(lora, 0.0, False, 1.0)], GEN)
+    assert ui.base_loads == 1                                      # one base, four images
+    assert "demo at 0" in info0 and "demo at 1" in info1
+    a0, a1 = np.asarray(img0), np.asarray(img1)
+    assert not np.array_equal(a0, a1)
+    assert np.array_equal(a0, np.asarray(plain)) and np.array_equal(a0, np.asarray(again0))
+
+
+def test_sweep_is_one_row_at_fixed_seed(ui):
+    lora = str(_lora(ui.outputs / "demo" / "demo.safetensors"))
+    row = ui.sweep("tiny-random", [(lora, 0.7, False, 1.0)], GEN)
+    assert [c for _, c in row] == ["0", "0.25", "0.5", "0.75", "1"]
+    plain, _ = ui.generate("tiny-random", [], GEN)
+    full, _ = ui.generate("tiny-random", [(lora, 1.0, False, 1.0)], GEN)
+    assert np.array_equal(np.asarray(row[0][0]), np.asarray(plain))
+    assert np.array_equal(np.asarray(row[-1][0]), np.asarray(full))
+    with pytest.raises(UserError, match="Pick a LoRA"):
+        ui.sweep("tiny-random", [(None, 1.0, False, 1.0)], GEN)
+
+
+def test_mixing_and_separate_text_encoder_strength(ui):
+    a = str(_lora(ui.outputs / "a" / "a.safetensors"))
+    b = str(_lora(ui.outputs / "b" / "b.safetensors", scale=0.3))
+    one, _ = ui.generate("tiny-random", [(a, 1.0, False, 1.0)], GEN)
+    two, info = ui.generate("tiny-random", [(a, 1.0, False, 1.0), (b, 1.0, True, 0.0), (None, 1.0, False, 1.0)], GEN)
+    assert "a at 1, b at 1" in info and not np.array_equal(np.asarray(one), np.asarray(two))
+    assert ui.base_loads == 1
+
+
+def test_generate_refuses_files_outside_outputs_and_bad_values(ui, tmp_path):
+    outside = str(_lora(tmp_path / "elsewhere" / "x.safetensors"))
+    with pytest.raises(UserError, match="only LoRA files under outputs"):
+        ui.generate("tiny-random", [(outside, 1.0, False, 1.0)], GEN)
+    with pytest.raises(UserError, match="width"):
+        ui.generate("tiny-random", [], dict(GEN, width=65.0))
+    with pytest.raises(UserError, match="could not|does not exist|not a diffusers"):
+        ui.generate(str(tmp_path / "missing-base"), [], GEN)
+
+
+def test_uploaded_lora_is_checked_and_offered(ui, tmp_path):
+    up = ui.upload_dir / "abc" / "mine.safetensors"
+    _lora(up)
+    path = ui.add_lora_upload(str(up))
+    assert ("uploaded: mine.safetensors", path) in ui.lora_choices()
+    img, _ = ui.generate("tiny-random", [(path, 1.0, False, 1.0)], GEN)
+    assert img.size == (64, 64)
+    pickle = ui.upload_dir / "evil.ckpt"
+    pickle.write_bytes(b"not really")
+    with pytest.raises(UserError, match="only .safetensors"):
+        ui.add_lora_upload(str(pickle))
+    broken = ui.upload_dir / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserError, match="broken.safetensors"):
+        ui.add_lora_upload(str(broken))
+
+
+def test_prompt_is_prefilled_with_the_trigger(ui):
+    lora = str(_lora(ui.outputs / "demo" / "demo.safetensors", trigger="neonstyle"))
+    assert ui.prompt_for(lora, "") == "an image in neonstyle style"
+    assert ui.prompt_for(lora, "a red circle") == "neonstyle, a red circle"
+    assert ui.prompt_for(lora, "a NeonStyle circle") == "a NeonStyle circle"
+    assert ui.prompt_for(None, "as typed") == "as typed"
+
+
+# ---- library -------------------------------------------------------------------------------------
+
+def test_library_lists_every_lora_with_metadata_as_plain_text(ui):
+    a = _lora(ui.outputs / "run" / "run.safetensors", title=XSS)
+    Image.new("RGB", (8, 8)).save(ui.outputs / "run" / "run.preview.png")
+    (ui.outputs / "run" / "compat.json").write_text(json.dumps({"tools": {
+        "a1111": {"mapped": 8, "total": 8, "unmapped": [], "note": ""},
+        "comfyui": {"mapped": 7, "total": 8, "unmapped": ["lora_unet_x"], "note": ""}}}))
+    _lora(ui.outputs / "loose.safetensors")
+    _lora(ui.outputs / "run" / "checkpoints" / "step-000001" / "adapter.safetensors")   # not a LoRA to list
+    _lora(ui.outputs / ".uploads" / "hidden.safetensors")
+    gallery, table, choices = ui.library_view()
+    assert sorted(r[0] for r in table) == ["loose.safetensors", "run/run.safetensors"]
+    row = next(r for r in table if r[0] == "run/run.safetensors")
+    assert row[1] == XSS                                     # raw text; the table component renders it as text
+    assert row[2] == "SD 1.x" and row[3] == "2" and row[5] == "zqx" and row[6] == "10" and row[7] == "5"
+    assert row[9] == "A1111 8/8 · ComfyUI 7/8"
+    assert gallery == [(str(ui.outputs / "run" / "run.preview.png"), "run")]
+    d = ui.details(str(a))
+    assert d["metadata"]["title"] == XSS and "ComfyUI: 7/8 mapped; not mapped: lora_unet_x" in d["compat"]
+    assert [Path(f).name for f in d["files"]] == ["run.safetensors", "run.preview.png"]
+    assert ui.details(str(ui.outputs / "run" / "checkpoints" / "step-000001" / "adapter.safetensors"))["files"] == []
+    assert "no compat.json" in ui.details(str(ui.outputs / "loose.safetensors"))["compat"]
+
+
+def test_unreadable_lora_does_not_break_the_library(ui):
+    bad = ui.outputs / "bad" / "bad.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    _, table, _ = ui.library_view()
+    assert table[0][0] == "bad/bad.safetensors" and table[0][1].startswith("unreadable")
+
+
+def test_delete_removes_the_run_and_nothing_else(ui, tmp_path):
+    lora = _lora(ui.outputs / "run" / "run.safetensors")
+    (ui.outputs / "run" / "config.json").write_text("{}")
+    loose = _lora(ui.outputs / "loose.safetensors")
+    (ui.outputs / "loose.json").write_text("{}")
+    outside = _lora(tmp_path / "keep" / "keep.safetensors")
+    for bad in (str(outside), str(ui.outputs), "", str(ui.outputs / "run" / "config.json")):
+        with pytest.raises(UserError):
+            ui.delete(bad)
+    assert "run folder" in ui.delete(str(lora)) and not (ui.outputs / "run").exists()
+    ui.delete(str(loose))
+    assert not loose.exists() and not (ui.outputs / "loose.json").exists() and outside.exists()
+    assert ui.library() == []
+
+
+def test_delete_refuses_the_run_being_trained(ui):
+    lora = _lora(ui.outputs / "run" / "run.safetensors")
+    job, release = webui.Job(ui.outputs / "run"), threading.Event()
+    job.thread = threading.Thread(target=release.wait, args=(30,))
+    job.thread.start()
+    ui.job = job
+    try:
+        with pytest.raises(UserError, match="training right now"):
+            ui.delete(str(lora))
+        with pytest.raises(UserError, match="already running"):
+            ui.start(form())                                        # dataset or not, one training at a time
+    finally:
+        release.set()
+        job.thread.join()
+
+
+# ---- escaping and the command line ----------------------------------------------------------------
+
+def test_texts_shown_as_html_are_escaped(ui, tmp_path):
+    row = webui.Row("x.png", None, "", [XSS], False)
+    assert "<script>" not in webui.notes_html(row) and "Not used: &lt;script&gt;" in webui.notes_html(row)
+    assert "<script>" not in webui.progress_html(50, XSS)
+    ui.load_uploads(_uploads(tmp_path, 3), "zqx", "", 64)
+    ui.dataset.upload_notes.append(XSS)
+    assert "<script>" not in ui.dataset.summary()
+
+
+def test_command_line_defaults_and_auth(monkeypatch):
+    app = _app()
+    a = app.parse_args([])
+    assert (a.host, a.port, a.share, a.base, a.outputs, a.auth) == ("127.0.0.1", 7860, False, "tiny", "outputs", None)
+    assert app.parse_auth("me:secret:with:colons") == ("me", "secret:with:colons")
+    assert app.parse_auth(None) is None
+    for bad in ("nocolon", ":pw", "user:"):
+        with pytest.raises(SystemExit):
+            app.parse_auth(bad)
+
+
+def test_native_resolution_and_durations():
+    assert webui.native_resolution("tiny-random") == 64
+    assert webui.native_resolution("/no/such/base") == 512
+    assert [webui.duration(s) for s in (5, 65, 3725)] == ["5 s", "1 min 05 s", "1 h 02 min"]
