@@ -134,6 +134,21 @@ def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
                  background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
 
 
+def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """A shape and background in arbitrary RGB colours (no caption): VAE training data that makes
+    the autoencoder keep chroma, which the mostly-grey scenes alone let it drop."""
+    big = size * SUPERSAMPLE
+    rgb = lambda: tuple(rng.randint(0, 255) for _ in range(3))  # noqa: E731
+    img = Image.new("RGB", (big, big), rgb())
+    draw = ImageDraw.Draw(img)
+    if rng.random() < 0.5:
+        draw.rectangle([big // 2, 0, big, big] if rng.random() < 0.5 else [0, big // 2, big, big], fill=rgb())
+    side = rng.uniform(0.2, 0.6) * big
+    cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
+    draw_shape(draw, rng.choice(SHAPES), cx, cy, side, rgb())
+    return img.resize((size, size), Image.BOX)
+
+
 def random_caption(scene: Scene, rng: random.Random) -> str:
     """The scene's caption, with size and position each left out 25% of the time."""
     return scene.caption(with_size=rng.random() > 0.25, with_position=rng.random() > 0.25)
