@@ -7,11 +7,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from PIL import Image, ImageDraw
+# One intra-op thread: the test models are tiny, and with two OpenMP threads on a 2-core
+# machine that has any other load, each small op waits on the other thread (measured: one
+# tiny training 1.2 s with 1 thread, 164 s with 2). Child processes (CLI, web app) inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
