@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import data as dataset
 from .config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps
+from .models import native_resolution
 from .runs import latest_checkpoint, safe_name
 from .train import Callbacks, train
 
@@ -71,20 +72,6 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def native_resolution(base: str) -> int:
-    """The base's image size in px without loading it (512 when it cannot be read cheaply)."""
-    from .models import BUILTIN_DIR
-    if base == "tiny-random":
-        return 64
-    folder = BUILTIN_DIR if base == "tiny" else Path(base)
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512
 
 
 def suggest(n_images: int) -> dict:
