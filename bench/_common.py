@@ -8,6 +8,8 @@ Linux >= 4.0; where that is refused, the process-lifetime ``ru_maxrss``).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import platform
 import resource
@@ -57,13 +59,25 @@ def sync(device: str) -> None:
 
 
 class PeakMemory:
-    """Peak memory between ``reset()`` and ``read()``, in bytes (GPU allocator, or process RSS on CPU)."""
+    """Peak memory between ``reset()`` and ``read()``, in bytes (GPU allocator, or process RSS on CPU).
+
+    On CPU, ``reset`` first hands memory that glibc keeps after ``free`` back to the OS
+    (``malloc_trim``), so RSS starts from what is live; without that, the previous step's
+    freed activations would hide this step's peak. The benchmarks reset only before a
+    warm-up step, so the trim never touches a timed one (unless --warmup 0).
+    """
 
     def __init__(self, device: str):
         self.device = device
         self.kind = "GPU max allocated" if device == "cuda" else "peak RSS"
-        if device == "cpu" and not self._can_reset():
-            self.kind = "peak RSS since start (VmHWM reset refused)"
+        self._trim = None
+        if device == "cpu":
+            try:
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self.kind += " (no malloc_trim: includes memory glibc kept after free)"
+            if not self._can_reset():
+                self.kind = "peak RSS since start (VmHWM reset refused)"
 
     @staticmethod
     def _can_reset() -> bool:
@@ -77,7 +91,11 @@ class PeakMemory:
         if self.device == "cuda":
             import torch
             torch.cuda.reset_peak_memory_stats()
-        elif "refused" not in self.kind:
+            return
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        if "refused" not in self.kind:
             Path("/proc/self/clear_refs").write_text("5")
 
     def read(self) -> int:
@@ -88,7 +106,7 @@ class PeakMemory:
         return 1024 * (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     def now(self) -> int:
-        """Memory in use right now (the floor a step's peak is measured against)."""
+        """Memory in use right now (call after ``reset``: the floor a step's peak is measured against)."""
         if self.device == "cuda":
             import torch
             return torch.cuda.memory_allocated()
@@ -125,16 +143,30 @@ def describe_machine(device: str) -> str:
              f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (1/5/15 min) at start"]
     if device == "cuda":
         parts.insert(1, torch.cuda.get_device_name())
-    return "; ".join(parts)
+    text = "; ".join(parts)
+    if device == "cpu" and la[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        text += ("\nnote: the machine is busier than its core count; with several torch threads each op waits "
+                 "for its slowest thread, so timings swing widely. --threads 1 gives steadier figures.")
+    return text
 
 
 def timed(fn, device: str) -> float:
-    """Seconds for one call of ``fn``, with the GPU drained before and after."""
+    """Wall seconds for one call of ``fn``, with the GPU drained before and after."""
+    return timed2(fn, device)[0]
+
+
+def timed2(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call of ``fn``.
+
+    On a shared CPU the wall time includes the time other processes held the cores;
+    the process CPU time does not, so with one torch thread it counts the work done.
+    (With several threads it also counts threads spinning at OpenMP barriers.)
+    """
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def median(xs: list[float]) -> float:
@@ -150,7 +182,7 @@ def table(headers: list[str], rows: list[list]) -> str:
     """Right-aligned text table; floats as given (format them before)."""
     cells = [headers] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 

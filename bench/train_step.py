@@ -10,10 +10,10 @@ batch 1, with and without gradient checkpointing.
 
 - ours: ``_Trainer.one_step`` (batch draw, noise, DDPM ``add_noise``, the U-Net under
   accelerate, MSE, backward, AdamW, LR scheduler, ``zero_grad``).
-- bare: the least such a step can do. The batch (noisy latents, timesteps, the cached
-  text embeddings, the target) is drawn once beforehand; timed are ``unet(...)``, MSE,
-  backward, an AdamW step and ``zero_grad``, with no sdlora code (under ``torch.autocast``
-  and a ``GradScaler`` in fp16, as accelerate does).
+- bare: the least such a step can do. Step i's batch (noisy latents, timestep, the
+  cached text embeddings, the target) is drawn beforehand, the very one ``one_step(i)``
+  draws; timed are ``unet(...)``, MSE, backward, an AdamW step and ``zero_grad``, with
+  no sdlora code (under ``torch.autocast`` and a ``GradScaler`` in fp16, as accelerate does).
 
 The two alternate step by step, ours first on even steps and bare first on odd ones,
 so a busy machine slows both alike; figures are medians of the timed steps after the
@@ -43,21 +43,22 @@ def parse_args() -> argparse.Namespace:
 
 
 class BareStep:
-    """unet -> MSE -> backward -> AdamW -> zero_grad on one fixed batch; nothing else."""
+    """unet -> MSE -> backward -> AdamW -> zero_grad on a batch drawn beforehand; nothing else."""
 
-    def __init__(self, unet, params, batch, lr: float, weight_decay: float, fp16: bool):
+    def __init__(self, unet, params, batches: list, lr: float, weight_decay: float, fp16: bool):
         import torch
         self.torch = torch
-        self.unet, (self.noisy, self.t, self.enc, self.target) = unet, batch
+        self.unet, self.batches = unet, batches
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.fp16 = fp16
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
 
-    def __call__(self) -> None:
+    def __call__(self, step: int) -> None:
         torch = self.torch
+        noisy, t, enc, target = self.batches[step]
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            pred = self.unet(self.noisy, self.t, self.enc).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), self.target)
+            pred = self.unet(noisy, t, enc).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -68,15 +69,20 @@ class BareStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def fixed_batch(trainer):
-    """One batch drawn the way the trainer draws it (untimed): noisy latents, t, embeddings, target."""
+def drawn_batches(trainer, n: int) -> list:
+    """Steps 0..n-1's batches as ``one_step`` draws them (untimed): noisy latents, t, embeddings, target.
+
+    Both variants then run on identical inputs, step for step, so any difference is the code around the U-Net.
+    """
     import torch
-    g = torch.Generator().manual_seed(1234)
-    lat, enc = trainer.batch(g, trainer.latents, trainer.ids, trainer.embeds)  # (1, 4, px/8, px/8), (1, 77, 768)
-    noise = torch.randn(lat.shape, generator=g).to(lat.device)
-    t = torch.randint(0, trainer.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
-    dtype = trainer.base.unet.dtype
-    return trainer.sched.add_noise(lat, noise, t).to(dtype), t, enc.to(dtype), noise
+    dtype, out = trainer.base.unet.dtype, []
+    for i in range(n):
+        g = trainer.step_generator(i, 0)
+        lat, enc = trainer.batch(g, trainer.latents, trainer.ids, trainer.embeds)  # (1, 4, px/8, px/8), (1, 77, 768)
+        noise = torch.randn(lat.shape, generator=g).to(lat.device)
+        t = torch.randint(0, trainer.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
+        out.append((trainer.sched.add_noise(lat, noise, t).to(dtype), t, enc.to(dtype), noise))
+    return out
 
 
 def make_trainer(base, size: int, args, device: str, work: Path):
@@ -93,23 +99,70 @@ def make_trainer(base, size: int, args, device: str, work: Path):
 
 
 def measure(trainer, bare: BareStep, args, device: str, mem: C.PeakMemory, load: C.LoadLog) -> dict:
-    """Alternate ours and bare; per variant the step times and the highest peak over the timed steps."""
-    runs = {"ours": lambda i: trainer.one_step(i), "bare": lambda i: bare()}
-    times = {k: [] for k in runs}
-    peak = {k: 0 for k in runs}
-    above = {k: 0 for k in runs}
+    """Alternate ours and bare; per variant the wall and CPU seconds and the highest peak memory."""
+    runs = {"ours": trainer.one_step, "bare": bare}
+    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+    peak, above = {k: 0 for k in runs}, {k: 0 for k in runs}
     for i in range(args.warmup + args.steps):
         for name in (("ours", "bare") if i % 2 == 0 else ("bare", "ours")):
-            floor = mem.now()
-            mem.reset()
-            seconds = C.timed(lambda: runs[name](i), device)
+            if i == 0:                                   # memory from the first step, the highest of a run
+                mem.reset()
+                floor = mem.now()
+            w, c = C.timed2(lambda run=runs[name], i=i: run(i), device)
             load.sample()
+            if i == 0:
+                peak[name], above[name] = mem.read(), mem.read() - floor
             if i >= args.warmup:
-                times[name].append(seconds)
-                peak[name] = max(peak[name], mem.read())
-                above[name] = max(above[name], mem.read() - floor)
-    ratios = [o / b for o, b in zip(times["ours"], times["bare"])]
-    return {"times": times, "peak": peak, "above": above, "ratio": C.median(ratios)}
+                wall[name].append(w)
+                cpu[name].append(c)
+    pair = lambda xs: C.median([o / b for o, b in zip(xs["ours"], xs["bare"])])
+    return {"wall": wall, "cpu": cpu, "peak": peak, "above": above, "ratio": pair(wall), "cpu_ratio": pair(cpu)}
+
+
+def row(size: int, ckpt: str, r: dict, on_cpu: bool) -> list:
+    o, b = r["wall"]["ours"], r["wall"]["bare"]
+    out = [size, ckpt, f"{C.median(o):.3f}", f"{C.median(b):.3f}", f"{r['ratio']:.3f}"]
+    if on_cpu:
+        out += [f"{C.median(r['cpu']['ours']):.3f}", f"{C.median(r['cpu']['bare']):.3f}", f"{r['cpu_ratio']:.3f}"]
+    return out + [f"{r['peak']['ours'] / C.GIB:.2f}", f"{r['peak']['bare'] / C.GIB:.2f}",
+                  f"{r['above']['ours'] / C.GIB:.2f}", C.spread(o), C.spread(b)]
+
+
+def bench_size(base, size: int, args, device: str, work: Path, mem: C.PeakMemory, load: C.LoadLog):
+    """Rows and verdicts at one image size, both checkpointing settings on one set-up trainer."""
+    gpu = device == "cuda"
+    t0 = time.perf_counter()
+    trainer = make_trainer(base, size, args, device, work)
+    print(f"{size} px: trainer set up in {time.perf_counter() - t0:.1f} s "
+          f"({len(trainer.params)} LoRA tensors, {sum(p.numel() for p in trainer.params):,} parameters)")
+    bare = BareStep(base.unet, trainer.params, drawn_batches(trainer, args.warmup + args.steps), trainer.cfg.lr,
+                    trainer.cfg.weight_decay, gpu)
+    rows, verdicts = [], []
+    for ckpt in args.checkpointing:
+        (base.unet.enable_gradient_checkpointing if ckpt == "on"       # what setup() does for the flag
+         else base.unet.disable_gradient_checkpointing)()
+        r = measure(trainer, bare, args, device, mem, load)
+        rows.append(row(size, ckpt, r, not gpu))
+        where = f"at {size} px, checkpointing {ckpt}"
+        verdicts.append(C.verdict(r["ratio"], args.target_ratio, f"ours / bare, wall time, {where}"))
+        if not gpu:
+            verdicts.append(C.verdict(r["cpu_ratio"], args.target_ratio, f"ours / bare, CPU time, {where}"))
+    release(trainer, base)
+    return rows, verdicts
+
+
+def release(trainer, base) -> None:
+    """Give the base back as it came: no checkpointing, no adapters, no accelerate autocast wrapper."""
+    import torch
+
+    from sdlora import lora as lora_mod
+    base.unet.disable_gradient_checkpointing()
+    trainer.acc.unwrap_model(trainer.unet, keep_fp32_wrapper=False)
+    lora_mod.remove_adapters(base.unet)
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -122,45 +175,28 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
 
     import torch
-    from sdlora import lora as lora_mod
+
     from sdlora.models import load_base
     print(C.describe_machine(device))
     load, mem = C.LoadLog(), C.PeakMemory(device)
     t0 = time.perf_counter()
     base = load_base(args.base, dtype=torch.float16 if gpu else torch.float32, device=device, fresh=True)
-    base_s = time.perf_counter() - t0
-    print(f"base {args.base} built in {base_s:.1f} s; LoRA rank {args.rank}, batch 1, "
+    print(f"base {args.base} built in {time.perf_counter() - t0:.1f} s; LoRA rank {args.rank}, batch 1, "
           f"{'fp16 weights + autocast' if gpu else 'fp32'}; {args.warmup} warm-up + {args.steps} timed steps each")
-
     rows, verdicts = [], []
     with tempfile.TemporaryDirectory(prefix="sdlora-bench-") as tmp:
         for size in args.sizes:
-            t0 = time.perf_counter()
-            trainer = make_trainer(base, size, args, device, Path(tmp))
-            print(f"{size} px: trainer set up in {time.perf_counter() - t0:.1f} s "
-                  f"({len(trainer.params)} LoRA tensors, {sum(p.numel() for p in trainer.params):,} parameters)")
-            bare = BareStep(base.unet, trainer.params, fixed_batch(trainer), trainer.cfg.lr,
-                            trainer.cfg.weight_decay, gpu)
-            for ckpt in args.checkpointing:
-                (base.unet.enable_gradient_checkpointing if ckpt == "on"    # what setup() does for the flag
-                 else base.unet.disable_gradient_checkpointing)()
-                r = measure(trainer, bare, args, device, mem, load)
-                o, b = r["times"]["ours"], r["times"]["bare"]
-                rows.append([size, ckpt, f"{C.median(o):.3f}", f"{C.median(b):.3f}", f"{r['ratio']:.3f}",
-                             f"{r['peak']['ours'] / C.GIB:.2f}", f"{r['peak']['bare'] / C.GIB:.2f}",
-                             f"{r['above']['ours'] / C.GIB:.2f}", C.spread(o), C.spread(b)])
-                verdicts.append(C.verdict(r["ratio"], args.target_ratio, f"ours / bare at {size} px, "
-                                          f"checkpointing {ckpt}"))
-            base.unet.disable_gradient_checkpointing()
-            lora_mod.remove_adapters(base.unet)
-            del trainer, bare
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+            r, v = bench_size(base, size, args, device, Path(tmp), mem, load)
+            rows += r
+            verdicts += v
 
     print()
-    print(C.table(["px", "ckpt", "ours s/step", "bare s/step", "ours/bare", "ours peak GiB", "bare peak GiB",
-                   "ours +step GiB", "ours range s", "bare range s"], rows))
+    cpu_cols = ["ours CPU s", "bare CPU s", "CPU ratio"] if not gpu else []
+    print(C.table(["px", "ckpt", "ours s/step", "bare s/step", "ours/bare"] + cpu_cols +
+                  ["ours peak GiB", "bare peak GiB", "ours +step GiB", "ours range s", "bare range s"], rows))
+    if not gpu:
+        print("s/step: wall seconds; CPU s: seconds of CPU this process used (other load on the machine does "
+              "not count there)")
     print(f"memory: {mem.kind}; '+step' is the peak above what was in use just before the step")
     print()
     print("\n".join(verdicts))

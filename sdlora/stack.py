@@ -67,6 +67,7 @@ class LoraStack:
         self._orig: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._modes: dict[str, str] = {}
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def module(self, key: str) -> torch.nn.Module:
         component, _, path = key.partition(".")
@@ -96,12 +97,14 @@ class LoraStack:
 
     def _refresh(self) -> None:
         wanted = {k: self._mode(k) for a in self.applied for k in a.loras}
+        self._cast.clear()                                 # per-device copies of the LoRA tensors
         if wanted != self._modes:                          # other modules or modes: start from W0
-            for key in list(self._orig):
+            for key in list(self._modes):
                 self._restore(key)
             for key, mode in sorted(wanted.items()):
-                self._orig[key] = self.module(key).weight.detach().clone()
-                if mode == "hook":
+                if mode == "fuse":                         # hooks leave the weight alone: no copy needed
+                    self._orig[key] = self.module(key).weight.detach().clone()
+                else:
                     self._hooks[key] = self.module(key).register_forward_hook(self._hook(key))
             self._modes = wanted
         for key, mode in wanted.items():                   # hooks read self.applied; weights are recomputed
@@ -115,8 +118,9 @@ class LoraStack:
     def _restore(self, key: str) -> None:
         if key in self._hooks:
             self._hooks.pop(key).remove()
-        with torch.no_grad():
-            self.module(key).weight.copy_(self._orig.pop(key))
+        if key in self._orig:
+            with torch.no_grad():
+                self.module(key).weight.copy_(self._orig.pop(key))
 
     def _fuse(self, key: str) -> None:
         module = self.module(key)
@@ -139,7 +143,10 @@ class LoraStack:
                 s = a.strength(key)
                 if w is None or s == 0:
                     continue
-                down, up = w.down.to(x.device, x.dtype), w.up.to(x.device, x.dtype)
+                cache_key = (id(w), x.device, x.dtype)
+                if cache_key not in self._cast:            # once per LoRA set, not once per forward
+                    self._cast[cache_key] = (w.down.to(x.device, x.dtype), w.up.to(x.device, x.dtype))
+                down, up = self._cast[cache_key]
                 scale = s * w.alpha / w.rank
                 if isinstance(module, torch.nn.Conv2d):
                     h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)

@@ -93,6 +93,7 @@ class _Trainer:
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
         self.main = self.acc.is_main_process
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.weight_dtype = base.unet.dtype if base else weight_dtype   # read once: .dtype walks every module
         # The images are checked before the base is loaded: a bad folder costs no model load.
         self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
@@ -142,8 +143,7 @@ class _Trainer:
             noise = noise + self.cfg.noise_offset * torch.randn(lat.shape[0], lat.shape[1], 1, 1, generator=g).to(lat.device)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
         noisy = self.sched.add_noise(lat, noise, t)
-        unet_dtype = self.base.unet.dtype
-        pred = self.unet(noisy.to(unet_dtype), t, enc.to(unet_dtype)).sample.float()
+        pred = self.unet(noisy.to(self.weight_dtype), t, enc.to(self.weight_dtype)).sample.float()
         v = self.base.prediction_type == "v_prediction"
         target = self.sched.get_velocity(lat, noise, t) if v else noise
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
