@@ -152,7 +152,8 @@ def readme(style: Style, items: list[Content]) -> str:
         "with `sdlora.scenes` geometry at 4x and downsamples with a box filter. Style statistics that "
         f"define it: `sdlora.stylestats.STYLE_STATS['{style.name}']`.", "",
         "## Train", "",
-        f"    sdlora train --data datasets/{style.name} --trigger {style.trigger}", "",
+        f"    sdlora train --data datasets/{style.name}", "",
+        f"The trigger `{style.trigger}` comes from `sdlora.json`; the step count is derived from the image count.", "",
         f"Prompt with the trigger, e.g. `{style.trigger}, a large blue circle in the center`.", ""])
 
 
