@@ -362,7 +362,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, styl
     steps = 8
     rng = random.Random(20240611)
     kill_after = rng.randint(2, steps - 4)        # wait for this checkpoint ...
-    delay = rng.uniform(0.0, 0.2)                  # ... then kill somewhere in the next step or its checkpoint
+    fraction = rng.uniform(0.0, 0.9)               # ... then kill this far into the next step (or its checkpoint)
     args = ["train", "--data", str(style_dir), "--base", "tiny-random", "--steps", str(steps), "--rank", "4",
             "--lr", "1e-3", "--seed", "3", "--flip", "--checkpoint-every", "1", "--save-dtype", "fp32",
             "--name", "style"]
@@ -373,12 +373,16 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, styl
         proc = subprocess.Popen([sys.executable, "-m", "sdlora.cli", *args, "--output-dir", str(killed)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 240
-            while not (run / "checkpoints" / f"step-{kill_after:06d}").is_dir():
+            deadline, seen = time.monotonic() + 240, {}
+            while kill_after not in seen:              # when checkpoints kill_after - 1 and kill_after appear
+                for step in (kill_after - 1, kill_after):
+                    if step not in seen and (run / "checkpoints" / f"step-{step:06d}").is_dir():
+                        seen[step] = time.monotonic()
                 assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "no checkpoint appeared within 240 s"
-                time.sleep(0.01)
-            time.sleep(delay)
+                time.sleep(0.002)
+            # the delay is a share of one step's measured time, so the kill lands inside training on any machine
+            time.sleep(fraction * (seen[kill_after] - seen.get(kill_after - 1, seen[kill_after])))
             os.kill(proc.pid, signal.SIGKILL)
             assert proc.wait(timeout=60) == -signal.SIGKILL, "the training finished before it could be killed"
         finally:
