@@ -11,257 +11,27 @@ Files are written only under `outputs/` (runs, and uploaded datasets in
 """
 from __future__ import annotations
 
-import csv
-import html
-import json
-import math
 import re
 import shutil
 import threading
 import time
-import traceback
-import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as dataset
-from .config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps
+from .config import ConfigError, DataConfig, GenerateConfig
+from .library import compat_details, compat_summary, example_trigger, lora_files, lora_info
 from .models import native_resolution
-from .runs import latest_checkpoint, safe_name
-from .train import Callbacks, train
+from .runs import latest_checkpoint
+from .webui_forms import (TEMPLATES, Dataset, Row, UserError, _whole, build_configs, notes_html, safe_filename,
+                          suggest, within)
+from .webui_jobs import Job, duration, progress_html
 
 MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
 MAX_FILE_BYTES = 25 * 2**20     # per image or caption file
 MAX_TOTAL_BYTES = 500 * 2**20   # per dataset
 MAX_LORA_BYTES = 1024 * 2**20   # an uploaded LoRA file (SD 1.x LoRAs are 10-300 MB)
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
-TEMPLATES = {"style": "an image in {trigger} style", "subject": "a photo of {trigger}"}
-_BAD_CHARS = set('<>:"/\\|?*')
 _EXAMPLE_EXTRAS = {"readme.md", "readme.txt", "sdlora.json"}   # example-folder files that are not training data
-
-
-class UserError(ValueError):
-    """Something the user can fix; the message says what."""
-
-
-def safe_filename(name: str) -> str:
-    """A plain file name from an uploaded name: no folders, no '..', no control characters; unicode kept."""
-    name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if c.isprintable() and c not in _BAD_CHARS).strip().lstrip(".").strip()
-    stem, dot, suffix = name.rpartition(".")
-    if not dot:
-        stem, suffix = name, ""
-    while len((stem + dot + suffix).encode("utf-8")) > 200:   # most file systems allow 255 bytes
-        stem = stem[:-1]
-    return (stem + dot + suffix) if stem else f"file{dot}{suffix}"
-
-
-def within(path: str | Path, root: str | Path) -> bool:
-    """True if `path` (after resolving links and '..') is inside `root`."""
-    try:
-        Path(path).resolve().relative_to(Path(root).resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def duration(seconds: float) -> str:
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def suggest(n_images: int) -> dict:
-    """Settings derived from the number of usable images (shown before training starts)."""
-    steps = default_steps(max(n_images, 1))
-    return {"steps": steps, "rank": 4 if n_images < 8 else 8 if n_images <= 30 else 16, "lr": 1e-4,
-            "sample_every": max(1, steps // 5), "text_encoder": False}
-
-
-def _whole(v):
-    """Gradio numbers arrive as floats; whole ones become ints, anything else is left for validation."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def build_configs(form: dict, folder: str, base: str, outputs: str) -> tuple[DataConfig, LoraSpec, TrainConfig]:
-    """The three config objects from the Train tab's fields; ConfigError names a bad field."""
-    f = {k: _whole(v) for k, v in form.items()}
-    data = DataConfig(folder=folder, trigger=f["trigger"] or "", template=f["template"] or TEMPLATES["style"],
-                      resolution=f["resolution"] or None, flip=bool(f["flip"]))
-    spec = LoraSpec(rank=f["rank"], alpha=f["alpha"] or None, dropout=float(f["dropout"] or 0),
-                    self_attention=bool(f["self_attention"]), text_encoder=bool(f["text_encoder"]),
-                    use_dora=bool(f["use_dora"]), use_rslora=bool(f["use_rslora"]))
-    cfg = TrainConfig(base=(f.get("base") or base).strip(), steps=f["steps"] or None, lr=f["lr"],
-                      batch_size=f["batch_size"], grad_accum=f["grad_accum"], schedule=f["schedule"],
-                      warmup_steps=f["warmup_steps"] or 0, seed=f["seed"] or 0,
-                      sample_every=f["sample_every"] or 0, checkpoint_every=f["checkpoint_every"] or 0,
-                      mixed_precision=f["mixed_precision"], noise_offset=float(f["noise_offset"] or 0),
-                      min_snr_gamma=float(f["min_snr_gamma"]) if f["min_snr_gamma"] else None,
-                      save_format=f["save_format"], save_dtype=f["save_dtype"], output_dir=outputs,
-                      run_name=(f["run_name"] or "").strip())
-    return data, spec, cfg
-
-
-# ---- datasets ----------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    """One image card of the Train tab's gallery."""
-    name: str
-    preview: str | None          # PNG of the image exactly as trained (None if unusable)
-    caption: str                 # the exact caption it trains with
-    notes: list[str]             # warnings, or the reason it is skipped
-    usable: bool
-
-
-@dataclass
-class Dataset:
-    folder: Path
-    trigger: str
-    template: str
-    resolution: int
-    items: list = field(default_factory=list)
-    problems: list = field(default_factory=list)
-    upload_notes: list[str] = field(default_factory=list)   # files refused at upload (limits)
-
-    def scan(self) -> None:
-        self.items, self.problems = dataset.scan_dataset(self.folder, self.trigger, self.template, self.resolution)
-
-    def rows(self) -> list[Row]:
-        out = []
-        for it in self.items:
-            out.append(Row(it.path.name, str(self.preview(it.path)), it.caption, list(it.notes), True))
-        for p in self.problems:
-            if p.fatal and Path(p.path) != self.folder:
-                out.append(Row(Path(p.path).name, None, "", [p.reason], False))
-        return out
-
-    def preview(self, path: Path) -> Path:
-        """The image as it will be trained (EXIF rotation, alpha on white, crop), cached per resolution."""
-        out = self.folder / ".preview" / f"{self.resolution}-{path.stem}.png"
-        if not out.is_file() or out.stat().st_mtime < path.stat().st_mtime:
-            out.parent.mkdir(exist_ok=True)
-            dataset.load_image(path, self.resolution).save(out)
-        return out
-
-    def summary(self) -> str:
-        n, skipped = len(self.items), sum(1 for p in self.problems if p.fatal and Path(p.path) != self.folder)
-        noted = sum(1 for it in self.items if it.notes)
-        parts = [f"**{n} image{'s' * (n != 1)} ready to train**"]
-        if noted:
-            parts.append(f"{noted} with notes")
-        if skipped:
-            parts.append(f"{skipped} skipped (see the reasons below)")
-        lines = [", ".join(parts) + "."]
-        if n < dataset.MIN_IMAGES:
-            lines.append(f"At least {dataset.MIN_IMAGES} usable images are needed before training can start.")
-        elif n < 5:
-            lines.append("5 to 20 images work best for a style; a few more would help.")
-        elif n > 20:
-            lines.append(f"More than 20 images is fine; training takes longer ({default_steps(n)} steps suggested).")
-        lines += [f"Note: {p.reason}" for p in self.problems if Path(p.path) == self.folder]
-        lines += [f"Not added: {t}" for t in self.upload_notes]
-        return "\n\n".join(html.escape(line, quote=False) for line in lines)
-
-
-# ---- training ----------------------------------------------------------------------------------
-
-class Job(Callbacks):
-    """One training run in a background thread; pages poll its fields (``rev`` changes on every update)."""
-
-    def __init__(self, run_dir: Path | None = None):
-        self.state = "starting"          # starting, running, stopping, stopped, done, failed
-        self.cancel = threading.Event()
-        self.run_dir = run_dir
-        self.step = self.total = 0
-        self.loss, self.eta = math.nan, 0.0
-        self.losses: list[tuple[int, float]] = _read_log(run_dir) if run_dir else []
-        self.samples: list[tuple[str, str]] = []       # (path, caption), newest first
-        self.message, self.error = "", ""
-        self.lora_path: Path | None = None
-        self.thread: threading.Thread | None = None
-        self.rev = 0
-
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def on_plan(self, plan) -> None:
-        self.total, self.rev = plan.steps, self.rev + 1
-        if self.state == "starting":           # a Stop pressed while loading stays "stopping"
-            self.state = "running"
-
-    def on_step(self, info) -> None:
-        self.step, self.total, self.loss, self.eta = info.step, info.total, info.loss, info.eta
-        self.losses.append((info.step, info.loss))
-        self.rev += 1
-
-    def on_sample(self, step: int, paths: list[Path]) -> None:
-        self.run_dir = self.run_dir or paths[0].parent.parent
-        new = []
-        for p in paths:
-            m = re.search(r"seed(\d+)-(\d+)$", p.stem)
-            seed, idx = (m.group(1), int(m.group(2))) if m else ("?", 0)
-            which = "with trigger" if idx == 0 else "no trigger" if idx == 1 else f"prompt {idx + 1}"
-            new.append((str(p), f"step {step}, {which}, seed {seed}"))
-        self.samples = new + self.samples
-        self.rev += 1
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self.run_dir = self.run_dir or path.parent.parent
-
-    def on_message(self, text: str) -> None:
-        self.message, self.rev = text, self.rev + 1
-
-    def run(self, data, spec, cfg, resume) -> None:
-        try:
-            res = train(data, spec, cfg, callbacks=self, cancel=self.cancel, resume=resume)
-            self.run_dir, self.step, self.lora_path = res.run_dir, res.steps_done, res.lora_path
-            self.state = "stopped" if res.cancelled else "done"
-        except Exception as e:  # any failure is shown on the page; the server keeps running
-            traceback.print_exc()
-            self.error, self.state = str(e) or type(e).__name__, "failed"
-        self.rev += 1
-
-    def status_html(self) -> str:
-        pct = 100.0 * self.step / self.total if self.total else 0.0
-        loss = f" · loss {self.loss:.4f}" if math.isfinite(self.loss) else ""
-        text = {
-            "starting": "Starting: loading the base model and caching the images…",
-            "running": f"Step {self.step} / {self.total}{loss} · {duration(self.eta)} left",
-            "stopping": f"Stopping at step {self.step} / {self.total}: writing a checkpoint…",
-            "stopped": f"Stopped at step {self.step} / {self.total}. Press Resume to continue from there.",
-            "done": f"Done: {self.step} / {self.total} steps{loss}. Download the LoRA below or open it in Generate.",
-            "failed": f"Training failed: {self.error}",
-        }[self.state]
-        if self.state == "done":
-            pct = 100.0
-        return progress_html(pct, text, self.state, self.message)
-
-
-def notes_html(row: Row) -> str:
-    """A card's notes as an escaped list: warnings, or why the file is not used."""
-    cls, prefix = ("sdl-warn", "") if row.usable else ("sdl-fatal", "Not used: ")
-    items = "".join(f'<li class="{cls}">{html.escape(prefix + n)}</li>' for n in row.notes)
-    return f'<ul class="sdl-notes">{items}</ul>' if items else ""
-
-
-def progress_html(pct: float, text: str, state: str = "idle", note: str = "") -> str:
-    """The progress bar with its line of text (and the trainer's last message); all text escaped."""
-    note = f'<div class="sdl-msg">{html.escape(note)}</div>' if note else ""
-    return (f'<div class="sdl-progress" data-state="{state}"><div class="sdl-bar">'
-            f'<div class="sdl-fill" style="width:{pct:.1f}%"></div></div>'
-            f'<div class="sdl-text">{html.escape(text)}</div>{note}</div>')
-
-
-def _read_log(run_dir: Path) -> list[tuple[int, float]]:
-    try:
-        with (Path(run_dir) / "log.csv").open(encoding="utf-8") as fh:
-            return [(int(r[0]), float(r[1])) for r in csv.reader(fh) if len(r) >= 2]
-    except (OSError, ValueError):
-        return []
 
 
 # ---- the server-side object --------------------------------------------------------------------
@@ -594,84 +364,6 @@ class WebUI:
         if run.resolve() != self.outputs and not any(run.iterdir()):
             run.rmdir()
         return f"Deleted {p.name}."
-
-
-def lora_files(outputs: Path) -> list[Path]:
-    """LoRA files in outputs/ and in its run folders (not checkpoints, not hidden folders)."""
-    found = [*outputs.glob("*.safetensors"), *outputs.glob("*/*.safetensors")]
-    found = [p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(outputs).parts)]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def lora_info(path: Path) -> dict:
-    """describe() plus the preview and compatibility result; an unreadable file gives its error instead."""
-    from .info import describe
-    try:
-        info = describe(path)
-    except Exception as e:  # a damaged file must not break the whole library
-        info = {"file": str(path), "error": str(e)}
-    info["name"] = path.stem
-    preview = path.parent / f"{path.stem}.preview.png"
-    info["preview"] = str(preview) if preview.is_file() else None
-    info["compat"] = compat_summary(path.parent / "compat.json")
-    return info
-
-
-def _compat_tools(path: Path) -> dict | None:
-    """The per-tool part of a run's compat.json ({tool: {mapped, total, unmapped, note}}), None if absent."""
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        tools = report.get("tools", report)
-        if all(isinstance(r, dict) and {"mapped", "total"} <= set(r) for r in tools.values()):
-            return tools
-    except (OSError, ValueError, AttributeError):
-        pass
-    return {}
-
-
-def compat_summary(path: Path) -> str:
-    """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
-    from .compat import TOOLS
-    tools = _compat_tools(path)
-    if tools is None:
-        return ""
-    if not tools:
-        return "compat.json is not readable"
-    return " · ".join(f"{TOOLS.get(t, t)} {r['mapped']}/{r['total']}" for t, r in tools.items())
-
-
-def compat_details(path: Path) -> str:
-    """One line per tool with the keys it would skip, from compat.json."""
-    from .compat import format_report
-    tools = _compat_tools(path)
-    if tools is None:
-        return "Not checked: this run folder has no compat.json."
-    if not tools:
-        return "compat.json is not readable."
-    try:
-        return format_report(tools)
-    except (KeyError, TypeError):
-        return compat_summary(path)
-
-
-def example_trigger(folder: Path) -> str:
-    """An example dataset's trigger: sdlora.json {"trigger": ...}, else 'trigger word: x' in its README,
-    else the folder name."""
-    try:
-        trigger = json.loads((folder / "sdlora.json").read_text(encoding="utf-8")).get("trigger", "")
-        if isinstance(trigger, str) and trigger.strip():
-            return trigger.strip()
-    except (OSError, ValueError, AttributeError):
-        pass
-    for readme in (folder / "README.md", folder / "README.txt"):
-        if readme.is_file():
-            text = readme.read_text(encoding="utf-8", errors="replace")
-            m = re.search(r"trigger(?:\s+word)?\s*[:=][\s`*'\":]*([\w-]+)", text, re.IGNORECASE)
-            if m:
-                return m.group(1)
-    return safe_name(folder.name).replace(".", "-")
 
 
 __all__ = ["WebUI", "UserError", "Dataset", "Row", "Job", "safe_filename", "within", "build_configs", "suggest",
