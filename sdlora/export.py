@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, metadata
 from . import lora as lora_mod
 from .runs import write_json, write_png
 
@@ -22,7 +22,7 @@ def export_run(t, run_dir: Path) -> Path:
     name = run_dir.name
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     alpha = spec.alpha * (spec.rank ** 0.5) if spec.use_rslora else spec.alpha
-    metadata = formats.build_metadata(
+    header = metadata.build_metadata(
         loras=loras, trigger=data.trigger, steps=t.plan.steps, num_images=len(t.plan.items),
         resolution=t.plan.resolution, seed=cfg.seed, lr=cfg.lr, base_name=t.base.name, output_name=name,
         rank=spec.rank, alpha=alpha, text_encoder=spec.text_encoder, family=t.base.family,
@@ -35,18 +35,18 @@ def export_run(t, run_dir: Path) -> Path:
         sd = formats.to_kohya(loras, dtype=dtype)
     else:
         sd, extra_meta = formats.to_diffusers(loras, dtype=dtype)
-        metadata.update(extra_meta)
-    metadata = formats.add_hashes(sd, metadata)
+        header.update(extra_meta)
+    header = metadata.add_hashes(sd, header)
     path = run_dir / f"{name}.safetensors"
-    formats.save_lora_file(path, sd, metadata)
-    write_json(run_dir / f"{name}.json", formats.sidecar_json(
+    formats.save_lora_file(path, sd, header)
+    write_json(run_dir / f"{name}.json", metadata.sidecar_json(
         trigger=data.trigger, family=t.base.family,
         description=f"sdlora style LoRA, rank {spec.rank}, alpha {alpha:g}, {t.plan.steps} steps on "
                     f"{len(t.plan.items)} images, base {t.base.name}"))
     preview = _preview(t)
     if preview is not None:
         write_png(run_dir / f"{name}.preview.png", preview)
-    _record_check(t, run_dir, sd, metadata)
+    _record_check(t, run_dir, sd, header)
     return path
 
 

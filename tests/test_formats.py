@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdlora import formats, safefiles
+from sdlora import formats, metadata, safefiles
 from sdlora.formats import LoraFileError, LoraWeights
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
@@ -198,7 +198,7 @@ def build(**over):
                 tag_frequency={"neonstyle": 12, "a cat": 3}, training_started_at="2025-01-02T03:04:05+00:00",
                 now=1735787045.0)
     args.update(over)
-    return formats.build_metadata(**args)
+    return metadata.build_metadata(**args)
 
 
 def test_metadata_has_every_required_key_and_only_strings():
@@ -235,7 +235,7 @@ def test_hashes_match_an_independent_computation(tmp_path):
     loras = make_loras()
     loras["unet.big"] = LoraWeights(torch.randn(4, 200_000), torch.randn(6, 4), 1.0)   # > 1.1 MB: legacy slice is data
     sd = formats.to_kohya(loras)
-    meta = formats.add_hashes(sd, {**build(), "modelspec.description": "edited later"})
+    meta = metadata.add_hashes(sd, {**build(), "modelspec.description": "edited later"})
     path = tmp_path / "h.safetensors"
     formats.save_lora_file(path, sd, meta)
     raw = path.read_bytes()
@@ -247,10 +247,10 @@ def test_hashes_match_an_independent_computation(tmp_path):
 
 
 def test_sidecar_json_keys():
-    side = formats.sidecar_json("neonstyle", preferred_weight=0.8, family="sd1", description="d", notes="n")
+    side = metadata.sidecar_json("neonstyle", preferred_weight=0.8, family="sd1", description="d", notes="n")
     assert side == {"activation text": "neonstyle", "preferred weight": 0.8, "sd version": "SD1",
                     "description": "d", "notes": "n", "negative text": ""}
-    assert formats.sidecar_json("x", family="sdxl")["sd version"] == "SDXL"
+    assert metadata.sidecar_json("x", family="sdxl")["sd version"] == "SDXL"
 
 
 # ---- atomic write ------------------------------------------------------------------------------------------
