@@ -359,6 +359,8 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
             write_json(run_dir / "config.json", run_config(data, spec, cfg, t.plan, t.acc.num_processes))
     if t.main:
         cb.on_plan(t.plan)
+        if resume is None:
+            cb.on_message(f"run folder {run_dir}")
     try:
         start = t.setup(run_dir, resume_from)
         if t.main and resume_from is not None:
