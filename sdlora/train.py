@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as dataset
+from . import hardware
 from . import lora as lora_mod
 from .config import ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
 from .models import Base, load_base, load_tokenizer, native_resolution
@@ -66,6 +67,7 @@ class TrainResult:
     steps_done: int
     final_loss: float
     cancelled: bool = False
+    peak_memory_bytes: int = 0  # CUDA allocator peak on a GPU, the process's peak RSS on a CPU
 
 
 def plan(data: DataConfig, cfg: TrainConfig, resolution: int | None = None) -> Plan:
@@ -98,6 +100,7 @@ class _Trainer:
         self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
         self.sched = self.base.noise_scheduler()
+        hardware.reset_peak(self.acc.device)
 
     # ---- data -------------------------------------------------------------------------------
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
@@ -192,6 +195,9 @@ class _Trainer:
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
         base.unet.train()
+        if self.main:
+            self.cb.on_message(hardware.runtime_summary(self.acc.device, base.unet, self.weight_dtype,
+                                                        cfg.mixed_precision, opt, cfg.gradient_checkpointing))
         self.unet, self.opt, self.lr_sched = self.acc.prepare(base.unet, opt, sched)
         return start
 
@@ -252,7 +258,10 @@ class _Trainer:
             if log:
                 log.close()
         self.checkpoint(run_dir, total)
-        return TrainResult(run_dir, None, total, loss_value)
+        peak, what = hardware.peak_memory(self.acc.device)
+        if self.main:
+            self.cb.on_message(f"{what}: {hardware.format_bytes(peak)}")
+        return TrainResult(run_dir, None, total, loss_value, peak_memory_bytes=peak)
 
     def one_step(self, step: int) -> float:
         total_loss = 0.0

@@ -111,3 +111,26 @@ def test_prior_preservation_generates_class_images(tmp_path, style_dir):
     res = train(data, LoraSpec(rank=2), cfg(tmp_path, steps=2))
     assert sorted(p.name for p in (res.run_dir / "class_images").iterdir()) == ["class-0000.png", "class-0001.png"]
     assert res.lora_path.is_file()
+
+
+def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
+    """The user is told the run folder, device, attention kernel and optimizer at the start, and the peak memory."""
+    import resource
+
+    class Messages(Callbacks):
+        def __init__(self):
+            self.lines = []
+
+        def on_message(self, text):
+            self.lines.append(text)
+
+    cb = Messages()
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2), callbacks=cb)
+    assert cb.lines[0] == f"run folder {res.run_dir}"
+    summary = next(line for line in cb.lines if line.startswith("device "))
+    assert f"({torch.get_num_threads()} threads)" in summary and "base weights float32" in summary
+    assert "attention AttnProcessor2_0 (PyTorch scaled_dot_product_attention" in summary
+    assert "optimizer torch.AdamW" in summary and "gradient checkpointing off" in summary
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 100 * 2**20 < res.peak_memory_bytes <= peak_rss         # a torch process holds > 100 MiB
+    assert f"peak resident memory of the process: {res.peak_memory_bytes / 2**20:.0f} MiB" in cb.lines
