@@ -17,7 +17,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'s' * (n != 1)})"
 
 
 def attention_kernel(unet: torch.nn.Module, device: torch.device) -> str:

@@ -128,9 +128,12 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2), callbacks=cb)
     assert cb.lines[0] == f"run folder {res.run_dir}"
     summary = next(line for line in cb.lines if line.startswith("device "))
-    assert f"({torch.get_num_threads()} threads)" in summary and "base weights float32" in summary
+    n = torch.get_num_threads()
+    assert f"({n} thread{'s' * (n != 1)})" in summary and "base weights float32" in summary
     assert "attention AttnProcessor2_0 (PyTorch scaled_dot_product_attention" in summary
     assert "optimizer torch.AdamW" in summary and "gradient checkpointing off" in summary
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert 100 * 2**20 < res.peak_memory_bytes <= peak_rss         # a torch process holds > 100 MiB
-    assert f"peak resident memory of the process: {res.peak_memory_bytes / 2**20:.0f} MiB" in cb.lines
+    from sdlora.hardware import format_bytes
+    assert f"peak resident memory of the process: {format_bytes(res.peak_memory_bytes)}" in cb.lines
+    assert format_bytes(3 * 2**20) == "3 MiB" and format_bytes(3 * 2**30) == "3.00 GiB"
