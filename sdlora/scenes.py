@@ -22,16 +22,15 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 64        # px; the VAE maps 64x64x3 to 16x16x4 latents
 SUPERSAMPLE = 4        # draw at 4x and downsample, for anti-aliased edges
 
-# Well-separated saturated hues (RGB). Backgrounds are neutral, so none of these is one.
+# Saturated hues about 60 degrees apart (RGB), so a small hue shift never turns one into another.
+# Backgrounds are neutral, so none of these is one.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 25, 25),
-    "orange": (250, 135, 0),
     "yellow": (240, 215, 0),
     "green": (30, 170, 50),
     "cyan": (0, 200, 215),
     "blue": (30, 60, 225),
-    "purple": (135, 40, 190),
-    "pink": (250, 110, 200),
+    "purple": (170, 40, 200),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
@@ -50,7 +49,7 @@ POSITIONS: dict[str, tuple[float, float]] = {                       # centre as 
 # Colour-shape pairs never drawn in training; the quality test prompts these.
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("red", "star"), ("green", "triangle"), ("blue", "circle"),
-    ("yellow", "square"), ("purple", "triangle"), ("orange", "circle"),
+    ("yellow", "square"), ("purple", "triangle"), ("cyan", "star"),
 )
 STAR_INNER = 0.4       # inner/outer radius of the 5-point star (bounding-box fill ~0.34)
 

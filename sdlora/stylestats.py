@@ -14,7 +14,7 @@ value. Pure numpy/PIL, so the web UI, the README figures and the tests share the
 
 ``colour_name`` reads the shape's colour by hue, so a pale red still reads as
 red (``scenes.dominant_colour`` matches RGB to the saturated palette and would
-call pale red "pink").
+call pale red "white" or mix it up with the background).
 """
 from __future__ import annotations
 
