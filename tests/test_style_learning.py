@@ -43,11 +43,18 @@ MIN_COLOUR = 0.70                            # the spec's bar: prompt's colour r
 MAX_UNTRIGGERED = 1 / 3                      # "much less": change without the trigger / change with it
 ARTIFACTS = ROOT / "test-artifacts"
 
-# The committed built-in base draws the prompted colour in under 20% of held-out images
-# (tests/test_tinybase.py), so neither the content check nor a style shift can be judged
-# on it yet: with default settings the neon LoRA moved background luminance 0.640 -> 0.657
-# (training images 0.033). These stay strict xfails until a rebuilt base passes its own bar.
-BELOW_BAR = "the built-in base is below its own quality bar (colour 17%); see sdlora/base_model/README.md"
+# The built-in base passes its own bar (held-out colour 100%, shape 94%) and keeps the prompt's
+# colour here (75% at strength 0 and 1), but a cross-attention-only LoRA moves the neon style only
+# part of the way. Share of the base -> training distance covered at strength 1 (bar 70%),
+# background luminance / fill ratio, 1,000 steps unless said:
+#   defaults (lr 1e-4) 20% / 0%; lr 1e-3 42% / 10%; lr 3e-3 48% / 16% (images break up);
+#   lr 1e-3 for 2,000 steps 36% / 16%; with min-SNR 5 43% / 11%; with self-attention 40% / 10%;
+#   with the text encoder 33% / 13%; pastel at lr 1e-3: outline contrast 16%, palette -28%.
+# Even on its own training captions the LoRA does not redraw the training images, so this is
+# what the base lets a LoRA change, not the learning rate or the step count. These stay xfails
+# until the base (or the defaults) let the bar be met; the bar is not lowered.
+BELOW_BAR = ("a cross-attention LoRA on the tiny base covers 20% (defaults) to 48% (lr 3e-3) of the style "
+             "distance; the bar is 70% (see the comment above)")
 
 pytestmark = [
     pytest.mark.slow,
@@ -94,24 +101,24 @@ def draw(gen: Generator, lora: str, strength: float, prompts: list[str]) -> list
 
 
 def measure_style_learning(style: str = STYLE, out_dir: Path | None = None, base: str = "tiny",
-                           **train_overrides) -> dict:
+                           lora: dict | None = None, **train_overrides) -> dict:
     """Train on datasets/<style> (defaults unless overridden) and measure; returns the figures."""
     folder = ROOT / "datasets" / style
     trigger = dataset_trigger(folder)
     t0 = time.time()
-    result = train(DataConfig(folder=str(folder), trigger=trigger), LoraSpec(),
+    result = train(DataConfig(folder=str(folder), trigger=trigger), LoraSpec(**(lora or {})),
                    TrainConfig(base=base, output_dir=str(out_dir or ARTIFACTS / "runs"), **train_overrides))
     train_s = time.time() - t0
     contents = unseen_contents(folder)
     colours = [c for _, c in contents for _ in SEEDS]
     gen = Generator(base)
-    lora = str(result.lora_path)
-    with_trigger = {s: draw(gen, lora, s, [f"{trigger}, {p}" for p, _ in contents]) for s in STRENGTHS}
-    without = {s: draw(gen, lora, s, [p for p, _ in contents]) for s in (0.0, 1.0)}
+    lora_path = str(result.lora_path)
+    with_trigger = {s: draw(gen, lora_path, s, [f"{trigger}, {p}" for p, _ in contents]) for s in STRENGTHS}
+    without = {s: draw(gen, lora_path, s, [p for p, _ in contents]) for s in (0.0, 1.0)}
     training = load_images(folder)
-    figures = {"style": style, "trigger": trigger, "train_seconds": round(train_s, 1), "lora": lora,
+    figures = {"style": style, "trigger": trigger, "train_seconds": round(train_s, 1), "lora": lora_path,
                "steps": result.steps_done, "prompts": [f"{trigger}, {p}" for p, _ in contents],
-               "seeds": list(SEEDS), "settings": train_overrides or "defaults", "stats": {}}
+               "seeds": list(SEEDS), "settings": {**train_overrides, **(lora or {})} or "defaults", "stats": {}}
     for name, stat in stylestats.STYLE_STATS[style].items():
         base_value, target = stylestats.mean_stat(stat, with_trigger[0.0]), stylestats.mean_stat(stat, training)
         curve = [stylestats.mean_stat(stat, with_trigger[s]) for s in STRENGTHS]
@@ -176,13 +183,12 @@ def test_trigger_is_not_a_word_of_the_base(style):
     assert not set(tok.tokenize(trigger)) & vocab, f"{trigger} shares tokens with the base's captions"
 
 
-@pytest.mark.xfail(strict=True, reason=BELOW_BAR)
 def test_base_draws_the_prompted_colour(figures):
     """Precondition: at strength 0 the base draws the prompt's colour; if not, no LoRA can keep it."""
     assert figures["colour_acc"]["0.0"] >= MIN_COLOUR, "the base itself misses the colour\n" + report(figures)
 
 
-@pytest.mark.xfail(strict=True, reason=BELOW_BAR)
+@pytest.mark.xfail(strict=False, reason=BELOW_BAR + "; the fill-ratio curve is flat, so its order is noise")
 def test_style_moves_monotonically_toward_training(figures):
     for name, f in figures["stats"].items():
         curve = list(f["by_strength"].values())
@@ -197,7 +203,6 @@ def test_style_covers_most_of_the_distance(figures):
         assert f["covered"] >= MIN_COVERED, f"{name} covered {f['covered']:.0%}\n{report(figures)}"
 
 
-@pytest.mark.xfail(strict=True, reason=BELOW_BAR)
 def test_content_stays(figures):
     assert figures["colour_acc"]["1.0"] >= MIN_COLOUR, report(figures)
 
@@ -232,6 +237,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field to override, e.g. lr=3e-4, steps=2000, min_snr_gamma=5")
+    parser.add_argument("--lora", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a LoraSpec field to override, e.g. rank=16, self_attention=true")
     a = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
-    print(report(measure_style_learning(a.style, base=a.base, **overrides)))
+    lora = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.lora)}
+    print(report(measure_style_learning(a.style, base=a.base, lora=lora, **overrides)))
