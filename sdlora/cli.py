@@ -117,7 +117,8 @@ def cmd_train(a) -> int:
         raise ValueError("--data is required (a folder of images), or --resume RUN_DIR to continue a run")
     data, spec, cfg = _configs(a) if a.resume is None else (None, None, None)
     result = train(data, spec, cfg, callbacks=_Printer(), resume=a.resume)
-    print(result.lora_path)
+    if result.lora_path is not None:      # only the main process exports; the others print nothing
+        print(result.lora_path)
     return 0
 
 
