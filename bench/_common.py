@@ -1,18 +1,16 @@
 """Helpers shared by the benchmarks: device choice, timing, peak memory, machine load, tables.
 
 Benchmarks print figures measured side by side in one run; nothing here asserts.
-Memory is ``torch.cuda.max_memory_allocated`` on a GPU and peak RSS on a CPU
-(``VmHWM`` in /proc/self/status, reset by writing 5 to /proc/self/clear_refs,
-Linux >= 4.0; where that is refused, the process-lifetime ``ru_maxrss``).
+Memory is measured by ``sdlora.hardware.PeakMemory``, as the trainer reports it:
+``torch.cuda.max_memory_allocated`` on a GPU and peak RSS on a CPU (``VmHWM`` in
+/proc/self/status, reset by writing 5 to /proc/self/clear_refs, Linux >= 4.0; where
+that is refused, the process-lifetime ``ru_maxrss``).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -23,6 +21,15 @@ if str(ROOT) not in sys.path:             # run as `python bench/x.py` from a ch
     sys.path.insert(0, str(ROOT))
 
 GIB = 2 ** 30
+
+
+def __getattr__(name: str):
+    """``C.PeakMemory`` is sdlora.hardware's, imported on first use: importing torch here would come
+    before ``pick_device`` hides the GPUs for --device cpu."""
+    if name == "PeakMemory":
+        from sdlora.hardware import PeakMemory
+        return PeakMemory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -58,66 +65,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class PeakMemory:
-    """Peak memory between ``reset()`` and ``read()``, in bytes (GPU allocator, or process RSS on CPU).
+def start(args, device: str):
+    """Print the machine, start the load log and the memory meter, build the base; returns
+    (load, mem, base, seconds the base took to build)."""
+    import torch
 
-    On CPU, ``reset`` first hands memory that glibc keeps after ``free`` back to the OS
-    (``malloc_trim``), so RSS starts from what is live; without that, the previous step's
-    freed activations would hide this step's peak. The benchmarks reset only before a
-    warm-up step, so the trim never touches a timed one (unless --warmup 0).
-    """
-
-    def __init__(self, device: str):
-        self.device = device
-        self.kind = "GPU max allocated" if device == "cuda" else "peak RSS"
-        self._trim = None
-        if device == "cpu":
-            try:
-                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):
-                self.kind += " (no malloc_trim: includes memory glibc kept after free)"
-            if not self._can_reset():
-                self.kind = "peak RSS since start (VmHWM reset refused)"
-
-    @staticmethod
-    def _can_reset() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return _status_kib("VmHWM") is not None
-        except OSError:
-            return False
-
-    def reset(self) -> None:
-        if self.device == "cuda":
-            import torch
-            torch.cuda.reset_peak_memory_stats()
-            return
-        gc.collect()
-        if self._trim is not None:
-            self._trim(0)
-        if "refused" not in self.kind:
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def read(self) -> int:
-        if self.device == "cuda":
-            import torch
-            return torch.cuda.max_memory_allocated()
-        kib = _status_kib("VmHWM") if "refused" not in self.kind else None
-        return 1024 * (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-    def now(self) -> int:
-        """Memory in use right now (call after ``reset``: the floor a step's peak is measured against)."""
-        if self.device == "cuda":
-            import torch
-            return torch.cuda.memory_allocated()
-        return 1024 * (_status_kib("VmRSS") or 0)
-
-
-def _status_kib(field: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
+    from sdlora.hardware import PeakMemory
+    from sdlora.models import load_base
+    print(describe_machine(device))
+    load, mem = LoadLog(), PeakMemory(device)
+    t0 = time.perf_counter()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    base = load_base(args.base, dtype=dtype, device=device, fresh=True)
+    return load, mem, base, time.perf_counter() - t0
 
 
 class LoadLog:

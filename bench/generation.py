@@ -162,16 +162,10 @@ def main() -> None:
     args.steps = args.steps or (25 if gpu else 4)
     args.repeats = args.repeats or (5 if gpu else 3)
 
-    import torch
-
     from sdlora.config import GenerateConfig
     from sdlora.generate import Generator
-    from sdlora.models import load_base
-    print(C.describe_machine(device))
-    load, mem = C.LoadLog(), C.PeakMemory(device)
-    t0 = time.perf_counter()
-    base = load_base(args.base, dtype=torch.float16 if gpu else torch.float32, device=device, fresh=True)
-    print(f"base {args.base} built in {time.perf_counter() - t0:.1f} s; {args.size} px, {args.steps} denoising "
+    load, mem, base, built_s = C.start(args, device)
+    print(f"base {args.base} built in {built_s:.1f} s; {args.size} px, {args.steps} denoising "
           f"steps, guidance 7.5; {args.warmup} warm-up + {args.repeats} timed images per variant")
     gen, clock = Generator(base), UnetClock(base.unet, device)
     cfg = GenerateConfig(prompt="a lighthouse on a cliff at dusk, sks style", seed=0, steps=args.steps,

@@ -174,14 +174,8 @@ def main() -> None:
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
 
-    import torch
-
-    from sdlora.models import load_base
-    print(C.describe_machine(device))
-    load, mem = C.LoadLog(), C.PeakMemory(device)
-    t0 = time.perf_counter()
-    base = load_base(args.base, dtype=torch.float16 if gpu else torch.float32, device=device, fresh=True)
-    print(f"base {args.base} built in {time.perf_counter() - t0:.1f} s; LoRA rank {args.rank}, batch 1, "
+    load, mem, base, built_s = C.start(args, device)
+    print(f"base {args.base} built in {built_s:.1f} s; LoRA rank {args.rank}, batch 1, "
           f"{'fp16 weights + autocast' if gpu else 'fp32'}; {args.warmup} warm-up + {args.steps} timed steps each")
     rows, verdicts = [], []
     with tempfile.TemporaryDirectory(prefix="sdlora-bench-") as tmp:

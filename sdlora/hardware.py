@@ -2,13 +2,15 @@
 
 A silent fallback (an 8-bit optimizer that is not installed, attention on the
 slow path, memory spilling) is what makes other trainers 10-100x slower without
-saying so; the trainer prints `runtime_summary` when it starts and
-`peak_memory` when it ends.
+saying so; the trainer prints `runtime_summary` when it starts and the peak
+of its `PeakMemory` when it ends. The benchmarks (bench/) measure with the same class.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
-import sys
+from pathlib import Path
 
 import torch
 
@@ -46,17 +48,74 @@ def runtime_summary(device: torch.device, unet: torch.nn.Module, weight_dtype: t
             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+class PeakMemory:
+    """Peak memory between ``reset()`` and ``read()``, in bytes (GPU allocator, or process RSS on CPU).
+
+    On CPU, ``reset`` first hands memory that glibc keeps after ``free`` back to the OS
+    (``malloc_trim``), so RSS starts from what is live; without that, the previous step's
+    freed activations would hide this step's peak. The benchmarks reset only before a
+    warm-up step, so the trim never touches a timed one (unless --warmup 0); the trainer
+    resets once per run, so a web UI's second run does not report its first run's peak.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "GPU max allocated" if device == "cuda" else "peak RSS"
+        self._trim = None
+        if device == "cpu":
+            try:
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self.kind += " (no malloc_trim: includes memory glibc kept after free)"
+            if not self._can_reset():
+                self.kind = "peak RSS since start (VmHWM reset refused)"
+
+    @staticmethod
+    def _can_reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return _status_kib("VmHWM") is not None
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.device == "cuda":
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+            return
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        if "refused" not in self.kind:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> int:
+        if self.device == "cuda":
+            import torch
+            return torch.cuda.max_memory_allocated()
+        kib = _status_kib("VmHWM") if "refused" not in self.kind else None
+        return 1024 * (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+    def now(self) -> int:
+        """Memory in use right now (call after ``reset``: the floor a step's peak is measured against)."""
+        if self.device == "cuda":
+            import torch
+            return torch.cuda.memory_allocated()
+        return 1024 * (_status_kib("VmRSS") or 0)
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured): the CUDA allocator's peak since `reset_peak`, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "peak GPU memory allocated by torch"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "peak resident memory of the process"
+def _status_kib(field: str) -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def peak_label(memory: PeakMemory) -> str:
+    """What `memory.read()` measured, in words for the user."""
+    if memory.device == "cuda":
+        return "peak GPU memory allocated by torch"
+    return "peak resident memory of the process" + (" since it started" if "refused" in memory.kind else "")
 
 
 def format_bytes(n: int) -> str:

@@ -100,7 +100,8 @@ class _Trainer:
         self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
         self.sched = self.base.noise_scheduler()
-        hardware.reset_peak(self.acc.device)
+        self.memory = hardware.PeakMemory(self.acc.device.type)
+        self.memory.reset()                      # this run's peak, not the process's (the web UI runs many)
 
     # ---- data -------------------------------------------------------------------------------
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
@@ -258,9 +259,9 @@ class _Trainer:
             if log:
                 log.close()
         self.checkpoint(run_dir, total)
-        peak, what = hardware.peak_memory(self.acc.device)
+        peak = self.memory.read()
         if self.main:
-            self.cb.on_message(f"{what}: {hardware.format_bytes(peak)}")
+            self.cb.on_message(f"{hardware.peak_label(self.memory)}: {hardware.format_bytes(peak)}")
         return TrainResult(run_dir, None, total, loss_value, peak_memory_bytes=peak)
 
     def one_step(self, step: int) -> float:
