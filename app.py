@@ -87,6 +87,7 @@ def told(fn):
 def build(ui):
     import gradio as gr
     import pandas as pd
+    from sdlora.config import TrainConfig
     from sdlora.webui import TEMPLATES, native_resolution, notes_html, suggest
 
     def loss_frame(losses):
@@ -174,6 +175,9 @@ def build(ui):
                         F["dropout"] = gr.Number(0.0, label="LoRA dropout")
                         F["noise_offset"] = gr.Number(0.0, label="Noise offset")
                         F["min_snr_gamma"] = gr.Number(0, label="Min-SNR gamma", info="0 = off; 5 is usual")
+                        F["trigger_isolation"] = gr.Number(
+                            TrainConfig.trigger_isolation, label="Trigger isolation", minimum=0,
+                            info="keeps prompts without the trigger as the base draws them; 0 = off")
                     with gr.Row():
                         F["mixed_precision"] = gr.Dropdown(["no", "bf16", "fp16"], value="no", label="Mixed precision")
                         F["save_format"] = gr.Dropdown(["kohya", "diffusers"], value="kohya", label="File format",

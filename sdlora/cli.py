@@ -51,6 +51,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--class-data", default="", help="prior preservation: folder of class images")
     p.add_argument("--num-class-images", type=int, default=0, help="prior preservation: how many (0 = off)")
     p.add_argument("--prior-loss-weight", type=float, default=1.0)
+    p.add_argument("--trigger-isolation", type=float, default=TrainConfig.trigger_isolation,
+                   help="weight that keeps prompts without the trigger (and guidance's empty prompt) as the "
+                        "base draws them (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
@@ -75,7 +78,7 @@ def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
                       text_encoder_lr=a.text_encoder_lr, schedule=a.schedule, warmup_steps=a.warmup_steps,
                       mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
                       noise_offset=a.noise_offset, min_snr_gamma=a.min_snr_gamma,
-                      prior_loss_weight=a.prior_loss_weight, seed=a.seed, sample_every=a.sample_every,
+                      prior_loss_weight=a.prior_loss_weight, trigger_isolation=a.trigger_isolation, seed=a.seed, sample_every=a.sample_every,
                       checkpoint_every=a.checkpoint_every, output_dir=a.output_dir, run_name=a.name,
                       save_format=a.format, save_dtype=a.save_dtype)
     return data, spec, cfg

@@ -133,6 +133,11 @@ class TrainConfig:
     noise_offset: float = 0.0          # adds offset * N(0,1) per channel to the noise
     min_snr_gamma: float | None = None  # Min-SNR loss weighting; None disables (5.0 is usual)
     prior_loss_weight: float = 1.0
+    # Keep the trigger the switch: on each step's noisy latents, the model's prediction for the
+    # caption without the trigger (or for the empty caption that classifier-free guidance uses) is
+    # pulled toward the frozen base's, with this weight; 0 disables. Without it a style LoRA also
+    # restyles prompts that lack the trigger, and guidance subtracts the style from itself.
+    trigger_isolation: float = 1.0
     seed: int = 0
     sample_every: int = 0              # steps between sample images; 0 disables
     sample_prompts: tuple[str, ...] = ()  # default: the trigger prompt and a prompt without it
@@ -161,6 +166,7 @@ class TrainConfig:
         if self.min_snr_gamma is not None:
             _finite("min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
         _finite("prior_loss_weight", self.prior_loss_weight, 0.0)
+        _finite("trigger_isolation", self.trigger_isolation, 0.0)
         _int("seed", self.seed, 0, 2**32 - 1)
         _int("sample_every", self.sample_every, 0)
         _int("checkpoint_every", self.checkpoint_every, 0)

@@ -60,6 +60,14 @@ def _has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
 
 
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with the trigger word taken out: 'sks, a red circle' -> 'a red circle'."""
+    text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", " ", caption, flags=re.IGNORECASE)
+    text = re.sub(r"\s+([,.;:])", r"\1", " ".join(text.split()))     # no space before punctuation
+    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)                # 'a, , b' -> 'a, b'
+    return text.strip(" ,;:")
+
+
 def _caption(path: Path, trigger: str, template: str) -> tuple[str, str, list[Problem]]:
     """(caption, source, warnings); warnings name the caption file when that is what to edit."""
     fallback = template.replace("{trigger}", trigger)

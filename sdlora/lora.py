@@ -9,9 +9,11 @@ of files, modules PEFT cannot express such as LoCon).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .config import TEXT_ENCODER_ATTN, LoraSpec
 from .formats import LoraSet, LoraWeights
@@ -45,6 +47,19 @@ def inject(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, spec: Lo
         adapted["text_encoder"] = target_names(text_encoder, TEXT_ENCODER_ATTN)
         inject_adapter_in_model(_config(spec, adapted["text_encoder"]), text_encoder, adapter_name=ADAPTER)
     return adapted
+
+
+@contextmanager
+def adapters_off(*models: torch.nn.Module | None):
+    """Run the frozen base: every PEFT adapter in ``models`` is bypassed inside the block."""
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

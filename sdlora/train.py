@@ -132,30 +132,76 @@ class _Trainer:
             with torch.no_grad():
                 self.embeds = self.encode_prompts(captions).float()
 
+    def cache_untriggered(self, captions: list[str]) -> None:
+        """Token ids (N + 1, 77) of each caption without the trigger, then of the empty caption, for
+        the trigger-isolation loss; their base embeddings once when the text encoder is frozen."""
+        plain = [dataset.without_trigger(c, self.data.trigger) for c in captions] + [""]
+        self.plain_ids = self.base.tokenizer(plain, padding="max_length", truncation=True,
+                                             max_length=self.base.tokenizer.model_max_length,
+                                             return_tensors="pt").input_ids
+        self.plain_embeds = None
+        if not self.spec.text_encoder:
+            with torch.no_grad():
+                self.plain_embeds = self.encode_prompts(plain).float()
+
     def batch(self, g: torch.Generator, latents: torch.Tensor, ids: torch.Tensor, embeds):
+        """(latents, text embeddings, image indices) of a random batch."""
         idx = torch.randint(len(latents), (self.cfg.batch_size,), generator=g)
         side = torch.randint(latents.shape[1], (self.cfg.batch_size,), generator=g)
         lat = latents[idx, side].to(self.acc.device)
+        return lat, self.embed(idx, ids, embeds), idx
+
+    def embed(self, idx: torch.Tensor, ids: torch.Tensor, embeds) -> torch.Tensor:
         if embeds is not None:
-            return lat, embeds[idx].to(self.acc.device)
-        return lat, self.base.text_encoder(ids[idx].to(self.acc.device))[0]
+            return embeds[idx].to(self.acc.device)
+        return self.base.text_encoder(ids[idx].to(self.acc.device))[0]
+
+    def untriggered(self, g: torch.Generator, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings through the LoRA, embeddings of the frozen base) of each image's caption without
+        the trigger, or of the empty caption for half of them (at random)."""
+        empty = torch.rand(len(idx), generator=g) < 0.5
+        pick = torch.where(empty, torch.full_like(idx, len(self.plain_ids) - 1), idx)
+        if self.plain_embeds is not None:
+            enc = self.plain_embeds[pick].to(self.acc.device)
+            return enc, enc
+        with torch.no_grad(), lora_mod.adapters_off(self.base.text_encoder):
+            frozen = self.base.text_encoder(self.plain_ids[pick].to(self.acc.device))[0]
+        return self.base.text_encoder(self.plain_ids[pick].to(self.acc.device))[0], frozen
 
     # ---- one step ---------------------------------------------------------------------------
-    def loss(self, lat: torch.Tensor, enc: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def loss(self, lat: torch.Tensor, enc: torch.Tensor, g: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoising loss; with `idx` (the batch's images) plus trigger_isolation x the distance
+        between the model's and the frozen base's predictions without the trigger, on the same noisy latents."""
         noise = torch.randn(lat.shape, generator=g).to(lat.device)
         if self.cfg.noise_offset:
             noise = noise + self.cfg.noise_offset * torch.randn(lat.shape[0], lat.shape[1], 1, 1, generator=g).to(lat.device)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
-        noisy = self.sched.add_noise(lat, noise, t)
-        pred = self.unet(noisy.to(self.weight_dtype), t, enc.to(self.weight_dtype)).sample.float()
+        noisy = self.sched.add_noise(lat, noise, t).to(self.weight_dtype)
         v = self.base.prediction_type == "v_prediction"
         target = self.sched.get_velocity(lat, noise, t) if v else noise
+        isolate = idx is not None and self.cfg.trigger_isolation > 0
+        if isolate:
+            plain, plain_base = self.untriggered(g, idx)
+            with torch.no_grad(), lora_mod.adapters_off(self.acc.unwrap_model(self.unet)):
+                frozen = self.acc.unwrap_model(self.unet)(noisy, t, plain_base.to(self.weight_dtype)).sample.float()
+            # one forward for both: the captions with the trigger, then without it
+            pred = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                             torch.cat([enc, plain]).to(self.weight_dtype)).sample.float()
+            pred, pred_plain = pred.chunk(2)
+            target = torch.cat([target, frozen])
+            pred = torch.cat([pred, pred_plain])
+        else:
+            pred = self.unet(noisy, t, enc.to(self.weight_dtype)).sample.float()
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma:
             # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction.
             ac = self.sched.alphas_cumprod.to(lat.device)[t]
             snr = ac / (1 - ac)
-            per = per * torch.clamp(snr, max=self.cfg.min_snr_gamma) / (snr + 1 if v else snr)
+            weight = torch.clamp(snr, max=self.cfg.min_snr_gamma) / (snr + 1 if v else snr)
+            per = per * (torch.cat([weight, weight]) if isolate else weight)
+        if isolate:
+            main, kept = per.chunk(2)
+            return main.mean() + self.cfg.trigger_isolation * kept.mean()
         return per.mean()
 
     def step_generator(self, step: int, micro: int) -> torch.Generator:
@@ -169,6 +215,7 @@ class _Trainer:
         from diffusers.optimization import get_scheduler
         base, cfg = self.base, self.cfg
         self.cache(self.plan.items, [it.caption for it in self.plan.items])
+        self.cache_untriggered([it.caption for it in self.plan.items])
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         lora_mod.inject(base.unet, base.text_encoder, self.spec)
@@ -269,10 +316,10 @@ class _Trainer:
         for micro in range(self.cfg.grad_accum):
             g = self.step_generator(step, micro)
             with self.acc.accumulate(self.unet), self.acc.autocast():
-                lat, enc = self.batch(g, self.latents, self.ids, self.embeds)
-                loss = self.loss(lat, enc, g)
+                lat, enc, idx = self.batch(g, self.latents, self.ids, self.embeds)
+                loss = self.loss(lat, enc, g, idx)
                 if self.prior is not None:
-                    plat, penc = self.batch(g, *self.prior)
+                    plat, penc, _ = self.batch(g, *self.prior)
                     loss = loss + self.cfg.prior_loss_weight * self.loss(plat, penc, g)
                 value = float(loss.detach())
                 if not math.isfinite(value):

@@ -67,6 +67,8 @@ def build_configs(form: dict, folder: str, base: str, outputs: str) -> tuple[Dat
                       sample_every=f["sample_every"] or 0, checkpoint_every=f["checkpoint_every"] or 0,
                       mixed_precision=f["mixed_precision"], noise_offset=float(f["noise_offset"] or 0),
                       min_snr_gamma=float(f["min_snr_gamma"]) if f["min_snr_gamma"] else None,
+                      trigger_isolation=float(TrainConfig.trigger_isolation if f.get("trigger_isolation") is None
+                                              else f["trigger_isolation"]),
                       save_format=f["save_format"], save_dtype=f["save_dtype"], output_dir=outputs,
                       run_name=(f["run_name"] or "").strip())
     return data, spec, cfg

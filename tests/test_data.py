@@ -471,3 +471,16 @@ def test_dataset_side_files_are_not_judged_as_images(tmp_path):
     items, problems = scan_dataset(tmp_path, "x", resolution=64)
     assert len(items) == 3
     assert [Path(p.path).name for p in problems if p.fatal] == ["notes.png"]
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("zqx, a large red square", "a large red square"),
+    ("an image in zqx style", "an image in style"),
+    ("a ZQX photo, zqx, of a cat", "a photo, of a cat"),
+    ("a red circle, zqx", "a red circle"),
+    ("zqx", ""),
+    ("zqxy, a zqx-like ring", "zqxy, a -like ring"),       # whole words only
+])
+def test_caption_without_trigger(caption, expected):
+    from sdlora.data import without_trigger
+    assert without_trigger(caption, "zqx") == expected

@@ -48,6 +48,22 @@ def test_zero_initialised_lora_equals_base(tiny_base):
     assert w.up.abs().sum() == 0 and w.down.abs().sum() > 0 and w.alpha == 2.0
 
 
+def test_adapters_off_runs_the_frozen_base_and_restores_the_lora(tiny_base):
+    before = unet_out(tiny_base)
+    lora_mod.inject(tiny_base.unet, None, LoraSpec(rank=4))
+    params = lora_mod.lora_parameters(tiny_base.unet)
+    with torch.no_grad():
+        for name, p in tiny_base.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapted = unet_out(tiny_base)
+    assert (adapted - before).abs().max() > 1e-3
+    with lora_mod.adapters_off(tiny_base.unet, None):
+        assert torch.equal(unet_out(tiny_base), before)
+    assert torch.equal(unet_out(tiny_base), adapted)
+    assert all(p.requires_grad for p in params)                # still trainable after the block
+
+
 def test_extract_then_remove_restores_modules(tiny_base):
     names_before = {n for n, _ in tiny_base.unet.named_modules()}
     lora_mod.inject(tiny_base.unet, None, LoraSpec(rank=2))

@@ -137,3 +137,37 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     from sdlora.hardware import format_bytes
     assert f"peak resident memory of the process: {format_bytes(res.peak_memory_bytes)}" in cb.lines
     assert format_bytes(3 * 2**20) == "3 MiB" and format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(tmp_path, style_dir):
+    """With trigger_isolation the LoRA changes the prediction for the empty caption (the one guidance
+    subtracts) and for the caption without the trigger much less than without it, and what change is
+    left depends on the trigger."""
+    from sdlora import Generator, LoraChoice
+    from sdlora.models import tiny_random_base
+
+    def change(lora, prompts) -> float:
+        gen = Generator(tiny_random_base())
+        ids = gen.base.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(len(prompts), 4, 8, 8, generator=g), torch.full((len(prompts),), 700)
+        out = []
+        for strength in (0.0, 1.0):
+            gen.set_loras([LoraChoice(str(lora), strength)])
+            with torch.no_grad():
+                out.append(gen.base.unet(x, t, gen.base.text_encoder(ids)[0]).sample)
+        return float((out[1] - out[0]).pow(2).mean())
+
+    prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
+               "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
+    figures = {}
+    for weight in (0.0, 4.0):
+        res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4),
+                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, run_name=f"iso{weight:g}"))
+        figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
+    print(figures)
+    assert figures[4.0]["empty"] < 0.2 * figures[0.0]["empty"]
+    assert figures[4.0]["untriggered"] < 0.5 * figures[0.0]["untriggered"]
+    # what is left of the change is the trigger's: selective, where without isolation it is not
+    selectivity = {w: f["triggered"] / f["untriggered"] for w, f in figures.items()}
+    assert selectivity[4.0] > 1.3 * selectivity[0.0]
