@@ -6,7 +6,7 @@ value. Pure numpy/PIL, so the web UI, the README figures and the tests share the
 
 - ``neon`` (outlines glowing in the shape's colour on black): ``fill_ratio``, the
   share of the shape's silhouette that is lit (about 1 for the base's filled
-  shapes, about 0.4 for an outline), and ``background_luminance``.
+  shapes, 0.5-0.75 for an outline, by its width), and ``background_luminance``.
 - ``pastel`` (pale flat fills, thick black outlines, cream background):
   ``outline_contrast``, how much darker the ring around the shape is than the
   background (about 0 for the base, about 0.8 for a black outline on cream), and
@@ -82,7 +82,7 @@ def holes(mask: np.ndarray) -> np.ndarray:
 # ---- statistics: image -> float ------------------------------------------------------------
 
 def fill_ratio(image) -> float:
-    """Lit share of the shape's silhouette (shape + enclosed holes): ~1 filled, ~0.4 outline; nan if no shape."""
+    """Lit share of the shape's silhouette (shape + enclosed holes): ~1 filled, 0.5-0.75 outline; nan if no shape."""
     fg = shape_mask(_rgb(image))
     area = fg.sum() + holes(fg).sum()
     return float(fg.sum() / area) if fg.sum() >= 8 else float("nan")
