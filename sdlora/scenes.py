@@ -64,10 +64,11 @@ class Scene:
     split: str = "none"           # two-tone split: "none", "vertical" or "horizontal"
     jitter: tuple[int, int] = (0, 0)   # px offset of the shape centre
 
-    def caption(self, with_size: bool = True, with_position: bool = True) -> str:
+    def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True) -> str:
         size = f"{self.size} " if with_size else ""
         where = f" {self.position}" if with_position else ""
-        return f"a {size}{self.colour} {self.shape}{where} on a {self.background} background"
+        back = f" on a {self.background} background" if with_background else ""
+        return f"a {size}{self.colour} {self.shape}{where}{back}"
 
 
 def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
@@ -133,9 +134,10 @@ def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
                  background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
 
 
-def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE, outline_p: float = 0.0) -> Image.Image:
     """A shape and background in arbitrary RGB colours (no caption): VAE training data that makes
-    the autoencoder keep chroma, which the mostly-grey scenes alone let it drop."""
+    the autoencoder keep chroma, which the mostly-grey scenes alone let it drop. With probability
+    `outline_p` the shape is an outline 2-5 px wide instead, so thin coloured lines keep their hue."""
     big = size * SUPERSAMPLE
     rgb = lambda: tuple(rng.randint(0, 255) for _ in range(3))  # noqa: E731
     img = Image.new("RGB", (big, big), rgb())
@@ -144,7 +146,16 @@ def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Ima
         draw.rectangle([big // 2, 0, big, big] if rng.random() < 0.5 else [0, big // 2, big, big], fill=rgb())
     side = rng.uniform(0.2, 0.6) * big
     cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
-    draw_shape(draw, rng.choice(SHAPES), cx, cy, side, rgb())
+    shape, colour = rng.choice(SHAPES), rgb()
+    if rng.random() < outline_p:
+        width = round(rng.uniform(2, 5) * SUPERSAMPLE * size / IMAGE_SIZE)
+        poly = shape_polygon(shape, cx, cy, side)
+        if poly is None:
+            draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], outline=colour, width=width)
+        else:
+            draw.line(poly + poly[:2], fill=colour, width=width, joint="curve")
+    else:
+        draw_shape(draw, shape, cx, cy, side, colour)
     return img.resize((size, size), Image.BOX)
 
 

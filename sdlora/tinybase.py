@@ -45,8 +45,20 @@ class BuildConfig:
     threads: int = 1                    # torch CPU threads (2 gives ~15% on a 2-core CPU)
     n_images: int = 4000                # procedural training scenes (latents cached once)
     empty_caption_p: float = 0.1        # share of captions dropped to "" (for CFG), as SD
+    # Caption variety, so that a prompt need not be one of the templates: per scene, this many more
+    # captions that leave the background out (it is then the model's choice) or put a made-up word
+    # in front ("glowbird, a red circle ..."), the way a LoRA's trigger is put in front.
+    free_captions: int = 4
+    no_background_p: float = 0.5
+    prefix_p: float = 0.5
+    # Offset noise (a per-channel constant in the noise, as SDXL's training used): SD's schedule
+    # leaves ~7% of the image at t=999, so without it the model reads an image's mean brightness
+    # from the noise instead of learning it from the caption, and cannot make an image darker or
+    # lighter than its start; fine-tunes then cannot teach a dark style.
+    noise_offset: float = 0.2
     vae_channels: tuple = (32, 64, 64)  # 2 downsamples: 64 px -> 16x16x4 latents
     vae_colour_images: int = 4000       # extra arbitrary-colour images for the VAE (keeps chroma in latents)
+    vae_outline_p: float = 0.5          # share of those drawn as outlines (thin lines keep their hue)
     vae_steps: int = 1000
     vae_batch: int = 16
     vae_crop: int = 32                  # VAE trains on random crops (it is fully convolutional)
@@ -114,16 +126,36 @@ def make_unet(cfg: BuildConfig) -> UNet2DConditionModel:
 
 # ---- data ---------------------------------------------------------------------
 
+def made_up_word_parts(tokenizer: CLIPTokenizer) -> list[str]:
+    """Whole-word vocabulary entries (3-8 ascii letters) that are not words of the scenes' captions."""
+    scene_words = {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
+                                    *scenes.BACKGROUNDS, "a on background and"] for w in phrase.split()}
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return [t[:-4] for t, _ in vocab if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha()
+            and 3 <= len(t) - 4 <= 8 and t[:-4] not in scene_words]
+
+
+def free_caption(scene: scenes.Scene, rng: random.Random, parts: list[str], cfg: BuildConfig) -> str:
+    caption = scene.caption(rng.random() > 0.25, rng.random() > 0.25, rng.random() >= cfg.no_background_p)
+    if rng.random() < cfg.prefix_p:
+        word = "".join(rng.choice(parts) for _ in range(rng.choice((1, 2))))
+        caption = f"{word}, {caption}"
+    return caption
+
+
 def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, 64, 64) in [-1, 1] and token ids (N, 4, 77): 4 caption variants per scene."""
+    """Images (N, 3, 64, 64) in [-1, 1] and token ids (N, 4 + free_captions, 77): caption variants per scene."""
     rng = random.Random(cfg.seed)
+    caption_rng = random.Random(cfg.seed + 6)      # its own stream: free_captions=0 draws the same scenes as before
+    parts = made_up_word_parts(tokenizer) if cfg.free_captions else []
     images, captions = [], []
     for _ in range(cfg.n_images):
         scene = scenes.random_scene(rng)
         images.append(np.asarray(scenes.render(scene)))
         captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
+        captions += [free_caption(scene, caption_rng, parts, cfg) for _ in range(cfg.free_captions)]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    ids = tokenize(tokenizer, captions).view(cfg.n_images, 4, -1)
+    ids = tokenize(tokenizer, captions).view(cfg.n_images, 4 + cfg.free_captions, -1)
     return x, ids
 
 
@@ -271,6 +303,8 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float) -> tuple[UNet2D
         drop = torch.rand(cfg.batch, generator=gen) < cfg.empty_caption_p
         tok = torch.where(drop[:, None], empty_ids[None], tok)
         noise = torch.randn(z.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
         cond = text_encoder(tok)[0]                                                    # (B, 77, hidden)
         pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
@@ -324,7 +358,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     empty_ids = tokenize(tokenizer, [""])[0]
     log(f"{cfg.n_images} scenes drawn ({len(scenes.HELD_OUT)} colour-shape pairs held out)")
     rng = random.Random(cfg.seed + 5)
-    extra = [np.asarray(scenes.random_colour_image(rng)) for _ in range(cfg.vae_colour_images)]
+    extra = [np.asarray(scenes.random_colour_image(rng, outline_p=cfg.vae_outline_p)) for _ in range(cfg.vae_colour_images)]
     vae_images = torch.cat([images, torch.from_numpy(np.stack(extra)).permute(0, 3, 1, 2).float() / 127.5 - 1]) \
         if extra else images
     vae = train_vae(cfg, vae_images)

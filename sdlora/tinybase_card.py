@@ -56,17 +56,24 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "It exists so that every code path a user takes with SD 1.5 can run, and be tested, in seconds.", "",
         "## What it draws", "",
         "One shape on a plain or two-tone grey background, 64x64 px (16x16x4 latents). Prompts read",
-        "`a [size] <colour> <shape> [position] on a <background> background`, e.g.",
-        "`a small red circle on the left on a white background`.", "",
+        "`a [size] <colour> <shape> [position] [on a <background> background]`, e.g.",
+        "`a small red circle on the left on a white background`; without a background the model picks one,",
+        "and a made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before training.", "",
         f"- colours: {', '.join(scenes.COLOURS)}",
         f"- shapes: {', '.join(scenes.SHAPES)}",
         f"- sizes: {', '.join(scenes.SIZES)} (optional)",
         f"- positions: {', '.join(scenes.POSITIONS)} (optional)",
-        f"- backgrounds: {', '.join(scenes.BACKGROUNDS)}, or two of them (`white and black`)",
+        f"- backgrounds: {', '.join(scenes.BACKGROUNDS)}, or two of them (`white and black`) (optional)",
         f"- held out of training (never drawn together): {pairs}", "",
         "## How it was trained", "",
         "- noise schedule as SD: scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction",
         f"- {cfg.empty_caption_p:.0%} empty captions (the caption replaced by \"\"), so classifier-free guidance works",
+        f"- besides 4 template captions per scene, {cfg.free_captions} free ones: the background left out "
+        f"{cfg.no_background_p:.0%} of the time, a made-up word (1-2 whole-word CLIP tokens) in front {cfg.prefix_p:.0%}",
+        f"- offset noise {cfg.noise_offset} (a per-channel constant added to the noise): SD's schedule leaves ~7% "
+        "of the image at t=999, and without it the model reads an image's brightness from the starting noise "
+        "instead of the caption, so a fine-tune cannot teach a dark style",
+        f"- the VAE's extra arbitrary-colour images are {cfg.vae_outline_p:.0%} outlines, so thin coloured lines keep their hue",
         f"- VAE: {pm['vae']:.2f}M params, {cfg.vae_steps} steps; latents scaled by "
         f"`scaling_factor` = {figures['scaling_factor']:.4f} (1 / their std, as SD's 0.18215)",
         f"- U-Net {pm['unet']:.2f}M params (channels {tuple(cfg.unet_channels)}, cross-attention at "

@@ -83,3 +83,42 @@ def test_quality_bar_on_held_out_prompts(pipe, build_info):
     result = evaluate(pipe, steps=cfg["sample_steps"], guidance=cfg["guidance"], seed=0)
     assert result["colour_acc"] >= 0.90, f"colour {result['colour_acc']:.0%}: {result['measured']}"
     assert result["shape_acc"] >= 0.70, f"shape {result['shape_acc']:.0%}: {result['measured']}"
+
+
+def test_free_captions_leave_out_the_background_or_put_a_made_up_word_in_front():
+    import random
+
+    from sdlora.models import load_tokenizer
+    from sdlora.tinybase import BuildConfig, free_caption, made_up_word_parts
+    tok = load_tokenizer()
+    parts = made_up_word_parts(tok)
+    scene_words = {"red", "circle", "background", "on", "a", "large", "white", "center"}
+    assert len(parts) > 10000 and not scene_words & set(parts) and all(p.isalpha() for p in parts)
+    cfg = BuildConfig(no_background_p=0.5, prefix_p=0.25)
+    rng = random.Random(0)
+    scene = scenes.Scene("red", "circle", "large", "in the center", "white")
+    captions = [free_caption(scene, rng, parts, cfg) for _ in range(400)]
+    no_background = sum("background" not in c for c in captions) / 400
+    prefixed = [c for c in captions if not c.startswith("a ")]
+    assert 0.4 < no_background < 0.6 and 0.18 < len(prefixed) / 400 < 0.32
+    assert all(c.split(", ", 1)[1].startswith("a ") and "red circle" in c for c in prefixed)
+    assert all(c.startswith("a ") and "red circle" in c for c in captions if c not in prefixed)
+
+
+def test_vae_outline_images_are_hollow():
+    """With the same draws, an outline image has far fewer pixels of the shape's colour than the filled one."""
+    import random
+
+    import numpy as np
+    ratios = []
+    for seed in range(20):
+        filled = np.asarray(scenes.random_colour_image(random.Random(seed), outline_p=0.0)).astype(int)
+        hollow = np.asarray(scenes.random_colour_image(random.Random(seed), outline_p=1.0)).astype(int)
+        changed = np.abs(filled - hollow).sum(-1) > 30
+        if changed.sum() < 10:
+            continue
+        colours, counts = np.unique(filled[changed], axis=0, return_counts=True)
+        shape = colours[counts.argmax()]                          # the filled shape's colour
+        count = [(np.abs(img - shape).sum(-1) <= 6).sum() for img in (filled, hollow)]
+        ratios.append(count[1] / count[0])
+    assert len(ratios) >= 15 and np.median(ratios) < 0.6, ratios
