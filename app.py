@@ -146,8 +146,9 @@ def build(ui):
                                            info="How long it trains; default 100 per image (400-2000)")
                     F["rank"] = gr.Number(8, label="Rank", precision=0, minimum=1, info="Size of the update: "
                                           "higher learns more detail, file grows (4-16 for a style)")
-                    F["lr"] = gr.Number(1e-4, label="Learning rate",
-                                        info="1e-4 is safe; higher learns faster, can overshoot")
+                    F["lr"] = gr.Number(suggest(0, ui.base)["lr"], label="Learning rate",
+                                        info="empty: the base's recommendation (1e-3 for tiny, else 1e-4); "
+                                             "higher learns faster, can overshoot")
                     F["resolution"] = gr.Number(native_resolution(ui.base), label="Resolution (px)", precision=0,
                                                 info="Images are cropped to this square; default: the base's size")
                     F["text_encoder"] = gr.Checkbox(False, label="Train text encoder",
@@ -285,7 +286,7 @@ def build(ui):
         dataset_defaults = [F["steps"], F["rank"], F["lr"], F["sample_every"], F["text_encoder"]]
 
         def with_defaults(rev, ds):
-            s = suggest(len(ds.items))
+            s = suggest(len(ds.items), ui.base)
             return [rev + 1, ds.summary(), s["steps"], s["rank"], s["lr"], s["sample_every"], s["text_encoder"]]
 
         files.upload(guarded(lambda paths, rev, t, tpl, res: with_defaults(rev, ui.load_uploads(paths, t, tpl, res))),

@@ -31,7 +31,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank: width of the update (bigger learns more, file grows)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank (default: rank)")
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="LoRA learning rate (default: the base's recommendation, 1e-3 for tiny; else 1e-4)")
     p.add_argument("--text-encoder", action="store_true", help="also train the CLIP text encoder")
     p.add_argument("--text-encoder-lr", type=float, default=None)
     p.add_argument("--self-attention", action="store_true", help="also adapt U-Net self-attention (attn1)")

@@ -122,7 +122,7 @@ class TrainConfig:
     steps: int | None = None           # optimizer steps; None derives it from the number of images
     batch_size: int = 1
     grad_accum: int = 1                # gradient accumulation steps per optimizer step
-    lr: float = 1e-4                   # U-Net LoRA learning rate
+    lr: float | None = None            # U-Net LoRA learning rate; None: the base's recommendation, else DEFAULT_LR
     text_encoder_lr: float | None = None  # None means the same as lr
     schedule: str = "constant"         # constant or cosine, after warmup
     warmup_steps: int = 0
@@ -155,7 +155,8 @@ class TrainConfig:
             _int("steps", self.steps, 1, 1_000_000)
         _int("batch_size", self.batch_size, 1, 1024)
         _int("grad_accum", self.grad_accum, 1, 1024)
-        _finite("lr", self.lr, 0.0, 1.0, low_open=True)
+        if self.lr is not None:
+            _finite("lr", self.lr, 0.0, 1.0, low_open=True)
         if self.text_encoder_lr is not None:
             _finite("text_encoder_lr", self.text_encoder_lr, 0.0, 1.0, low_open=True)
         _choice("schedule", self.schedule, SCHEDULES)
@@ -176,6 +177,12 @@ class TrainConfig:
         self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
         if self.run_name and (("/" in self.run_name) or ("\\" in self.run_name) or self.run_name.startswith(".")):
             raise _bad("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
+
+
+# The LoRA learning rate for an SD checkpoint (diffusers' and kohya's usual 1e-4 at alpha = rank).
+# A base folder can recommend its own in sdlora's build.json ("lora_lr"): the built-in `tiny` base
+# recommends 1e-3, since at 1e-4 a style moves 5% of the way in the default steps (see its README).
+DEFAULT_LR = 1e-4
 
 
 def default_steps(num_images: int) -> int:

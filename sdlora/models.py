@@ -49,6 +49,7 @@ class Base:
     scheduler: object                  # the sampling scheduler generation uses
     family: str = "sd1"                # sd1 | sd2
     resolution: int = 512              # native image size in px
+    lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
 
     @property
     def prediction_type(self) -> str:
@@ -122,7 +123,26 @@ def _from_folder(path: Path, name: str) -> Base:
             path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError) as e:
         raise BaseModelError(f"could not load the diffusers pipeline in {path}: {e}") from e
-    return _from_pipeline(pipe, name)
+    base = _from_pipeline(pipe, name)
+    base.lora_lr = recommended_lora_lr(path)
+    return base
+
+
+def base_lora_lr(name: str) -> float | None:
+    """The LoRA learning rate base `name` recommends, read without loading it (None: use the default)."""
+    if name == "tiny":
+        return recommended_lora_lr(BUILTIN_DIR)
+    path = Path(name).expanduser()
+    return recommended_lora_lr(path) if path.is_dir() else None
+
+
+def recommended_lora_lr(folder: Path) -> float | None:
+    """The "lora_lr" of a base folder's sdlora build.json (the built-in base has one), else None."""
+    try:
+        value = json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"]["lora_lr"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
 
 
 def _from_pipeline(pipe, name: str) -> Base:

@@ -85,7 +85,8 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "- weights: U-Net and VAE in fp16 (diffusers loads them as fp32), text encoder in fp32",
         "- full settings and figures: `build.json`", "",
         "## Use and measured figures", "",
-        f"Recommended: {cfg.sample_steps} steps of the saved DPM-Solver++ scheduler, guidance {cfg.guidance}, 64x64.", "",
+        f"Recommended: {cfg.sample_steps} steps of the saved DPM-Solver++ scheduler, guidance {cfg.guidance}, 64x64; "
+        f"LoRA learning rate {cfg.lora_lr:g} (`lora_lr` in `build.json`, which sdlora's trainer uses when no lr is set).", "",
         f"- held-out prompts ({ev.get('n', '?')} images, fixed seeds): prompt's colour dominant in "
         f"{ev.get('colour_acc', float('nan')):.0%}, prompt's shape in {ev.get('shape_acc', float('nan')):.0%}",
         f"- {ev.get('s_per_image_batched', float('nan')):.2f} s per image (batches of 12, CPU, {cfg.threads} thread)",

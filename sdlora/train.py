@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import data as dataset
 from . import hardware
 from . import lora as lora_mod
-from .config import ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
+from .config import DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
 from .models import Base, load_base, load_tokenizer, native_resolution
 from .runs import (latest_checkpoint, library_versions, load_checkpoint, new_run_dir, now_iso, safe_name,
                    save_checkpoint, write_json)
@@ -99,6 +99,10 @@ class _Trainer:
         # The images are checked before the base is loaded: a bad folder costs no model load.
         self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
+        self.lr_source = "set"
+        if cfg.lr is None:                       # the base's recommendation, else the SD default
+            self.lr_source = "recommended by the base" if self.base.lora_lr else "default for SD bases"
+            self.cfg = cfg = replace(cfg, lr=self.base.lora_lr or DEFAULT_LR)
         self.sched = self.base.noise_scheduler()
         self.memory = hardware.PeakMemory(self.acc.device.type)
         self.memory.reset()                      # this run's peak, not the process's (the web UI runs many)
@@ -409,6 +413,7 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
             raise TrainingError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
     spec, cfg = spec or LoraSpec(), cfg or TrainConfig()
     t = _Trainer(data, spec, cfg, cb, cancel, base)
+    cfg = t.cfg                                   # with the learning rate resolved
     if resume is None:
         name = safe_name(cfg.run_name or data.trigger)
         run_dir = _shared_run_dir(t, cfg.output_dir, name)
@@ -418,6 +423,7 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         cb.on_plan(t.plan)
         if resume is None:
             cb.on_message(f"run folder {run_dir}")
+        cb.on_message(f"learning rate {cfg.lr:g} ({t.lr_source})")
     try:
         start = t.setup(run_dir, resume_from)
         if t.main and resume_from is not None:

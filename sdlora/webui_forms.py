@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as dataset
-from .config import DataConfig, LoraSpec, TrainConfig, default_steps
+from .config import DEFAULT_LR, DataConfig, LoraSpec, TrainConfig, default_steps
+from .models import base_lora_lr
 
 TEMPLATES = {"style": "an image in {trigger} style", "subject": "a photo of {trigger}"}
 _BAD_CHARS = set('<>:"/\\|?*')
@@ -41,10 +42,11 @@ def within(path: str | Path, root: str | Path) -> bool:
         return False
 
 
-def suggest(n_images: int) -> dict:
-    """Settings derived from the number of usable images (shown before training starts)."""
+def suggest(n_images: int, base: str = "tiny") -> dict:
+    """Settings derived from the number of usable images and the base (shown before training starts)."""
     steps = default_steps(max(n_images, 1))
-    return {"steps": steps, "rank": 4 if n_images < 8 else 8 if n_images <= 30 else 16, "lr": 1e-4,
+    lr = base_lora_lr(base) or DEFAULT_LR
+    return {"steps": steps, "rank": 4 if n_images < 8 else 8 if n_images <= 30 else 16, "lr": lr,
             "sample_every": max(1, steps // 5), "text_encoder": False}
 
 

@@ -194,6 +194,7 @@ def test_defaults_follow_the_number_of_images():
         s = webui.suggest(n)
         assert s["steps"] == default_steps(n) and 1 <= s["sample_every"] <= s["steps"]
     assert webui.suggest(5)["rank"] <= webui.suggest(12)["rank"] <= webui.suggest(60)["rank"]
+    assert webui.suggest(5)["lr"] == 1e-3 and webui.suggest(5, "tiny-random")["lr"] == 1e-4   # the base's own
 
 
 def test_example_dataset_is_copied_with_its_trigger(ui, tmp_path):
@@ -239,8 +240,10 @@ def test_start_refuses_bad_input_with_the_field_named(ui, tmp_path):
         ui.start(form(steps=2.5))
     with pytest.raises(UserError, match="lr"):
         ui.start(form(lr=-1.0))
-    with pytest.raises(UserError, match="lr=None"):
-        ui.start(form(lr=None))                                    # an emptied field
+    with pytest.raises(UserError, match="lr"):
+        ui.start(form(lr=0.0))
+    # an emptied learning-rate field means the base's recommendation
+    assert webui.build_configs(form(lr=None), str(tmp_path), "tiny", str(tmp_path))[2].lr is None
     with pytest.raises(UserError, match="empty or not a number"):
         ui.start(form(dropout="x"))
     assert ui.job is None
