@@ -9,7 +9,7 @@ lora=$($PY -m sdlora.cli train --data "$DATA" --output-dir outputs | tail -n 1)
 run=$(dirname "$lora")
 trigger=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['data']['trigger'])" "$run/config.json")
 for s in 0 0.5 1; do
-  $PY -m sdlora.cli generate --lora "$lora:$s" --prompt "a large red circle on a white background, $trigger" \
+  $PY -m sdlora.cli generate --lora "$lora:$s" --prompt "$trigger, a large red circle in the center" \
       --seed 1 --out "$run/demo/strength-$s.png" >/dev/null
 done
 echo "LoRA: $lora"

@@ -43,21 +43,24 @@ MIN_COLOUR = 0.70                            # the spec's bar: prompt's colour r
 MAX_UNTRIGGERED = 1 / 3                      # "much less": change without the trigger / change with it
 ARTIFACTS = ROOT / "test-artifacts"
 
-# The built-in base passes its own bar (held-out colour 100%, shape 94%) and keeps the prompt's
-# colour here (75% at strength 0 and 1), but a cross-attention-only LoRA moves the neon style only
-# part of the way. Share of the base -> training distance covered at strength 1 (bar 70%),
-# background luminance / fill ratio, 1,000 steps unless said:
-#   defaults (lr 1e-4) 20% / 0%; lr 1e-3 42% / 10%; lr 3e-3 48% / 16% (images break up);
-#   lr 1e-3 for 2,000 steps 36% / 16%; with min-SNR 5 43% / 11%; with self-attention 40% / 10%;
-#   with the text encoder 33% / 13%; rank 32 + self-attention + text encoder, lr 1e-3, 2,000
-#   steps 37% / 7%; pastel at lr 1e-3: outline contrast 16%, palette distance -28%.
-# A full fine-tune of the whole U-Net (4.1M parameters, lr 1e-4) gets no further: 35% / 4% after
-# 1,000 steps, 37% / 27% after 4,000 (lr 1e-3 breaks the model). Neither it nor the LoRA redraws
-# the training images even for their own captions (backgrounds stay grey at guidance 1 and 5).
-# So the limit is how this base learns from ten images, not the LoRA's rank, targets, learning
-# rate or steps. These stay xfails until the base lets the bar be met; the bar is not lowered.
-BELOW_BAR = ("a cross-attention LoRA on the tiny base covers 20% (defaults) to 48% (lr 3e-3) of the style "
-             "distance; the bar is 70% (see the comment above)")
+# What the figures are (share of the base -> training distance covered at strength 1, bar 70%;
+# background luminance / fill ratio; neon, 1,000 steps, the built-in base of 2026-11):
+#   defaults (lr 1e-3, the base's recommendation; trigger isolation 1): 87% / 11%; without the
+#   trigger the background moves 0.97x as far (bar <= 1/3), the fill ratio 0.38x; colour 92%.
+#   lr 1e-4: 5% / 0%.  lr 1e-3 for 2,000 steps: 92% / 17%, without the trigger 0.61x / 0.25x.
+# How the background got there: on the previous base (no offset noise) a LoRA could not make a
+# dark image at all, because the model read the mean brightness from the noise (SD's schedule
+# leaves ~7% of the image at t=999) and guidance subtracted what the LoRA did to the empty prompt
+# (the same LoRA: background 0.07 at guidance 1, 0.73 at guidance 5). Offset noise in the base
+# and trigger isolation in the trainer fixed both.
+# What is still short: the outline (fill ratio). The U-Net has no attention at 16x16, where the
+# tube is drawn, and a cross-attention LoRA at 8x8 and 4x4 hollows few shapes in these steps.
+# And trigger selectivity: the base learned to ignore a made-up word in front (so the trigger does
+# not spoil the content, colour 92%), and a cross-attention LoRA then cannot tell the trigger's
+# captions from the same captions without it. A base built with that word in front 10% of the
+# time instead of 50% missed its own colour bar (89%) and was not more selective (0.72x).
+BELOW_BAR = ("defaults move the neon background 87% of the way but the outline (fill ratio) 11%, "
+             "and prompts without the trigger change 0.97x as much (see the comment above)")
 
 pytestmark = [
     pytest.mark.slow,
@@ -191,7 +194,7 @@ def test_base_draws_the_prompted_colour(figures):
     assert figures["colour_acc"]["0.0"] >= MIN_COLOUR, "the base itself misses the colour\n" + report(figures)
 
 
-@pytest.mark.xfail(strict=False, reason=BELOW_BAR + "; the fill-ratio curve is flat, so its order is noise")
+@pytest.mark.xfail(strict=False, reason=BELOW_BAR + "; the fill-ratio curve is nearly flat, so its order can be noise")
 def test_style_moves_monotonically_toward_training(figures):
     for name, f in figures["stats"].items():
         curve = list(f["by_strength"].values())
