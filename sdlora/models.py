@@ -130,10 +130,7 @@ def _from_folder(path: Path, name: str) -> Base:
 
 def base_lora_lr(name: str) -> float | None:
     """The LoRA learning rate base `name` recommends, read without loading it (None: use the default)."""
-    if name == "tiny":
-        return recommended_lora_lr(BUILTIN_DIR)
-    path = Path(name).expanduser()
-    return recommended_lora_lr(path) if path.is_dir() else None
+    return recommended_lora_lr(_config_folder(name))
 
 
 def recommended_lora_lr(folder: Path) -> float | None:
@@ -174,6 +171,11 @@ def _from_single_file(path: Path) -> Base:
                 family=parts["family"], resolution=res)
 
 
+def _config_folder(name: str) -> Path:
+    """The folder holding base `name`'s configs (the built-in ones, or the path given); it may not exist."""
+    return {"tiny": BUILTIN_DIR, "sd15-random": CONFIGS_DIR / "sd15"}.get(name, Path(name).expanduser())
+
+
 def native_resolution(name: str) -> int:
     """A base's native image size in px, read from its configs without loading any weights.
 
@@ -182,7 +184,7 @@ def native_resolution(name: str) -> int:
     """
     if name == "tiny-random":
         return 64
-    folder = {"tiny": BUILTIN_DIR, "sd15-random": CONFIGS_DIR / "sd15"}.get(name, Path(name).expanduser())
+    folder = _config_folder(name)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())

@@ -108,10 +108,17 @@ class _Trainer:
         self.memory.reset()                      # this run's peak, not the process's (the web UI runs many)
 
     # ---- data -------------------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        tok = self.base.tokenizer(captions, padding="max_length", truncation=True,
-                                  max_length=self.base.tokenizer.model_max_length, return_tensors="pt")
-        return self.base.text_encoder(tok.input_ids.to(self.acc.device))[0]
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """(len(captions), 77) token ids, padded and truncated as the pipeline does."""
+        return self.base.tokenizer(captions, padding="max_length", truncation=True,
+                                   max_length=self.base.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def frozen_embeds(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The text encoder's output for `ids`, computed once; None when the text encoder trains."""
+        if self.spec.text_encoder:
+            return None
+        with torch.no_grad():
+            return self.base.text_encoder(ids.to(self.acc.device))[0].float()
 
     def cache(self, items, captions: list[str]) -> None:
         """Latents once per image (and per flip); text embeddings once when the text encoder is frozen."""
@@ -129,24 +136,14 @@ class _Trainer:
                 latents.append(lat.float())
         self.latents = torch.stack(latents)                 # (N, sides, 4, h, w)
         self.captions = captions
-        self.ids = self.base.tokenizer(captions, padding="max_length", truncation=True,
-                                       max_length=self.base.tokenizer.model_max_length, return_tensors="pt").input_ids
-        self.embeds = None
-        if not self.spec.text_encoder:
-            with torch.no_grad():
-                self.embeds = self.encode_prompts(captions).float()
+        self.ids = self.tokenize(captions)
+        self.embeds = self.frozen_embeds(self.ids)
 
     def cache_untriggered(self, captions: list[str]) -> None:
         """Token ids (N + 1, 77) of each caption without the trigger, then of the empty caption, for
         the trigger-isolation loss; their base embeddings once when the text encoder is frozen."""
-        plain = [dataset.without_trigger(c, self.data.trigger) for c in captions] + [""]
-        self.plain_ids = self.base.tokenizer(plain, padding="max_length", truncation=True,
-                                             max_length=self.base.tokenizer.model_max_length,
-                                             return_tensors="pt").input_ids
-        self.plain_embeds = None
-        if not self.spec.text_encoder:
-            with torch.no_grad():
-                self.plain_embeds = self.encode_prompts(plain).float()
+        self.plain_ids = self.tokenize([dataset.without_trigger(c, self.data.trigger) for c in captions] + [""])
+        self.plain_embeds = self.frozen_embeds(self.plain_ids)
 
     def batch(self, g: torch.Generator, latents: torch.Tensor, ids: torch.Tensor, embeds):
         """(latents, text embeddings, image indices) of a random batch."""
@@ -165,12 +162,14 @@ class _Trainer:
         the trigger, or of the empty caption for half of them (at random)."""
         empty = torch.rand(len(idx), generator=g) < 0.5
         pick = torch.where(empty, torch.full_like(idx, len(self.plain_ids) - 1), idx)
-        if self.plain_embeds is not None:
+        if self.plain_embeds is not None:                 # frozen text encoder: the base's embeddings
             enc = self.plain_embeds[pick].to(self.acc.device)
             return enc, enc
+        # the base's pass first: turning adapters off and on again flips the LoRA's requires_grad,
+        # which must not happen to weights already in this step's graph
         with torch.no_grad(), lora_mod.adapters_off(self.base.text_encoder):
             frozen = self.base.text_encoder(self.plain_ids[pick].to(self.acc.device))[0]
-        return self.base.text_encoder(self.plain_ids[pick].to(self.acc.device))[0], frozen
+        return self.embed(pick, self.plain_ids, None), frozen
 
     # ---- one step ---------------------------------------------------------------------------
     def loss(self, lat: torch.Tensor, enc: torch.Tensor, g: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,9 +190,7 @@ class _Trainer:
             # one forward for both: the captions with the trigger, then without it
             pred = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
                              torch.cat([enc, plain]).to(self.weight_dtype)).sample.float()
-            pred, pred_plain = pred.chunk(2)
             target = torch.cat([target, frozen])
-            pred = torch.cat([pred, pred_plain])
         else:
             pred = self.unet(noisy, t, enc.to(self.weight_dtype)).sample.float()
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
