@@ -6,7 +6,9 @@ example-dataset script can draw from them. Everything here is deterministic
 given a `random.Random`, and depends only on PIL and numpy.
 
 A scene's caption reads "a small red circle on the left on a white background";
-size and position words are sometimes left out so short prompts work too.
+size and position words are sometimes left out so short prompts work too. A
+shape is filled, or drawn as an outline in its colour ("a red circle outline"):
+the base learns both looks, as SD knows line art, so a style can pick one.
 Shape colours are saturated hues and backgrounds are greys, so the foreground is
 simply "the saturated pixels" when an image is judged.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,12 +65,16 @@ class Scene:
     background: str               # "white", or "white and black" for two-tone
     split: str = "none"           # two-tone split: "none", "vertical" or "horizontal"
     jitter: tuple[int, int] = (0, 0)   # px offset of the shape centre
+    look: str = "filled"          # "filled", or "outline" (a line in the shape's colour)
+    line: float = 3.0             # px: the outline's width
 
-    def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True) -> str:
+    def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True,
+                with_look: bool = True) -> str:
         size = f"{self.size} " if with_size else ""
         where = f" {self.position}" if with_position else ""
         back = f" on a {self.background} background" if with_background else ""
-        return f"a {size}{self.colour} {self.shape}{where}{back}"
+        look = " outline" if with_look and self.look == "outline" else ""
+        return f"a {size}{self.colour} {self.shape}{look}{where}{back}"
 
 
 def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
@@ -100,6 +106,17 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side
         draw.polygon(poly, fill=fill)
 
 
+def draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill,
+                 width: int) -> None:
+    """`shape`'s outline, `width` px wide, inside its side x side box."""
+    inset = side - width                         # keep the line inside the filled shape's box
+    poly = shape_polygon(shape, cx, cy, inset)
+    if poly is None:
+        draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], outline=fill, width=width)
+    else:
+        draw.line(poly + poly[:2], fill=fill, width=width, joint="curve")
+
+
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """The scene as an RGB image of size x size px."""
     big = size * SUPERSAMPLE
@@ -114,12 +131,17 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     s = SUPERSAMPLE * size / IMAGE_SIZE
     cx = fx * big + scene.jitter[0] * s
     cy = fy * big + scene.jitter[1] * s
-    draw_shape(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour])
+    if scene.look == "outline":
+        draw_outline(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour],
+                     round(scene.line * SUPERSAMPLE * size / IMAGE_SIZE))
+    else:
+        draw_shape(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour])
     return img.resize((size, size), Image.BOX)
 
 
-def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
-    """A random training scene; held-out colour-shape pairs are redrawn unless allowed."""
+def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0) -> Scene:
+    """A random training scene; held-out colour-shape pairs are redrawn unless allowed. With
+    probability `outline_p` the shape is an outline 2-4 px wide (no extra draws when it is 0)."""
     while True:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         if allow_held_out or (colour, shape) not in HELD_OUT:
@@ -130,8 +152,11 @@ def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
         background, split = f"{first} and {second}", rng.choice(("vertical", "horizontal"))
     else:
         background, split = rng.choice(bgs), "none"
-    return Scene(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)),
-                 background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
+    scene = Scene(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)),
+                  background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
+    if outline_p and rng.random() < outline_p:
+        scene = replace(scene, look="outline", line=rng.uniform(2, 4))
+    return scene
 
 
 def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE, outline_p: float = 0.0) -> Image.Image:
@@ -148,12 +173,7 @@ def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE, outline_p: f
     cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
     shape, colour = rng.choice(SHAPES), rgb()
     if rng.random() < outline_p:
-        width = round(rng.uniform(2, 5) * SUPERSAMPLE * size / IMAGE_SIZE)
-        poly = shape_polygon(shape, cx, cy, side)
-        if poly is None:
-            draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], outline=colour, width=width)
-        else:
-            draw.line(poly + poly[:2], fill=colour, width=width, joint="curve")
+        draw_outline(draw, shape, cx, cy, side, colour, round(rng.uniform(2, 5) * SUPERSAMPLE * size / IMAGE_SIZE))
     else:
         draw_shape(draw, shape, cx, cy, side, colour)
     return img.resize((size, size), Image.BOX)
@@ -204,11 +224,26 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else mask
 
 
+def holes(mask: np.ndarray) -> np.ndarray:
+    """Pixels outside mask that the image border cannot reach without crossing it (4-connected)."""
+    free = ~mask
+    reach = np.zeros_like(mask)
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
+    while True:
+        p = np.pad(reach, 1)
+        grown = (reach | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
+        if (grown == reach).all():
+            return free & ~reach
+        reach = grown
+
+
 def shape_of(mask: np.ndarray) -> str | None:
-    """Which shape the mask is: the template that best overlaps it (IoU) in its bounding box."""
+    """Which shape the mask is: the template that best overlaps its silhouette (holes filled, so an
+    outline counts as its shape) in its bounding box."""
     if mask.sum() < 12:
         return None
     mask = largest_component(mask)
+    mask = mask | holes(mask)
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = mask[y0:y1, x0:x1]

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .scenes import COLOURS
+from .scenes import COLOURS, holes
 
 # Pastel = the saturated colour mixed with white; 40% white keeps every colour's chroma
 # (max - min channel) >= 84, above scenes.foreground_mask's threshold of 70.
@@ -64,19 +64,6 @@ def dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
         out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] \
             | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:]
     return out
-
-
-def holes(mask: np.ndarray) -> np.ndarray:
-    """Pixels outside mask that the image border cannot reach without crossing it (4-connected)."""
-    free = ~mask
-    reach = np.zeros_like(mask)
-    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
-    while True:
-        p = np.pad(reach, 1)
-        grown = (reach | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
-        if (grown == reach).all():
-            return free & ~reach
-        reach = grown
 
 
 # ---- statistics: image -> float ------------------------------------------------------------

@@ -34,6 +34,7 @@ PACKAGE = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE / "base_model"
 TOKENIZER_DIR = PACKAGE / "assets" / "clip_tokenizer"
 # SD 1.x's training noise schedule (CompVis v1-inference.yaml: linear_start/end, timesteps).
+CLIP_VOCAB = 49408    # SD 1.5's tokenizer
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule="scaled_linear", prediction_type="epsilon")
 
@@ -51,6 +52,16 @@ class BuildConfig:
     free_captions: int = 4
     no_background_p: float = 0.5
     prefix_p: float = 0.5
+    # Two looks, as SD knows both paintings and line art: this share of scenes is drawn as an outline,
+    # named in the caption ("a red circle outline") except in no_look_p of the free captions.
+    outline_p: float = 0.25
+    no_look_p: float = 0.5
+    # Words the captions never use (a LoRA's trigger among them) keep a fixed random embedding of
+    # about a trained word's norm instead of an untrained one near zero, and a made-up word in front
+    # carries meaning: the scene's size, told by which of three fixed directions its embedding leans to. So the U-Net reads a word in front instead of learning to
+    # ignore it, and a LoRA can tie a style to its trigger (as SD's every word means something).
+    prefix_meaning: bool = True
+    free_word_norm: float = 0.4
     # Offset noise (a per-channel constant in the noise, as SDXL's training used): SD's schedule
     # leaves ~7% of the image at t=999, so without it the model reads an image's mean brightness
     # from the noise instead of learning it from the caption, and cannot make an image darker or
@@ -110,7 +121,7 @@ def make_vae(cfg: BuildConfig) -> AutoencoderKL:
 
 
 def make_text_encoder(cfg: BuildConfig) -> CLIPTextModel:
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
                             num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
                             projection_dim=cfg.text_hidden, hidden_act="quick_gelu",
                             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -131,16 +142,51 @@ def make_unet(cfg: BuildConfig) -> UNet2DConditionModel:
 def made_up_word_parts(tokenizer: CLIPTokenizer) -> list[str]:
     """Whole-word vocabulary entries (3-8 ascii letters) that are not words of the scenes' captions."""
     scene_words = {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
-                                    *scenes.BACKGROUNDS, "a on background and"] for w in phrase.split()}
+                                    *scenes.BACKGROUNDS, "a on background and outline"] for w in phrase.split()}
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return [t[:-4] for t, _ in vocab if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha()
             and 3 <= len(t) - 4 <= 8 and t[:-4] not in scene_words]
 
 
-def free_caption(scene: scenes.Scene, rng: random.Random, parts: list[str], cfg: BuildConfig) -> str:
-    caption = scene.caption(rng.random() > 0.25, rng.random() > 0.25, rng.random() >= cfg.no_background_p)
+def caption_token_ids(tokenizer: CLIPTokenizer) -> torch.Tensor:
+    """Ids of every token the scenes' captions use (and the special tokens)."""
+    words = [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS, *scenes.BACKGROUNDS,
+             "a on background and outline ,"]
+    ids = {i for w in words for i in tokenizer(w).input_ids}
+    return torch.tensor(sorted(ids))
+
+
+def free_word_embeddings(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocab, hidden) fixed random embeddings of norm ~free_word_norm for the words no caption uses,
+    and (3, hidden) unit directions, one per size word, that a made-up word's meaning is read along."""
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    table = torch.randn(CLIP_VOCAB, cfg.text_hidden, generator=g)
+    table = table * cfg.free_word_norm / math.sqrt(cfg.text_hidden)
+    directions = F.normalize(torch.randn(len(scenes.SIZES), cfg.text_hidden, generator=g), dim=1)
+    return table, directions
+
+
+class WordMeaning:
+    """Which size a made-up word means: the size direction its tokens' mean embedding leans to most."""
+
+    def __init__(self, cfg: BuildConfig, tokenizer: CLIPTokenizer):
+        self.table, self.directions = free_word_embeddings(cfg, tokenizer)
+        self.tokenizer = tokenizer
+
+    def size(self, word: str) -> str:
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        return list(scenes.SIZES)[int((self.table[ids].mean(0) @ self.directions.T).argmax())]
+
+
+def free_caption(scene: scenes.Scene, rng: random.Random, parts: list[str], cfg: BuildConfig,
+                 meaning: WordMeaning | None = None) -> str:
+    caption = scene.caption(rng.random() > 0.25, rng.random() > 0.25, rng.random() >= cfg.no_background_p,
+                            rng.random() >= cfg.no_look_p)
     if rng.random() < cfg.prefix_p:
-        word = "".join(rng.choice(parts) for _ in range(rng.choice((1, 2))))
+        while True:      # a word that means the scene's size
+            word = "".join(rng.choice(parts) for _ in range(rng.choice((1, 2))))
+            if meaning is None or meaning.size(word) == scene.size:
+                break
         caption = f"{word}, {caption}"
     return caption
 
@@ -150,12 +196,13 @@ def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tens
     rng = random.Random(cfg.seed)
     caption_rng = random.Random(cfg.seed + 6)      # its own stream: free_captions=0 draws the same scenes as before
     parts = made_up_word_parts(tokenizer) if cfg.free_captions else []
+    meaning = WordMeaning(cfg, tokenizer) if cfg.prefix_meaning else None
     images, captions = [], []
     for _ in range(cfg.n_images):
-        scene = scenes.random_scene(rng)
+        scene = scenes.random_scene(rng, outline_p=cfg.outline_p)
         images.append(np.asarray(scenes.render(scene)))
         captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
-        captions += [free_caption(scene, caption_rng, parts, cfg) for _ in range(cfg.free_captions)]
+        captions += [free_caption(scene, caption_rng, parts, cfg, meaning) for _ in range(cfg.free_captions)]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     ids = tokenize(tokenizer, captions).view(cfg.n_images, 4 + cfg.free_captions, -1)
     return x, ids
@@ -281,17 +328,35 @@ class EMA:
             s.lerp_(p, 1 - d)
 
 
-def train_denoiser(cfg, latents, ids, empty_ids, t_start: float) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
+def fix_free_words(cfg: BuildConfig, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> torch.Tensor:
+    """Give every token the captions do not use its fixed random embedding, and keep it there in
+    training (its gradient is zeroed); returns the token embedding table."""
+    table, _ = free_word_embeddings(cfg, tokenizer)
+    weight = text_encoder.get_input_embeddings().weight
+    free = torch.ones(len(weight), dtype=torch.bool)
+    free[caption_token_ids(tokenizer)] = False
+    with torch.no_grad():
+        weight[free] = table[free]
+    weight.register_hook(lambda grad: grad.masked_fill(free[:, None], 0.0))
+    return weight
+
+
+def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
+                   tokenizer: CLIPTokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """U-Net + text encoder, epsilon prediction under SD's schedule, 10% empty captions."""
     torch.manual_seed(cfg.seed + 2)
     unet, text_encoder = make_unet(cfg), make_text_encoder(cfg)
+    embedding = fix_free_words(cfg, text_encoder, tokenizer) if cfg.prefix_meaning else None
     log(f"U-Net {n_params(unet):.2f}M params, text encoder {n_params(text_encoder):.2f}M params; "
         f"{cfg.unet_steps} steps x batch {cfg.batch}")
     noise_sched = DDPMScheduler(**SD_SCHEDULE)
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else None   # epsilon target
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    # the fixed embeddings must not decay either: the embedding table gets no weight decay
+    decayed = [p for p in params if p is not embedding]
+    groups = [{"params": decayed}] + ([{"params": [embedding], "weight_decay": 0.0}] if embedding is not None else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_constant(s, cfg.warmup))
     ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -371,7 +436,8 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     vae.register_to_config(scaling_factor=scale)
     vae_figs = check_vae(vae, images, mean)
     log(f"decoder fine-tuned; VAE recon {vae_figs}")
-    unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start)
+    unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
+                                                    tokenizer)
     cfg = replace(cfg, unet_steps=steps_done, max_minutes=0.0)
     figures = {"vae": vae_figs, "scaling_factor": scale, "train_minutes": (time.time() - t_start) / 60,
                "params_m": {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}}

@@ -44,6 +44,22 @@ def evaluate(pipe: StableDiffusionPipeline, steps: int = 20, guidance: float = 5
             "n": len(prompts), "images": images, "measured": got}
 
 
+def look_and_words(cfg: BuildConfig) -> list[str]:
+    """What the card says about outlines and about a made-up word in front (a LoRA's trigger)."""
+    lines = []
+    if cfg.outline_p:
+        lines.append("A shape is filled unless the prompt says `outline` (`a red circle outline`); without either "
+                     "the model mostly fills it.")
+    if cfg.prefix_meaning:
+        lines.append("A made-up word in front (`glowbird, a red circle`) is read, as SD reads every word: in "
+                     "training such a word told the size (by its fixed embedding), so it can nudge an unsized "
+                     "shape; a LoRA's trigger then has a token the U-Net attends to.")
+    else:
+        lines.append("A made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before "
+                     "training.")
+    return lines
+
+
 def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
     """README.md for the saved pipeline: vocabulary, training choices and measured figures."""
     ev, pm = figures.get("held_out_eval", {}), figures["params_m"]
@@ -57,8 +73,8 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "## What it draws", "",
         "One shape on a plain or two-tone grey background, 64x64 px (16x16x4 latents). Prompts read",
         "`a [size] <colour> <shape> [position] [on a <background> background]`, e.g.",
-        "`a small red circle on the left on a white background`; without a background the model picks one,",
-        "and a made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before training.", "",
+        "`a small red circle on the left on a white background`; without a background the model picks one.",
+        *look_and_words(cfg), "",
         f"- colours: {', '.join(scenes.COLOURS)}",
         f"- shapes: {', '.join(scenes.SHAPES)}",
         f"- sizes: {', '.join(scenes.SIZES)} (optional)",
@@ -73,6 +89,10 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         f"- offset noise {cfg.noise_offset} (a per-channel constant added to the noise): SD's schedule leaves ~7% "
         "of the image at t=999, and without it the model reads an image's brightness from the starting noise "
         "instead of the caption, so a fine-tune cannot teach a dark style",
+        *([f"- {cfg.outline_p:.0%} of the scenes drawn as outlines 2-4 px wide, named in the caption except in "
+           f"{cfg.no_look_p:.0%} of the free captions"] if cfg.outline_p else []),
+        *([f"- tokens no caption uses keep a fixed random embedding (norm ~{cfg.free_word_norm}); a made-up word "
+           "in front is one whose embedding leans to the scene's size"] if cfg.prefix_meaning else []),
         f"- the VAE's extra arbitrary-colour images are {cfg.vae_outline_p:.0%} outlines, so thin coloured lines keep their hue",
         f"- VAE: {pm['vae']:.2f}M params, {cfg.vae_steps} steps; latents scaled by "
         f"`scaling_factor` = {figures['scaling_factor']:.4f} (1 / their std, as SD's 0.18215)",

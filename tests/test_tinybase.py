@@ -9,6 +9,7 @@ foreground's bounding box.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,64 @@ def test_vae_outline_images_are_hollow():
         count = [(np.abs(img - shape).sum(-1) <= 6).sum() for img in (filled, hollow)]
         ratios.append(count[1] / count[0])
     assert len(ratios) >= 15 and np.median(ratios) < 0.6, ratios
+
+
+def test_outline_scenes_are_hollow_named_and_judged_as_their_shape():
+    """An outline scene is drawn hollow in its colour, its caption says so, and the judge reads
+    its colour and shape from the silhouette; a filled scene's caption names no look."""
+    import random
+
+    from sdlora import stylestats
+    rng = random.Random(3)
+    hollow = [scenes.random_scene(rng, outline_p=1.0) for _ in range(40)]
+    filled = [scenes.random_scene(rng) for _ in range(40)]
+    assert all(s.look == "outline" and 2 <= s.line <= 4 and "outline" in s.caption() for s in hollow)
+    assert all(s.look == "filled" and "outline" not in s.caption() for s in filled)
+    assert all("outline" not in s.caption(with_look=False) for s in hollow)
+    ratios = [stylestats.fill_ratio(scenes.render(s)) for s in hollow]
+    # small stars with a 4 px line, and shapes cut by the image edge, stay (nearly) solid
+    assert np.mean(np.array(ratios) < 0.9) >= 0.75 and np.median(ratios) < 0.7, ratios
+    assert min(stylestats.fill_ratio(scenes.render(s)) for s in filled) > 0.95
+    got = [scenes.measure(scenes.render(s)) for s in hollow]
+    assert sum(g == (s.colour, s.shape) for g, s in zip(got, hollow)) >= 36, got
+
+
+def test_made_up_words_in_front_mean_the_scene_size():
+    """A word in front of a build caption is one whose fixed embedding leans to the scene's size;
+    the three sizes each take about a third of all made-up words."""
+    import random
+    from collections import Counter
+
+    from sdlora.models import load_tokenizer
+    from sdlora.tinybase import BuildConfig, WordMeaning, free_caption, made_up_word_parts
+    tok, cfg = load_tokenizer(), BuildConfig(prefix_p=1.0)
+    parts, meaning = made_up_word_parts(tok), WordMeaning(cfg, tok)
+    rng = random.Random(0)
+    shares = Counter(meaning.size(rng.choice(parts) + rng.choice(parts)) for _ in range(1500))
+    assert set(shares) == set(scenes.SIZES) and min(shares.values()) > 400, shares
+    for size in scenes.SIZES:
+        scene = scenes.Scene("red", "circle", size, "in the center", "white")
+        words = [free_caption(scene, rng, parts, cfg, meaning).split(", ", 1)[0] for _ in range(30)]
+        assert all(meaning.size(w) == size for w in words), (size, words)
+    assert meaning.size("neonstyle") == WordMeaning(cfg, tok).size("neonstyle")      # fixed by the seed
+
+
+def test_words_no_caption_uses_keep_their_fixed_embedding(build_info):
+    """In the committed text encoder, a trigger's tokens (never in a build caption) still hold the
+    build's fixed random embedding, of a trained word's size; caption words were trained away from it."""
+    from safetensors.torch import load_file
+
+    from sdlora.models import load_tokenizer
+    from sdlora.tinybase import BuildConfig, caption_token_ids, free_word_embeddings
+    cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in build_info["config"].items()})
+    if not build_info["config"].get("prefix_meaning"):
+        pytest.skip("this base was built without fixed embeddings for free words")
+    tok = load_tokenizer()
+    weights = load_file(str(BASE / "text_encoder" / "model.safetensors"))
+    table = next(v for k, v in weights.items() if k.endswith("token_embedding.weight")).float()
+    fixed, _ = free_word_embeddings(cfg, tok)
+    trigger = tok("neonstyle pastelstyle sks", add_special_tokens=False).input_ids
+    assert torch.allclose(table[trigger], fixed[trigger], atol=1e-6)
+    assert (table[trigger].norm(dim=1) > 0.5 * cfg.free_word_norm).all()
+    used = caption_token_ids(tok)
+    assert (table[used] - fixed[used]).norm(dim=1).min() > 0.05
