@@ -55,6 +55,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--trigger-isolation", type=float, default=TrainConfig.trigger_isolation,
                    help="weight that keeps prompts without the trigger (and guidance's empty prompt) as the "
                         "base draws them (0 = off)")
+    p.add_argument("--word-dropout", type=float, default=TrainConfig.word_dropout,
+                   help="leave each caption word but the trigger out with this probability, in "
+                        "--caption-variants variants per image (0 = off)")
+    p.add_argument("--caption-variants", type=int, default=TrainConfig.caption_variants)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
@@ -80,7 +84,7 @@ def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
                       mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
                       noise_offset=a.noise_offset, min_snr_gamma=a.min_snr_gamma,
                       prior_loss_weight=a.prior_loss_weight, trigger_isolation=a.trigger_isolation,
-                      seed=a.seed, sample_every=a.sample_every,
+                      word_dropout=a.word_dropout, caption_variants=a.caption_variants, seed=a.seed, sample_every=a.sample_every,
                       checkpoint_every=a.checkpoint_every, output_dir=a.output_dir, run_name=a.name,
                       save_format=a.format, save_dtype=a.save_dtype)
     return data, spec, cfg

@@ -138,6 +138,12 @@ class TrainConfig:
     # pulled toward the frozen base's, with this weight; 0 disables. Without it a style LoRA also
     # restyles prompts that lack the trigger, and guidance subtracts the style from itself.
     trigger_isolation: float = 1.0
+    # Each step may train on a variant of a caption with words other than the trigger left out, each
+    # with this probability (caption_variants per image, the full caption among them; the trigger-less
+    # captions of trigger_isolation follow the same variants). The trigger is then the one word every
+    # caption of the style shares, so the style is tied to it rather than to the content words.
+    word_dropout: float = 0.0
+    caption_variants: int = 8
     seed: int = 0
     sample_every: int = 0              # steps between sample images; 0 disables
     sample_prompts: tuple[str, ...] = ()  # default: the trigger prompt and a prompt without it
@@ -168,6 +174,8 @@ class TrainConfig:
             _finite("min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
         _finite("prior_loss_weight", self.prior_loss_weight, 0.0)
         _finite("trigger_isolation", self.trigger_isolation, 0.0)
+        _finite("word_dropout", self.word_dropout, 0.0, 0.95)
+        _int("caption_variants", self.caption_variants, 1, 256)
         _int("seed", self.seed, 0, 2**32 - 1)
         _int("sample_every", self.sample_every, 0)
         _int("checkpoint_every", self.checkpoint_every, 0)

@@ -8,6 +8,7 @@ decoding lives in `images.py`; `load_image` and `to_tensor` are re-exported here
 """
 from __future__ import annotations
 
+import random
 import re
 import stat
 from dataclasses import dataclass, field
@@ -66,6 +67,20 @@ def without_trigger(caption: str, trigger: str) -> str:
     text = re.sub(r"\s+([,.;:])", r"\1", " ".join(text.split()))     # no space before punctuation
     text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)                # 'a, , b' -> 'a, b'
     return text.strip(" ,;:")
+
+
+def drop_words(caption: str, trigger: str, p: float, rng: random.Random) -> str:
+    """The caption with each word other than the trigger left out with probability p
+    ('sks, a large red circle' -> 'sks, large circle'): the trigger is the one word all variants share."""
+    words = caption.split()
+    kept = [w for w in words if re.sub(r"\W", "", w).lower() == trigger.lower() or rng.random() >= p]
+    return " ".join(kept).strip(" ,;:")
+
+
+def caption_variants(captions: list[str], trigger: str, p: float, n: int, seed: int) -> list[str]:
+    """n variants of each caption, image by image (the caption itself first, then n - 1 with words dropped)."""
+    rng = random.Random(seed)
+    return [v for c in captions for v in [c] + [drop_words(c, trigger, p, rng) for _ in range(n - 1)]]
 
 
 def _caption(path: Path, trigger: str, template: str) -> tuple[str, str, list[Problem]]:

@@ -120,8 +120,9 @@ class _Trainer:
         with torch.no_grad():
             return self.base.text_encoder(ids.to(self.acc.device))[0].float()
 
-    def cache(self, items, captions: list[str]) -> None:
-        """Latents once per image (and per flip); text embeddings once when the text encoder is frozen."""
+    def cache(self, items, captions: list[str], variants: int = 1) -> None:
+        """Latents once per image (and per flip); text embeddings once when the text encoder is frozen,
+        of `variants` captions per image (see TrainConfig.word_dropout)."""
         vae = self.base.vae
         latents = []
         with torch.no_grad():
@@ -135,6 +136,9 @@ class _Trainer:
                                         "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
                 latents.append(lat.float())
         self.latents = torch.stack(latents)                 # (N, sides, 4, h, w)
+        if variants > 1:                                    # (N * variants) captions, image by image
+            captions = dataset.caption_variants(captions, self.data.trigger, self.cfg.word_dropout, variants,
+                                                self.cfg.seed)
         self.captions = captions
         self.ids = self.tokenize(captions)
         self.embeds = self.frozen_embeds(self.ids)
@@ -146,10 +150,13 @@ class _Trainer:
         self.plain_embeds = self.frozen_embeds(self.plain_ids)
 
     def batch(self, g: torch.Generator, latents: torch.Tensor, ids: torch.Tensor, embeds):
-        """(latents, text embeddings, image indices) of a random batch."""
+        """(latents, text embeddings, caption indices) of a random batch."""
         idx = torch.randint(len(latents), (self.cfg.batch_size,), generator=g)
         side = torch.randint(latents.shape[1], (self.cfg.batch_size,), generator=g)
         lat = latents[idx, side].to(self.acc.device)
+        variants = len(ids) // len(latents)
+        if variants > 1:                                  # one of each image's caption variants
+            idx = idx * variants + torch.randint(variants, (self.cfg.batch_size,), generator=g)
         return lat, self.embed(idx, ids, embeds), idx
 
     def embed(self, idx: torch.Tensor, ids: torch.Tensor, embeds) -> torch.Tensor:
@@ -215,8 +222,9 @@ class _Trainer:
     def setup(self, run_dir: Path, resume_from: Path | None) -> int:
         from diffusers.optimization import get_scheduler
         base, cfg = self.base, self.cfg
-        self.cache(self.plan.items, [it.caption for it in self.plan.items])
-        self.cache_untriggered([it.caption for it in self.plan.items])
+        self.cache(self.plan.items, [it.caption for it in self.plan.items],
+                   cfg.caption_variants if cfg.word_dropout else 1)
+        self.cache_untriggered(self.captions)
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         lora_mod.inject(base.unet, base.text_encoder, self.spec)

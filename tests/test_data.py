@@ -484,3 +484,21 @@ def test_dataset_side_files_are_not_judged_as_images(tmp_path):
 def test_caption_without_trigger(caption, expected):
     from sdlora.data import without_trigger
     assert without_trigger(caption, "zqx") == expected
+
+
+def test_word_dropout_keeps_the_trigger_and_drops_about_p_of_the_rest():
+    import random
+
+    from sdlora.data import caption_variants, drop_words
+    caption = "zqx, a large red circle in the center on a gray background"
+    rng = random.Random(0)
+    dropped = [drop_words(caption, "zqx", 0.3, rng) for _ in range(400)]
+    assert all(d.startswith("zqx") for d in dropped)
+    kept = np.mean([len(d.split()) - 1 for d in dropped]) / (len(caption.split()) - 1)
+    assert 0.65 < kept < 0.75, kept
+    assert all(set(d.split()) <= set(caption.split()) for d in dropped)
+    assert drop_words("a red circle, ZQX style", "zqx", 0.99, random.Random(1)) == "ZQX"
+    out = caption_variants(["zqx, a red circle", "zqx, a blue star"], "zqx", 0.5, 4, seed=3)
+    assert len(out) == 8 and out[0] == "zqx, a red circle" and out[4] == "zqx, a blue star"
+    assert out == caption_variants(["zqx, a red circle", "zqx, a blue star"], "zqx", 0.5, 4, seed=3)
+    assert len(set(out[:4])) > 1 and all("red" not in v for v in out[4:])

@@ -201,3 +201,30 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
     assert base_lora_lr(str(folder)) == 5e-4
     (folder / "build.json").write_text("{not json")
     assert base_lora_lr(str(folder)) is None
+
+
+def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_path, style_dir):
+    """With word_dropout each image has caption_variants captions (its own first), each with the
+    trigger; a batch draws one of its image's variants, and the trigger-less captions follow them."""
+    from sdlora import Callbacks
+    t = _Trainer(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
+                 cfg(tmp_path, word_dropout=0.5, caption_variants=4), Callbacks(), None, None)
+    t.setup(tmp_path / "run", None)
+    n = len(t.plan.items)
+    assert len(t.captions) == 4 * n and t.ids.shape[0] == 4 * n and t.embeds.shape[0] == 4 * n
+    assert t.plain_ids.shape[0] == 4 * n + 1                        # + the empty caption
+    assert all(c.startswith("zqx") for c in t.captions)
+    assert [t.captions[4 * i] for i in range(n)] == [it.caption for it in t.plan.items]
+    assert len(set(t.captions)) > n
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        lat, enc, idx = t.batch(g, t.latents, t.ids, t.embeds)
+        i = int(idx[0])
+        assert torch.equal(lat[0], t.latents[i // 4, 0]) or torch.equal(lat[0], t.latents[i // 4, -1])
+        assert torch.equal(enc[0], t.embeds[i])
+        seen.add(i % 4)
+    assert seen == {0, 1, 2, 3}
+    off = _Trainer(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path), Callbacks(), None, None)
+    off.setup(tmp_path / "run2", None)
+    assert len(off.captions) == n
