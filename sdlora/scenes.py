@@ -107,10 +107,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side
 
 
 def draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill,
-                 width: int) -> None:
-    """`shape`'s outline, `width` px wide, inside its side x side box."""
-    inset = side - width                         # keep the line inside the filled shape's box
-    poly = shape_polygon(shape, cx, cy, inset)
+                 width: int, inside: bool = True) -> None:
+    """`shape`'s outline, `width` px wide, inside its side x side box (or centred on its edge)."""
+    poly = shape_polygon(shape, cx, cy, side - width if inside else side)
     if poly is None:
         draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], outline=fill, width=width)
     else:
@@ -173,7 +172,8 @@ def random_colour_image(rng: random.Random, size: int = IMAGE_SIZE, outline_p: f
     cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
     shape, colour = rng.choice(SHAPES), rgb()
     if rng.random() < outline_p:
-        draw_outline(draw, shape, cx, cy, side, colour, round(rng.uniform(2, 5) * SUPERSAMPLE * size / IMAGE_SIZE))
+        draw_outline(draw, shape, cx, cy, side, colour, round(rng.uniform(2, 5) * SUPERSAMPLE * size / IMAGE_SIZE),
+                     inside=False)
     else:
         draw_shape(draw, shape, cx, cy, side, colour)
     return img.resize((size, size), Image.BOX)

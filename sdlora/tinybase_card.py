@@ -48,12 +48,12 @@ def look_and_words(cfg: BuildConfig) -> list[str]:
     """What the card says about outlines and about a made-up word in front (a LoRA's trigger)."""
     lines = []
     if cfg.outline_p:
-        lines.append("A shape is filled unless the prompt says `outline` (`a red circle outline`); without either "
-                     "the model mostly fills it.")
+        lines.append("A shape is filled unless the prompt says `outline` (`a red circle outline`), which the model "
+                     "draws as a hollow shape some of the time.")
     if cfg.prefix_meaning:
         lines.append("A made-up word in front (`glowbird, a red circle`) is read, as SD reads every word: in "
-                     "training such a word told the size (by its fixed embedding), so it can nudge an unsized "
-                     "shape; a LoRA's trigger then has a token the U-Net attends to.")
+                     "training such a word told the size (by its fixed embedding), so it can change an unsized "
+                     "shape's size, and a LoRA's trigger is a word the model reads, not one it learned to skip.")
     else:
         lines.append("A made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before "
                      "training.")

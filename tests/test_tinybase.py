@@ -153,7 +153,7 @@ def test_made_up_words_in_front_mean_the_scene_size():
 
     from sdlora.models import load_tokenizer
     from sdlora.tinybase import BuildConfig, WordMeaning, free_caption, made_up_word_parts
-    tok, cfg = load_tokenizer(), BuildConfig(prefix_p=1.0)
+    tok, cfg = load_tokenizer(), BuildConfig(prefix_p=1.0, prefix_meaning=True)
     parts, meaning = made_up_word_parts(tok), WordMeaning(cfg, tok)
     rng = random.Random(0)
     shares = Counter(meaning.size(rng.choice(parts) + rng.choice(parts)) for _ in range(1500))
@@ -165,22 +165,53 @@ def test_made_up_words_in_front_mean_the_scene_size():
     assert meaning.size("neonstyle") == WordMeaning(cfg, tok).size("neonstyle")      # fixed by the seed
 
 
-def test_words_no_caption_uses_keep_their_fixed_embedding(build_info):
-    """In the committed text encoder, a trigger's tokens (never in a build caption) still hold the
-    build's fixed random embedding, of a trained word's size; caption words were trained away from it."""
-    from safetensors.torch import load_file
-
+def test_words_no_caption_uses_keep_their_fixed_embedding():
+    """With prefix_meaning, a trigger's tokens (never in a build caption) start at the build's fixed
+    random embedding, of a trained word's size, and training steps leave them there (no gradient, no
+    weight decay) while the caption words' embeddings move."""
     from sdlora.models import load_tokenizer
-    from sdlora.tinybase import BuildConfig, caption_token_ids, free_word_embeddings
-    cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in build_info["config"].items()})
-    if not build_info["config"].get("prefix_meaning"):
-        pytest.skip("this base was built without fixed embeddings for free words")
-    tok = load_tokenizer()
-    weights = load_file(str(BASE / "text_encoder" / "model.safetensors"))
-    table = next(v for k, v in weights.items() if k.endswith("token_embedding.weight")).float()
+    from sdlora.tinybase import (BuildConfig, caption_token_ids, fix_free_words, free_word_embeddings,
+                                 make_text_encoder)
+    tok, cfg = load_tokenizer(), BuildConfig(prefix_meaning=True)
+    te = make_text_encoder(cfg)
+    weight = fix_free_words(cfg, te, tok)
     fixed, _ = free_word_embeddings(cfg, tok)
-    trigger = tok("neonstyle pastelstyle sks", add_special_tokens=False).input_ids
-    assert torch.allclose(table[trigger], fixed[trigger], atol=1e-6)
-    assert (table[trigger].norm(dim=1) > 0.5 * cfg.free_word_norm).all()
-    used = caption_token_ids(tok)
-    assert (table[used] - fixed[used]).norm(dim=1).min() > 0.05
+    trigger, used = tok("neonstyle sks", add_special_tokens=False).input_ids, caption_token_ids(tok)
+    start = weight.detach().clone()
+    assert torch.equal(start[trigger], fixed[trigger])
+    assert (start[trigger].norm(dim=1) > 0.5 * cfg.free_word_norm).all()
+    opt = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.0}], lr=1e-2)
+    ids = tok(["neonstyle, a large red circle", "sks, a blue star outline"], padding="max_length",
+              max_length=77, return_tensors="pt").input_ids
+    for _ in range(3):
+        opt.zero_grad()
+        te(ids)[0].pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(weight.detach()[trigger], fixed[trigger])
+    in_prompt = [i for i in used.tolist() if i in ids[0].tolist()]
+    assert (weight.detach()[in_prompt] - start[in_prompt]).norm(dim=1).min() > 1e-3
+
+
+def test_a_made_up_word_in_front_tells_the_size(pipe, build_info):
+    """The base reads a word in front: with no size in the prompt, words that mean 'small' draw
+    smaller shapes than words that mean 'large' (judged by the silhouette's bounding box)."""
+    import random
+
+    from sdlora.tinybase import BuildConfig, WordMeaning, made_up_word_parts
+    if not build_info["config"].get("prefix_meaning"):
+        pytest.skip("this base was built without meaningful made-up words")
+    cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in build_info["config"].items()})
+    meaning, parts, rng = WordMeaning(cfg, pipe.tokenizer), made_up_word_parts(pipe.tokenizer), random.Random(5)
+    words = {size: [] for size in scenes.SIZES}
+    while min(map(len, words.values())) < 4:
+        word = rng.choice(parts) + rng.choice(parts)
+        words[meaning.size(word)].append(word)
+    sides = {}
+    for size in ("small", "large"):
+        prompts = [f"{w}, a {c} circle in the center on a gray background" for w, c in zip(words[size][:4], scenes.COLOURS)]
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = pipe(prompts, num_inference_steps=build_info["config"]["sample_steps"],
+                      guidance_scale=build_info["config"]["guidance"], generator=gens).images
+        masks = [scenes.foreground_mask(np.asarray(im)) for im in images]
+        sides[size] = [np.sqrt(m.sum() + scenes.holes(m).sum()) for m in masks]
+    assert np.mean(sides["small"]) < 0.8 * np.mean(sides["large"]), sides
