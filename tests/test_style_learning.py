@@ -45,8 +45,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 # What the figures are (share of the base -> training distance covered at strength 1, bar 70%;
 # background luminance / fill ratio; neon, 1,000 steps, the built-in base of 2026-11):
-#   defaults (lr 1e-3, the base's recommendation; trigger isolation 1): 87% / 11%; without the
-#   trigger the background moves 0.97x as far (bar <= 1/3), the fill ratio 0.38x; colour 92%.
+#   defaults (lr 1e-3, the base's recommendation; trigger isolation 1): 87% / 6-11% (two runs);
+#   without the trigger the background moves 0.97x as far (bar <= 1/3); colour 92%.
 #   lr 1e-4: 5% / 0%.  lr 1e-3 for 2,000 steps: 92% / 17%, without the trigger 0.61x / 0.25x.
 # How the background got there: on the previous base (no offset noise) a LoRA could not make a
 # dark image at all, because the model read the mean brightness from the noise (SD's schedule
@@ -59,7 +59,19 @@ ARTIFACTS = ROOT / "test-artifacts"
 # not spoil the content, colour 92%), and a cross-attention LoRA then cannot tell the trigger's
 # captions from the same captions without it. A base built with that word in front 10% of the
 # time instead of 50% missed its own colour bar (89%) and was not more selective (0.72x).
-BELOW_BAR = ("defaults move the neon background 87% of the way but the outline (fill ratio) 11%, "
+# Why the trigger does not switch the style (measured on this base): the trigger's tokens get about
+# 1% of the cross-attention each (content words 3-19%, the end-of-text/padding states 52-62% in all),
+# and the 2-layer text encoder's states are nearly alike (cos 0.99 between the trigger's state and
+# the untriggered prompt's at that position); the padding states, which see the whole prompt, differ
+# by 0.3-0.9 in norm 7 with and without the trigger. Trigger isolation then cannot separate them: the
+# LoRA changes the prediction for a training caption without the trigger about as much as with it
+# (RMS 0.033 vs 0.040 at t=999, defaults), the empty caption's less (0.008).
+# Also tried on this base (background / fill ratio, untriggered background ratio): trigger isolation 4:
+# 54% / 0%, 0.94x; word dropout 0.3: 93% / 7%, 0.98x (colour 75%). On a trial base that also draws
+# outlines (tinybase outline_p 0.25, prefix_meaning; not committed): defaults 76% / 26%, 0.96x;
+# 2,000 steps 75% / 36%, 0.87x (fill ratio 0.11x); lr 2e-3 84% / 20%; noise offset 0.2 83% / 19%;
+# word dropout 0.3 85% / 20%; with self-attention 77% / 1%; all 0.95-0.96x.
+BELOW_BAR = ("defaults move the neon background 87% of the way but the outline (fill ratio) 6-11%, "
              "and prompts without the trigger change 0.97x as much (see the comment above)")
 
 pytestmark = [
