@@ -70,7 +70,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 # 54% / 0%, 0.94x; word dropout 0.3: 93% / 7%, 0.98x (colour 75%). On a trial base that also draws
 # outlines (tinybase outline_p 0.25, prefix_meaning; not committed): defaults 76% / 26%, 0.96x;
 # 2,000 steps 75% / 36%, 0.87x (fill ratio 0.11x); lr 2e-3 84% / 20%; noise offset 0.2 83% / 19%;
-# word dropout 0.3 85% / 20%; with self-attention 77% / 1%; all 0.95-0.96x.
+# word dropout 0.3 85% / 20%; with self-attention 77% / 1%; all 0.95-0.96x. A second trial base with
+# the free words' fixed embeddings at norm 8 and outline_p 0.4 (held-out colour 97%, shape 75%): the
+# trigger's state less alike (cos 0.96) and ~2% of the attention per token, yet defaults 98% / 24%,
+# 1.00x. Neither trial base learned what a word in front means (same size for 'small' and 'large' words).
 BELOW_BAR = ("defaults move the neon background 87% of the way but the outline (fill ratio) 6-11%, "
              "and prompts without the trigger change 0.97x as much (see the comment above)")
 
