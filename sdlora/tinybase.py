@@ -61,7 +61,7 @@ class BuildConfig:
     # norm free_word_norm instead of an untrained one near zero, and a made-up word in front carries
     # meaning: the scene's size, told by which of three fixed directions its embedding leans to. Meant
     # to make the U-Net read a word in front instead of skipping it, so a LoRA can tie a style to its
-    # trigger; at norm 0.4 the model did not learn the meaning (tests/test_tinybase.py checks it).
+    # trigger; at norms 0.4 and 8 the model did not learn the meaning (tests/test_tinybase.py checks it).
     prefix_meaning: bool = False
     free_word_norm: float = 0.4
     # Offset noise (a per-channel constant in the noise, as SDXL's training used): SD's schedule
