@@ -84,7 +84,8 @@ def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
                       mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
                       noise_offset=a.noise_offset, min_snr_gamma=a.min_snr_gamma,
                       prior_loss_weight=a.prior_loss_weight, trigger_isolation=a.trigger_isolation,
-                      word_dropout=a.word_dropout, caption_variants=a.caption_variants, seed=a.seed, sample_every=a.sample_every,
+                      word_dropout=a.word_dropout, caption_variants=a.caption_variants,
+                      seed=a.seed, sample_every=a.sample_every,
                       checkpoint_every=a.checkpoint_every, output_dir=a.output_dir, run_name=a.name,
                       save_format=a.format, save_dtype=a.save_dtype)
     return data, spec, cfg

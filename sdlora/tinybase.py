@@ -141,12 +141,16 @@ def make_unet(cfg: BuildConfig) -> UNet2DConditionModel:
 
 # ---- data ---------------------------------------------------------------------
 
+def caption_words(outlines: bool = True) -> set[str]:
+    """Every word of the scenes' captions ('outline' only when the build draws outlines)."""
+    return {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
+                             *scenes.BACKGROUNDS, "a on background and", "outline" * outlines]
+            for w in phrase.split()}
+
+
 def made_up_word_parts(tokenizer: CLIPTokenizer, outlines: bool = True) -> list[str]:
-    """Whole-word vocabulary entries (3-8 ascii letters) that are not words of the scenes' captions
-    ('outline' is one when the build draws outlines)."""
-    scene_words = {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
-                                    *scenes.BACKGROUNDS, "a on background and", "outline" * outlines]
-                   for w in phrase.split()}
+    """Whole-word vocabulary entries (3-8 ascii letters) that are not words of the scenes' captions."""
+    scene_words = caption_words(outlines)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return [t[:-4] for t, _ in vocab if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha()
             and 3 <= len(t) - 4 <= 8 and t[:-4] not in scene_words]
@@ -154,9 +158,7 @@ def made_up_word_parts(tokenizer: CLIPTokenizer, outlines: bool = True) -> list[
 
 def caption_token_ids(tokenizer: CLIPTokenizer) -> torch.Tensor:
     """Ids of every token the scenes' captions use (and the special tokens)."""
-    words = [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS, *scenes.BACKGROUNDS,
-             "a on background and outline ,"]
-    ids = {i for w in words for i in tokenizer(w).input_ids}
+    ids = {i for w in [*caption_words(), ","] for i in tokenizer(w).input_ids}
     return torch.tensor(sorted(ids))
 
 

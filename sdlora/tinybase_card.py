@@ -51,9 +51,9 @@ def look_and_words(cfg: BuildConfig) -> list[str]:
         lines.append("A shape is filled unless the prompt says `outline` (`a red circle outline`), which the model "
                      "draws as a hollow shape some of the time.")
     if cfg.prefix_meaning:
-        lines.append("A made-up word in front (`glowbird, a red circle`) is read, as SD reads every word: in "
-                     "training such a word told the size (by its fixed embedding), so it can change an unsized "
-                     "shape's size, and a LoRA's trigger is a word the model reads, not one it learned to skip.")
+        lines.append("In training, a made-up word in front (`glowbird, a red circle`) told the size by its fixed "
+                     "embedding, so that the model would read such a word (a LoRA's trigger) instead of skipping "
+                     "it; tests/test_tinybase.py checks whether it learned to.")
     else:
         lines.append("A made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before "
                      "training.")
