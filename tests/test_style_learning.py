@@ -60,7 +60,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 # captions from the same captions without it. A base built with that word in front 10% of the
 # time instead of 50% missed its own colour bar (89%) and was not more selective (0.72x).
 # Why the trigger does not switch the style (measured on this base): the trigger's tokens get about
-# 1% of the cross-attention each (content words 3-19%, the end-of-text/padding states 52-62% in all),
+# 1% of the cross-attention each (the colour and shape words 3-19%, end-of-text/padding 52-62% in all),
 # and the 2-layer text encoder's states are nearly alike (cos 0.99 between the trigger's state and
 # the untriggered prompt's at that position); the padding states, which see the whole prompt, differ
 # by 0.3-0.9 in norm 7 with and without the trigger. Trigger isolation then cannot separate them: the
