@@ -64,6 +64,13 @@ class BuildConfig:
     # trigger; at norms 0.4 and 8 the model did not learn the meaning (tests/test_tinybase.py checks it).
     prefix_meaning: bool = False
     free_word_norm: float = 0.4
+    # Word identity: a second loss on the text encoder, weighted by this, that reads each word's token
+    # back from its output state and the caption's words from the end-of-text state (see WordIdentity).
+    # Trained on denoising alone, the encoder gives every word it was not taught (a trigger among them)
+    # nearly the same state, so a LoRA on the U-Net cannot tell a prompt with the trigger from one
+    # without it. 0 (the committed base) trains on denoising alone.
+    identity_weight: float = 0.0
+    identity_candidates: int = 512      # random vocabulary tokens each step's read-back chooses among
     # Offset noise (a per-channel constant in the noise, as SDXL's training used): SD's schedule
     # leaves ~7% of the image at t=999, so without it the model reads an image's mean brightness
     # from the noise instead of learning it from the caption, and cannot make an image darker or
@@ -334,6 +341,43 @@ class EMA:
             s.lerp_(p, 1 - d)
 
 
+class WordIdentity(torch.nn.Module):
+    """Reads tokens back from a text encoder's output states: each word's token from its own state,
+    and the caption's bag of words from its first end-of-text state. Scores are cosines (x `scale`)
+    to the encoder's own input embeddings of the words in the batch plus random vocabulary tokens,
+    so the read-back covers every token, not only the captions' words. Used only while building."""
+
+    BOS, EOS = 49406, 49407
+
+    def __init__(self, hidden: int, candidates: int, scale: float = 10.0):
+        super().__init__()
+        self.token = torch.nn.Linear(hidden, hidden, bias=False)
+        self.bag = torch.nn.Linear(hidden, hidden, bias=False)
+        self.candidates, self.scale = candidates, scale
+
+    def forward(self, states: torch.Tensor, tok: torch.Tensor, embedding: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, float]:
+        """(loss, share of words read back right); states (B, 77, H), tok (B, 77)."""
+        words = (tok != self.BOS) & (tok != self.EOS)
+        rows = words.any(1)
+        if not rows.any():
+            return states.sum() * 0.0, float("nan")
+        cand = torch.unique(torch.cat([tok[words], torch.randint(len(embedding), (self.candidates,), generator=gen)]))
+        keys = F.normalize(embedding[cand].detach(), dim=1)                        # (C, H)
+        logits = self.scale * F.normalize(self.token(states[words]), dim=1) @ keys.T
+        target = torch.searchsorted(cand, tok[words])
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(1) == target).float().mean().item()
+        eos = (tok == self.EOS).int().argmax(1)                                    # first end-of-text
+        bag_logits = self.scale * F.normalize(self.bag(states[torch.arange(len(tok)), eos][rows]), dim=1) @ keys.T
+        bag = torch.zeros_like(bag_logits)
+        hits = words[rows]
+        bag[hits.nonzero()[:, 0], torch.searchsorted(cand, tok[rows][hits])] = 1.0
+        bag = bag / bag.sum(1, keepdim=True)
+        loss = loss - (bag * bag_logits.log_softmax(1)).sum(1).mean()
+        return loss, acc
+
+
 def fix_free_words(cfg: BuildConfig, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> torch.Tensor:
     """Give every token the captions do not use its fixed random embedding, and keep it there in
     training (its gradient is zeroed); returns the token embedding table."""
@@ -359,6 +403,9 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else None   # epsilon target
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    identity = WordIdentity(cfg.text_hidden, cfg.identity_candidates) if cfg.identity_weight else None
+    if identity is not None:
+        params += list(identity.parameters())
     # the fixed embeddings must not decay either: the embedding table gets no weight decay
     decayed = [p for p in params if p is not embedding]
     groups = [{"params": decayed}] + ([{"params": [embedding], "weight_decay": 0.0}] if embedding is not None else [])
@@ -367,7 +414,7 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
     ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     mean, std = latents
-    t0, running = time.time(), None
+    t0, running, read_back = time.time(), None, None
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(mean), (cfg.batch,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)       # (B, 4, 16, 16), scaled
@@ -383,9 +430,19 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
         pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
         loss = (snr_weight[t] * per_sample).mean() if cfg.min_snr_gamma else per_sample.mean()
+        total = loss
+        if identity is not None:
+            id_loss, acc = identity(cond, tok, text_encoder.get_input_embeddings().weight, gen)
+            total = loss + cfg.identity_weight * id_loss
+            if acc == acc:
+                read_back = acc if read_back is None else 0.98 * read_back + 0.02 * acc
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        total.backward()
+        if identity is None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        else:    # clipped apart: the read-back's gradient must not shrink the U-Net's steps
+            torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()) + list(identity.parameters()), 1.0)
         opt.step()
         sched.step()
         ema_u.update(unet)
@@ -393,7 +450,8 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == cfg.unet_steps - 1:
             rate = (time.time() - t0) / (step + 1)
-            log(f"unet step {step:5d}  loss {running:.4f}  {rate:.2f}s/step  eta {rate * (cfg.unet_steps - step - 1) / 60:.1f} min")
+            words = f"  words read back {read_back:.0%}" if read_back is not None else ""
+            log(f"unet step {step:5d}  loss {running:.4f}{words}  {rate:.2f}s/step  eta {rate * (cfg.unet_steps - step - 1) / 60:.1f} min")
         if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes:
             log(f"time budget of {cfg.max_minutes} min reached: stopping after {step + 1} steps "
                 f"(--unet-steps {step + 1} reproduces this model)")
