@@ -55,7 +55,7 @@ class BuildConfig:
     # Two looks, as SD knows both paintings and line art: this share of scenes is drawn as an outline,
     # named in the caption ("a red circle outline") except in no_look_p of the free captions.
     # 0 (the committed base) draws exactly the scenes it was built from.
-    outline_p: float = 0.0
+    outline_p: float = 0.4
     no_look_p: float = 0.5
     # Words the captions never use (a LoRA's trigger among them) keep a fixed random embedding of
     # norm free_word_norm instead of an untrained one near zero, and a made-up word in front carries
@@ -69,7 +69,7 @@ class BuildConfig:
     # Trained on denoising alone, the encoder gives every word it was not taught (a trigger among them)
     # nearly the same state, so a LoRA on the U-Net cannot tell a prompt with the trigger from one
     # without it. 0 (the committed base) trains on denoising alone.
-    identity_weight: float = 0.0
+    identity_weight: float = 1.0
     identity_candidates: int = 512      # random vocabulary tokens each step's read-back chooses among
     # Offset noise (a per-channel constant in the noise, as SDXL's training used): SD's schedule
     # leaves ~7% of the image at t=999, so without it the model reads an image's mean brightness
@@ -93,7 +93,7 @@ class BuildConfig:
     # costs 1.5x per step, and with it (True, True, False) drew the prompt's shape in 17% of held-out
     # images after the 2,239 steps that fit the time budget (colour 92%), against 94% for this layout.
     unet_cross_attention: tuple = (False, True, True)
-    unet_steps: int = 4000
+    unet_steps: int = 3575
     batch: int = 32
     min_snr_gamma: float = 5.0          # Min-SNR loss weighting (Hang et al. 2023): faster convergence
     lr: float = 1e-3                    # constant after warm-up; the EMA does the annealing, so

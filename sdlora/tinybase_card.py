@@ -54,6 +54,9 @@ def look_and_words(cfg: BuildConfig) -> list[str]:
         lines.append("In training, a made-up word in front (`glowbird, a red circle`) told the size by its fixed "
                      "embedding, so that the model would read such a word (a LoRA's trigger) instead of skipping "
                      "it; tests/test_tinybase.py checks whether it learned to.")
+    elif cfg.identity_weight:
+        lines.append("A made-up word in front (`glowbird, a red circle`) changes little, as a LoRA's trigger does "
+                     "before training, but keeps a text state of its own, so a LoRA can tie a style to it.")
     else:
         lines.append("A made-up word in front (`glowbird, a red circle`) is ignored, as a LoRA's trigger is before "
                      "training.")
@@ -93,6 +96,11 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
            f"{cfg.no_look_p:.0%} of the free captions"] if cfg.outline_p else []),
         *([f"- tokens no caption uses keep a fixed random embedding (norm ~{cfg.free_word_norm}); a made-up word "
            "in front is one whose embedding leans to the scene's size"] if cfg.prefix_meaning else []),
+        *([f"- word identity (loss weight {cfg.identity_weight:g}): the text encoder also learns to let each word's "
+           "token be read back from its output state, and the caption's words from the end-of-text state. Trained "
+           "on denoising alone it gave every word the captions never use (a LoRA's trigger among them) nearly one "
+           "state, and a LoRA trained on the U-Net then restyled prompts without the trigger as much as with it"]
+          if cfg.identity_weight else []),
         f"- the VAE's extra arbitrary-colour images are {cfg.vae_outline_p:.0%} outlines, so thin coloured lines keep their hue",
         f"- VAE: {pm['vae']:.2f}M params, {cfg.vae_steps} steps; latents scaled by "
         f"`scaling_factor` = {figures['scaling_factor']:.4f} (1 / their std, as SD's 0.18215)",
