@@ -348,18 +348,18 @@ class WordIdentity(torch.nn.Module):
     to the encoder's own input embeddings of the words in the batch plus random vocabulary tokens,
     so the read-back covers every token, not only the captions' words. Used only while building."""
 
-    BOS, EOS = 49406, 49407
-
-    def __init__(self, hidden: int, candidates: int, scale: float = 10.0):
+    def __init__(self, config: CLIPTextConfig, candidates: int, scale: float = 10.0):
         super().__init__()
+        hidden = config.hidden_size
         self.token = torch.nn.Linear(hidden, hidden, bias=False)
         self.bag = torch.nn.Linear(hidden, hidden, bias=False)
+        self.bos, self.eos = config.bos_token_id, config.eos_token_id
         self.candidates, self.scale = candidates, scale
 
     def forward(self, states: torch.Tensor, tok: torch.Tensor, embedding: torch.Tensor,
                 gen: torch.Generator) -> tuple[torch.Tensor, float]:
         """(loss, share of words read back right); states (B, 77, H), tok (B, 77)."""
-        words = (tok != self.BOS) & (tok != self.EOS)
+        words = (tok != self.bos) & (tok != self.eos)
         rows = words.any(1)
         if not rows.any():
             return states.sum() * 0.0, float("nan")
@@ -369,7 +369,7 @@ class WordIdentity(torch.nn.Module):
         target = torch.searchsorted(cand, tok[words])
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(1) == target).float().mean().item()
-        eos = (tok == self.EOS).int().argmax(1)                                    # first end-of-text
+        eos = (tok == self.eos).int().argmax(1)                                    # first end-of-text
         bag_logits = self.scale * F.normalize(self.bag(states[torch.arange(len(tok)), eos][rows]), dim=1) @ keys.T
         bag = torch.zeros_like(bag_logits)
         hits = words[rows]
@@ -404,9 +404,12 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else None   # epsilon target
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    identity = WordIdentity(cfg.text_hidden, cfg.identity_candidates) if cfg.identity_weight else None
+    identity = WordIdentity(text_encoder.config, cfg.identity_candidates) if cfg.identity_weight else None
     if identity is not None:
         params += list(identity.parameters())
+    # with the read-back, the U-Net and the text side are clipped apart: its gradient must not shrink the U-Net's steps
+    clip_groups = [params] if identity is None else \
+        [list(unet.parameters()), list(text_encoder.parameters()) + list(identity.parameters())]
     # the fixed embeddings must not decay either: the embedding table gets no weight decay
     decayed = [p for p in params if p is not embedding]
     groups = [{"params": decayed}] + ([{"params": [embedding], "weight_decay": 0.0}] if embedding is not None else [])
@@ -435,15 +438,12 @@ def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
         if identity is not None:
             id_loss, acc = identity(cond, tok, text_encoder.get_input_embeddings().weight, gen)
             total = loss + cfg.identity_weight * id_loss
-            if acc == acc:
+            if not math.isnan(acc):
                 read_back = acc if read_back is None else 0.98 * read_back + 0.02 * acc
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if identity is None:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        else:    # clipped apart: the read-back's gradient must not shrink the U-Net's steps
-            torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
-            torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()) + list(identity.parameters()), 1.0)
+        for group in clip_groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         opt.step()
         sched.step()
         ema_u.update(unet)

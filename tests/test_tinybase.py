@@ -228,7 +228,8 @@ def test_word_identity_reads_back_words_it_never_trained_on():
     from sdlora.tinybase import BuildConfig, WordIdentity, made_up_word_parts, make_text_encoder, tokenize
     torch.manual_seed(0)
     tok, cfg = load_tokenizer(), BuildConfig()
-    te, identity = make_text_encoder(cfg), WordIdentity(cfg.text_hidden, 512)
+    te = make_text_encoder(cfg)
+    identity = WordIdentity(te.config, 512)
     parts, rng = made_up_word_parts(tok), random.Random(0)
     seen, unseen = parts[: len(parts) // 2], parts[len(parts) // 2:]
     caption = lambda words: f"{rng.choice(words)}, a {rng.choice(list(scenes.COLOURS))} circle"  # noqa: E731
