@@ -58,7 +58,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 def guarded(fn):
     """Show a UserError as an error notice in the page instead of a traceback."""
     import gradio as gr
-    from sdlora.webui import UserError
+    from sdlora.webui.state import UserError
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -72,7 +72,7 @@ def guarded(fn):
 def told(fn):
     """Like guarded, for handlers whose output is a message: a warning notice plus the message in the page."""
     import gradio as gr
-    from sdlora.webui import UserError
+    from sdlora.webui.state import UserError
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -88,7 +88,7 @@ def build(ui):
     import gradio as gr
     import pandas as pd
     from sdlora.config import TrainConfig
-    from sdlora.webui import TEMPLATES, native_resolution, notes_html, suggest
+    from sdlora.webui.state import TEMPLATES, native_resolution, notes_html, suggest
 
     def loss_frame(losses):
         return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
@@ -401,7 +401,7 @@ def main(argv=None) -> None:
     os.environ["GRADIO_TEMP_DIR"] = upload_dir
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-    from sdlora.webui import MAX_LORA_BYTES, WebUI
+    from sdlora.webui.state import MAX_LORA_BYTES, WebUI
 
     ui = WebUI(args.outputs, args.base, REPO / "datasets", upload_dir)
     if args.base == "tiny" and not (REPO / "sdlora" / "base_model" / "model_index.json").is_file():

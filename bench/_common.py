@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks: device choice, timing, peak memory, machine load, tables.
 
 Benchmarks print figures measured side by side in one run; nothing here asserts.
-Memory is measured by ``sdlora.hardware.PeakMemory``, as the trainer reports it:
+Memory is measured by ``sdlora.training.hardware.PeakMemory``, as the trainer reports it:
 ``torch.cuda.max_memory_allocated`` on a GPU and peak RSS on a CPU (``VmHWM`` in
 /proc/self/status, reset by writing 5 to /proc/self/clear_refs, Linux >= 4.0; where
 that is refused, the process-lifetime ``ru_maxrss``).
@@ -24,10 +24,10 @@ GIB = 2 ** 30
 
 
 def __getattr__(name: str):
-    """``C.PeakMemory`` is sdlora.hardware's, imported on first use: importing torch here would come
+    """``C.PeakMemory`` is sdlora.training.hardware's, imported on first use: importing torch here would come
     before ``pick_device`` hides the GPUs for --device cpu."""
     if name == "PeakMemory":
-        from sdlora.hardware import PeakMemory
+        from sdlora.training.hardware import PeakMemory
         return PeakMemory
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -35,7 +35,7 @@ def __getattr__(name: str):
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is present, else cpu (cuda runs in fp16)")
-    parser.add_argument("--base", default="sd15-random", help="base model name for sdlora.models.load_base")
+    parser.add_argument("--base", default="sd15-random", help="base model name for sdlora.bases.load.load_base")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 keeps torch's default")
 
 
@@ -70,8 +70,8 @@ def start(args, device: str):
     (load, mem, base, seconds the base took to build)."""
     import torch
 
-    from sdlora.hardware import PeakMemory
-    from sdlora.models import load_base
+    from sdlora.training.hardware import PeakMemory
+    from sdlora.bases.load import load_base
     print(describe_machine(device))
     load, mem = LoadLog(), PeakMemory(device)
     t0 = time.perf_counter()

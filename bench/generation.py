@@ -44,10 +44,10 @@ def write_lora(base, path: Path, rank: int, self_attention: bool) -> int:
     """A random non-zero kohya LoRA file for the base's targeted Linear modules; returns the module count."""
     import torch
 
-    from sdlora import formats
-    from sdlora import lora as lora_mod
+    from sdlora.loras import layouts as formats
+    from sdlora.training import adapters as lora_mod
     from sdlora.config import LoraSpec
-    from sdlora.formats import LoraWeights
+    from sdlora.loras.layouts import LoraWeights
     g = torch.Generator().manual_seed(7)
     loras = {}
     for name in lora_mod.target_names(base.unet, LoraSpec(self_attention=self_attention).unet_targets()):

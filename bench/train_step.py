@@ -88,7 +88,7 @@ def drawn_batches(trainer, n: int) -> list:
 def make_trainer(base, size: int, args, device: str, work: Path):
     """A ``_Trainer`` on the shared base, set up (latents and embeddings cached, adapters injected)."""
     from sdlora.config import DataConfig, LoraSpec, TrainConfig
-    from sdlora.train import Callbacks, _Trainer
+    from sdlora.training.loop import Callbacks, _Trainer
     folder = C.make_images(work / f"images{size}", 3, size)
     cfg = TrainConfig(base=args.base, steps=1_000_000, mixed_precision="fp16" if device == "cuda" else "no",
                       use_8bit_adam=False, output_dir=str(work / "out"),   # the bare step uses torch AdamW too
@@ -156,7 +156,7 @@ def release(trainer, base) -> None:
     """Give the base back as it came: no checkpointing, no adapters, no accelerate autocast wrapper."""
     import torch
 
-    from sdlora import lora as lora_mod
+    from sdlora.training import adapters as lora_mod
     base.unet.disable_gradient_checkpointing()
     trainer.acc.unwrap_model(trainer.unet, keep_fp32_wrapper=False)
     lora_mod.remove_adapters(base.unet)

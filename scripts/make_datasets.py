@@ -2,7 +2,7 @@
 
     python scripts/make_datasets.py [--out datasets] [--only neon]
 
-Each style draws the base model's own content (sdlora.scenes: colour, shape,
+Each style draws the base model's own content (sdlora.tinybase.scenes: colour, shape,
 size, position) in a look the base has never seen, and captions it with the
 content only, in the base's vocabulary ("a large red circle in the center"):
 the style is what the captions do not explain, so the LoRA ties it to the
@@ -25,7 +25,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sdlora import scenes, stylestats  # noqa: E402
+from sdlora.tinybase import scenes
+from sdlora.tinybase import stylestats as stylestats  # noqa: E402
 
 SS = scenes.SUPERSAMPLE            # draw at 4x, downsample with a box filter (anti-aliasing), as scenes.render
 
@@ -153,8 +154,8 @@ def readme(style: Style, items: list[Content]) -> str:
         "none of the base's held-out pairs",
         "", "## How it was made", "",
         f"`python scripts/make_datasets.py --only {style.name}` (seed {style.seed}) draws each scene's content "
-        "with `sdlora.scenes` geometry at 4x and downsamples with a box filter. Style statistics that "
-        f"define it: `sdlora.stylestats.STYLE_STATS['{style.name}']`.", "",
+        "with `sdlora.tinybase.scenes` geometry at 4x and downsamples with a box filter. Style statistics that "
+        f"define it: `sdlora.tinybase.stylestats.STYLE_STATS['{style.name}']`.", "",
         "## Train", "",
         f"    sdlora train --data datasets/{style.name}", "",
         f"The trigger `{style.trigger}` comes from `sdlora.json`; the step count is derived from the image count.", "",

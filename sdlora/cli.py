@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DataConfig, GenerateConfig, LoraSpec, TrainConfig
-from .train import Callbacks
+from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig
+from sdlora.training.loop import Callbacks
 
 
 def _float_or_none(text: str) -> float | None:
@@ -70,7 +70,7 @@ def _train_parser(sub) -> None:
 
 
 def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
-    from .data import folder_defaults
+    from sdlora.data.scan import folder_defaults
     own = folder_defaults(a.data) if a.data and Path(a.data).is_dir() else {}
     trigger = a.trigger or own.get("trigger", DataConfig.trigger)
     template = a.template or own.get("template", DataConfig.template)
@@ -122,7 +122,7 @@ class _Printer(Callbacks):
 
 
 def cmd_train(a) -> int:
-    from .train import train
+    from sdlora.training.loop import train
     if a.resume is None and not a.data:
         raise ValueError("--data is required (a folder of images), or --resume RUN_DIR to continue a run")
     data, spec, cfg = _configs(a) if a.resume is None else (None, None, None)
@@ -148,8 +148,8 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(a) -> int:
-    from .generate import Generator, LoraChoice
-    from .runs import write_png
+    from sdlora.generate import Generator, LoraChoice
+    from sdlora.runs import write_png
     cfg = GenerateConfig(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
                          guidance=a.guidance, width=a.width, height=a.height)
     out = Path(a.out)
@@ -169,7 +169,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .info import describe
+    from sdlora.loras.inspect import describe
     info = describe(a.file)
     if a.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -181,16 +181,16 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_check(a) -> int:
-    from .interop import check_file, format_check
-    from .models import load_base
+    from sdlora.loras.check import check_file, format_check
+    from sdlora.bases.load import load_base
     report = check_file(a.file, load_base(a.base))
     print(json.dumps(report, indent=2) if a.json else format_check(report))
     return 0 if report["ok"] else 1
 
 
 def cmd_merge(a) -> int:
-    from .generate import Generator, LoraChoice
-    from .interop import merge
+    from sdlora.generate import Generator, LoraChoice
+    from sdlora.generate import merge
     out = Path(a.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {a.out}: use a file name ending in .safetensors")

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import formats
-from .config import GenerateConfig
-from .models import Base, load_base
-from .stack import Applied, LoraStack
+from sdlora.bases import families
+from sdlora.loras import layouts as formats
+from sdlora.config import GenerateConfig
+from sdlora.bases.load import Base, load_base
+from sdlora.loras.apply import Applied, LoraStack
 
 
 @dataclass
@@ -56,10 +57,10 @@ def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> Loade
     """Read a LoRA file of any supported format and match it to the base's modules."""
     sd, meta = formats.read_lora_file(path, allow_pickle=allow_pickle)
     family = formats.detect_family(sd, meta)
-    if family not in ("unknown", base.family):
+    if family not in (families.UNKNOWN, base.family):
         raise formats.LoraFileError(
-            f"{path} is a LoRA for {formats.FAMILY_NAMES[family]} but the base '{base.name}' is "
-            f"{formats.FAMILY_NAMES[base.family]}; load it on a {formats.FAMILY_NAMES[family]} base")
+            f"{path} is a LoRA for {families.title(family)} but the base '{base.name}' is "
+            f"{families.title(base.family)}; load it on a {families.title(family)} base")
     fmt = formats.detect_format(sd)
     if fmt == "kohya":
         loras, unused = formats.from_kohya(sd, base.module_names())
@@ -137,4 +138,16 @@ class Generator:
                                                else choice.te_strength * s)]) for s in strengths]
 
 
-__all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "make_pipeline"]
+def merge(generator: Generator, out: str | Path, dtype: torch.dtype = torch.float16,
+          metadata: dict | None = None) -> Path:
+    """Write the generator's base with its current LoRAs fused in, as an original-SD single file that
+    A1111 and ComfyUI load as a model (and sdlora as a base: its variant is in the header)."""
+    from sdlora.bases.single_file import save_single_file
+    base = generator.base
+    with generator.lock:
+        generator.stack.set(generator.stack.applied, fused=True)
+        return save_single_file(out, base.unet, base.vae, base.text_encoder, base.family, dtype=dtype,
+                                metadata=metadata, prediction_type=base.prediction_type)
+
+
+__all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "make_pipeline", "merge"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .safefiles import LoraFileError, atomic_write_bytes, read_lora_file
+from sdlora.safefiles import LoraFileError, atomic_write_bytes, read_lora_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 
@@ -61,7 +61,7 @@ def library_versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from . import __version__
+    from sdlora import __version__
     return {"sdlora": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__}

@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture
 def tiny_base():
     """A fresh tiny-random base (64 px, 7 transformer blocks); each test may modify it."""
-    from sdlora.models import tiny_random_base
+    from sdlora.bases.load import tiny_random_base
     return tiny_random_base()
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlora import compat, formats
-from sdlora.formats import LoraWeights
+from sdlora.loras import tools as compat
+
+from sdlora.loras import layouts as formats
+from sdlora.loras.layouts import LoraWeights
 
 # SD 1.5: diffusers block -> original-SD block (input_blocks 1,2,4,5,7,8; middle_block 1; output_blocks 3..11).
 BLOCKS = [("down_blocks.0.attentions.0", "input_blocks_1_1"), ("down_blocks.0.attentions.1", "input_blocks_2_1"),

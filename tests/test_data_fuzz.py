@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sdlora.data import load_image, scan_dataset, to_tensor
+from sdlora.data.scan import load_image, scan_dataset, to_tensor
 
 
 def _seed_files() -> list[bytes]:

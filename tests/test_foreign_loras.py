@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlora import formats
-from sdlora.formats import LoraWeights
+from sdlora.loras import layouts as formats
+from sdlora.loras.layouts import LoraWeights
 from sdlora.generate import Generator, LoraChoice
 
 

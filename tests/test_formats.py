@@ -14,8 +14,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdlora import formats, metadata, safefiles
-from sdlora.formats import LoraFileError, LoraWeights
+from sdlora import safefiles
+
+from sdlora.bases import families
+from sdlora.loras import layouts as formats
+
+from sdlora.loras import metadata
+from sdlora.loras.layouts import LoraFileError, LoraWeights
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
 OUT = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
@@ -187,7 +192,7 @@ def test_detect_family_from_sdxl_prefixes_and_metadata():
     assert formats.detect_family(empty, {"ss_v2": "True"}) == "sd2"
     assert formats.detect_family(empty, {"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
     assert formats.detect_family(empty, {}) == "unknown"
-    assert formats.FAMILY_NAMES["sd1"] == "SD 1.x"
+    assert families.title("sd1") == "SD 1.x"
 
 
 # ---- metadata ----------------------------------------------------------------------------------------------

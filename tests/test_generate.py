@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sdlora import GenerateConfig, Generator, LoraChoice, LoraSpec
-from sdlora import formats
-from sdlora import lora as lora_mod
-from sdlora.formats import LoraWeights
+from sdlora.loras import layouts as formats
+from sdlora.training import adapters as lora_mod
+from sdlora.loras.layouts import LoraWeights
 
 
 def write_lora(base, path, rank=4, alpha=2.5, seed=3, te=False):
@@ -53,7 +53,7 @@ def test_strength_change_never_reloads_base(gen, tmp_path, monkeypatch):
     cfg = GenerateConfig(prompt="x", steps=2)
     gen.generate(cfg, [LoraChoice(str(path), 0.5)])
     import sdlora.generate as g
-    import sdlora.models as m
+    import sdlora.bases.load as m
     monkeypatch.setattr(m, "_load", lambda name: (_ for _ in ()).throw(AssertionError("base reloaded")))
     monkeypatch.setattr(g, "read_lora", lambda *a, **k: (_ for _ in ()).throw(AssertionError("file re-read")))
     unet_id = id(gen.base.unet)

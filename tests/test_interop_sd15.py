@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlora import formats
-from sdlora import lora as lora_mod
+from sdlora.loras import layouts as formats
+from sdlora.training import adapters as lora_mod
 from sdlora.config import LoraSpec
 from sdlora.generate import Generator, LoraChoice, make_pipeline
-from sdlora.interop import check_file, merge
-from sdlora.models import random_base_from_configs, CONFIGS_DIR
+from sdlora.generate import merge
+from sdlora.loras.check import check_file
+from sdlora.bases.load import random_base_from_configs, CONFIGS_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,7 @@ def target_weights_peft(base, loras):
 
 
 def test_merged_checkpoint_loads_back_equal_to_fused_pipeline(sd15, tmp_path):
-    from sdlora.ldm import load_single_file
+    from sdlora.bases.single_file import load_single_file
     path = tmp_path / "lora.safetensors"
     export_random(sd15, LoraSpec(rank=4, alpha=2.5, text_encoder=True), path, seed=2)
     gen = Generator(sd15)

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdlora import ldm
-from sdlora.ldm import CheckpointError
+from sdlora.bases import single_file as ldm
+from sdlora.bases.single_file import CheckpointError
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 slow = pytest.mark.slow  # the full-size SD 1.5 tests: ~45 s together on 2 cores, ~5 GB RAM
@@ -149,7 +149,7 @@ def test_sd15_save_load_fp16_exact(sd15, tmp_path):
     with safe_open(path, "pt") as f:
         assert len(f.keys()) == 1131 and f.metadata()["modelspec.title"] == "random"
     got = ldm.load_single_file(path, dtype=torch.float16)
-    assert (got["family"], got["prediction_type"]) == ("sd15", "epsilon")
+    assert (got["family"], got["variant"], got["prediction_type"]) == ("sd1", "sd1", "epsilon")
     assert type(got["scheduler"]).__name__ == "PNDMScheduler"
     assert got["tokenizer"]("a cat").input_ids == [49406, 320, 2368, 49407]
     for name in ("unet", "vae", "text_encoder"):
@@ -306,12 +306,14 @@ def test_save_load_tiny_fp32_exact(tmp_path, family):
     folder, models = _tiny_folder(tmp_path, family)
     path = ldm.save_single_file(tmp_path / "m.safetensors", **models, family=family, dtype=torch.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = ldm.load_single_file(path, config=folder, family=None if family == "sd15" else family)
+        warnings.simplefilter("error")               # the header says which variant: nothing is assumed
+        got = ldm.load_single_file(path, config=folder)
     for name, model in models.items():
         assert _same(got[name].state_dict(), model.state_dict()), name
-    pred = {"sd15": "epsilon", "sd21": "v_prediction", "sd21-base": "epsilon"}[family]
-    assert (got["family"], got["prediction_type"]) == (family, pred)
+    want = {"sd15": ("sd1", "sd1", "epsilon"), "sd21": ("sd2", "sd2-v", "v_prediction"),
+            "sd21-base": ("sd2", "sd2-base", "epsilon")}[family]
+    assert (got["family"], got["variant"], got["prediction_type"]) == want
+    assert ldm.single_file_variant(path).name == want[1]
     assert got["tokenizer"].pad_token == ("<|endoftext|>" if family == "sd15" else "!")
 
 
@@ -328,10 +330,27 @@ def test_save_fp16_from_fp32_is_the_rounded_copy(tmp_path):
 
 def test_sd2_without_family_warns_and_assumes_v(tmp_path):
     folder, models = _tiny_folder(tmp_path, "sd21")
+    path = ldm.save_single_file(tmp_path / "m.safetensors", **models, family="sd2")   # no variant in the header
+    with safe_open(path, "pt") as f:
+        assert "modelspec.prediction_type" not in f.metadata()
+    with pytest.warns(UserWarning, match="768px v_prediction"):
+        got = ldm.load_single_file(path, config=folder)
+    assert (got["variant"], got["prediction_type"]) == ("sd2-v", "v_prediction")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ldm.load_single_file(path, config=folder, prediction_type="epsilon")    # the caller's word wins
+    assert (got["family"], got["variant"], got["prediction_type"]) == ("sd2", "sd2-base", "epsilon")
+
+
+@pytest.mark.parametrize("yaml, variant", [('model:\n  params:\n    parameterization: "v"\n', "sd2-v"),
+                                           ("model:\n  params:\n    linear_start: 0.00085\n", "sd2-base")])
+def test_sd2_variant_from_an_a1111_yaml_beside_the_file(tmp_path, yaml, variant):
+    _, models = _tiny_folder(tmp_path, "sd21")
     path = ldm.save_single_file(tmp_path / "m.safetensors", **models, family="sd2")
-    with pytest.warns(UserWarning, match="v-prediction"):
-        got = ldm.load_single_file(path, config=folder, prediction_type="epsilon")
-    assert got["family"] == "sd21" and got["prediction_type"] == "epsilon"  # the override wins
+    (tmp_path / "m.yaml").write_text(yaml)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ldm.single_file_variant(path).name == variant
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from sdlora.config import LoraSpec
-from sdlora import lora as lora_mod
-from sdlora.formats import LoraWeights
-from sdlora.stack import Applied, LoraStack
+from sdlora.training import adapters as lora_mod
+from sdlora.loras.layouts import LoraWeights
+from sdlora.loras.apply import Applied, LoraStack
 
 
 def unet_out(base, seed=0):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from sdlora import DataConfig, LoraSpec, TrainConfig, train
 
 
+
 def test_two_processes_train_one_lora(tmp_path, style_dir):
     out = tmp_path / "out"
     accelerate = Path(sys.executable).with_name("accelerate")

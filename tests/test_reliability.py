@@ -27,14 +27,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdlora import generate, models, safefiles
+from sdlora import generate, safefiles
+
+from sdlora.bases import load as models
 from sdlora.cli import main as cli
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, from_dict
 from sdlora.runs import load_checkpoint, new_run_dir
-from sdlora.train import Callbacks, TrainingError, _Trainer, out_of_memory_advice, train
+from sdlora.training.loop import Callbacks, TrainingError, _Trainer, out_of_memory_advice, train
 
 REPO = Path(__file__).resolve().parents[1]
-train_mod = importlib.import_module("sdlora.train")   # `sdlora.train` is also the function
+train_mod = importlib.import_module("sdlora.training.loop")   # `sdlora.training.loop` is also the function
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ API with every setting at its default (cross-attention only, the derived step
 count, the default learning rate) on the built-in `tiny` base. Prompts that
 carry the trigger and colour-shape pairs the dataset never shows are drawn at
 strengths 0, 0.25, 0.5, 0.75 and 1 with fixed seeds, and judged with the
-style's statistics (sdlora.stylestats):
+style's statistics (sdlora.tinybase.stylestats):
 
 - each statistic moves monotonically from the base's value (strength 0)
   toward the training images' value (a step back under 2% of that distance is
@@ -31,7 +31,9 @@ import pytest
 from PIL import Image
 
 from sdlora import DataConfig, GenerateConfig, Generator, LoraChoice, LoraSpec, TrainConfig, train
-from sdlora import scenes, stylestats
+
+from sdlora.tinybase import scenes
+from sdlora.tinybase import stylestats
 
 ROOT = Path(__file__).resolve().parent.parent
 STYLE = "neon"
@@ -184,7 +186,7 @@ def figures(tmp_path_factory):
 
 @pytest.mark.parametrize("style", list(stylestats.STYLE_STATS))
 def test_trigger_is_not_a_word_of_the_base(style):
-    from sdlora.models import load_tokenizer
+    from sdlora.bases.load import load_tokenizer
     tok = load_tokenizer()
     words = [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS, *scenes.BACKGROUNDS, "a on background and"]
     vocab = {t for w in words for t in tok.tokenize(w)}

@@ -2,7 +2,7 @@
 
 Loads it offline with diffusers exactly as a user's SD 1.5 folder is loaded,
 draws held-out colour-shape prompts (pairs the build never showed together)
-with fixed seeds, and judges each image with sdlora.scenes.measure: the
+with fixed seeds, and judges each image with sdlora.tinybase.scenes.measure: the
 dominant saturated colour, and the shape template that best fits the
 foreground's bounding box.
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora import scenes
-from sdlora.tinybase import SD_SCHEDULE
-from sdlora.tinybase_card import evaluate, held_out_prompts
+from sdlora.tinybase import scenes
+from sdlora.tinybase.build import SD_SCHEDULE
+from sdlora.tinybase.card import evaluate, held_out_prompts
 
 BASE = Path(__file__).resolve().parent.parent / "sdlora" / "base_model"
 pytestmark = pytest.mark.skipif(not (BASE / "model_index.json").is_file(), reason="tiny base model not built")
@@ -89,8 +89,8 @@ def test_quality_bar_on_held_out_prompts(pipe, build_info):
 def test_free_captions_leave_out_the_background_or_put_a_made_up_word_in_front():
     import random
 
-    from sdlora.models import load_tokenizer
-    from sdlora.tinybase import BuildConfig, free_caption, made_up_word_parts
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase.build import BuildConfig, free_caption, made_up_word_parts
     tok = load_tokenizer()
     parts = made_up_word_parts(tok)
     scene_words = {"red", "circle", "background", "on", "a", "large", "white", "center"}
@@ -130,7 +130,7 @@ def test_outline_scenes_are_hollow_named_and_judged_as_their_shape():
     its colour and shape from the silhouette; a filled scene's caption names no look."""
     import random
 
-    from sdlora import stylestats
+    from sdlora.tinybase import stylestats
     rng = random.Random(3)
     hollow = [scenes.random_scene(rng, outline_p=1.0) for _ in range(40)]
     filled = [scenes.random_scene(rng) for _ in range(40)]
@@ -151,8 +151,8 @@ def test_made_up_words_in_front_mean_the_scene_size():
     import random
     from collections import Counter
 
-    from sdlora.models import load_tokenizer
-    from sdlora.tinybase import BuildConfig, WordMeaning, free_caption, made_up_word_parts
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase.build import BuildConfig, WordMeaning, free_caption, made_up_word_parts
     tok, cfg = load_tokenizer(), BuildConfig(prefix_p=1.0, prefix_meaning=True)
     parts, meaning = made_up_word_parts(tok), WordMeaning(cfg, tok)
     rng = random.Random(0)
@@ -169,8 +169,8 @@ def test_words_no_caption_uses_keep_their_fixed_embedding():
     """With prefix_meaning, a trigger's tokens (never in a build caption) start at the build's fixed
     random embedding, of a trained word's size, and training steps leave them there (no gradient, no
     weight decay) while the caption words' embeddings move."""
-    from sdlora.models import load_tokenizer
-    from sdlora.tinybase import (BuildConfig, caption_token_ids, fix_free_words, free_word_embeddings,
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase.build import (BuildConfig, caption_token_ids, fix_free_words, free_word_embeddings,
                                  make_text_encoder)
     tok, cfg = load_tokenizer(), BuildConfig(prefix_meaning=True)
     te = make_text_encoder(cfg)
@@ -197,7 +197,7 @@ def test_a_made_up_word_in_front_tells_the_size(pipe, build_info):
     smaller shapes than words that mean 'large' (judged by the silhouette's bounding box)."""
     import random
 
-    from sdlora.tinybase import BuildConfig, WordMeaning, made_up_word_parts
+    from sdlora.tinybase.build import BuildConfig, WordMeaning, made_up_word_parts
     if not build_info["config"].get("prefix_meaning"):
         pytest.skip("this base was built without meaningful made-up words")
     cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in build_info["config"].items()})
@@ -224,8 +224,8 @@ def test_word_identity_reads_back_words_it_never_trained_on():
     word in front differs from the state at that position without it far more than before training."""
     import random
 
-    from sdlora.models import load_tokenizer
-    from sdlora.tinybase import BuildConfig, WordIdentity, made_up_word_parts, make_text_encoder, tokenize
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase.build import BuildConfig, WordIdentity, made_up_word_parts, make_text_encoder, tokenize
     torch.manual_seed(0)
     tok, cfg = load_tokenizer(), BuildConfig()
     te = make_text_encoder(cfg)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, TrainingError, train
-from sdlora.train import _Trainer
+
+from sdlora.training.loop import _Trainer
 
 
 def cfg(tmp_path, **kw):
@@ -136,7 +137,7 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     # a torch process holds > 100 MiB; VmHWM and getrusage's maxrss are two kernel counters of the
     # same peak that can differ by some pages, hence the 1% margin
     assert 100 * 2**20 < res.peak_memory_bytes <= 1.01 * peak_rss
-    from sdlora.hardware import format_bytes
+    from sdlora.training.hardware import format_bytes
     assert f"peak resident memory of the process: {format_bytes(res.peak_memory_bytes)}" in cb.lines
     assert format_bytes(3 * 2**20) == "3 MiB" and format_bytes(3 * 2**30) == "3.00 GiB"
 
@@ -146,7 +147,7 @@ def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(t
     subtracts) and for the caption without the trigger much less than without it, and what change is
     left depends on the trigger."""
     from sdlora import Generator, LoraChoice
-    from sdlora.models import tiny_random_base
+    from sdlora.bases.load import tiny_random_base
 
     def change(lora, prompts) -> float:
         gen = Generator(tiny_random_base())
@@ -179,7 +180,7 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
     """lr=None takes the base folder's build.json 'lora_lr' (the built-in base: 1e-3), else 1e-4; the run
     records and reports the rate it used."""
     from sdlora.config import DEFAULT_LR
-    from sdlora.models import base_lora_lr
+    from sdlora.bases.load import base_lora_lr
 
     class Messages(Callbacks):
         def __init__(self):

@@ -16,8 +16,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdlora import formats, ldm
-from sdlora.formats import LoraFileError, LoraWeights
+from sdlora.loras import layouts as formats
+
+from sdlora.bases import single_file as ldm
+from sdlora.loras.layouts import LoraFileError, LoraWeights
 from sdlora.generate import Generator, LoraChoice
 from sdlora.runs import load_checkpoint
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from sdlora import webui
-from sdlora.data import load_image
-from sdlora.webui import UserError, WebUI, safe_filename
+from sdlora.webui import state as webui
+from sdlora.data.scan import load_image
+from sdlora.webui.state import UserError, WebUI, safe_filename
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "<script>alert(1)</script>"
@@ -60,7 +60,7 @@ def ui(tmp_path):
 
 def _lora(path: Path, title: str = "demo", trigger: str = "zqx", scale: float = 0.5) -> Path:
     """A kohya LoRA for the tiny-random base's cross-attention (random, so it visibly changes images)."""
-    from sdlora.models import tiny_random_base
+    from sdlora.bases.load import tiny_random_base
     unet = tiny_random_base().unet
     g = torch.Generator().manual_seed(0)
     sd = {}
@@ -283,7 +283,7 @@ def test_train_in_background_one_at_a_time_stop_and_resume(ui, tmp_path):
 
 
 def test_progress_view_reports_steps_samples_and_messages(tmp_path):
-    from sdlora.train import StepInfo
+    from sdlora.training.loop import StepInfo
     job = webui.Job()
     revs = [job.rev]
     job.on_plan(type("Plan", (), {"steps": 10})())

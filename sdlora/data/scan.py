@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .images import ImageError, decode, load_image, pixel_digest, sniff, to_tensor
+from sdlora.data.images import ImageError, decode, load_image, pixel_digest, sniff, to_tensor
 
 MIN_IMAGES = 3     # fewer cannot express a style; the LoRA would memorise them
 MANY_IMAGES = 200  # above this a style LoRA gains little and each epoch gets long

@@ -1,7 +1,7 @@
 """Build the built-in `tiny` base model: a real, small Stable Diffusion trained from scratch.
 
 `python -m sdlora.tinybase build [--out DIR] [--quick]` draws the procedural
-scenes of `sdlora.scenes`, trains an `AutoencoderKL`, then a cross-attention
+scenes of `sdlora.tinybase.scenes`, trains an `AutoencoderKL`, then a cross-attention
 `UNet2DConditionModel` together with a `CLIPTextModel` (SD 1.5's tokenizer),
 and saves a diffusers `StableDiffusionPipeline` folder (default
 `sdlora/base_model/`). It is trained as SD was: scaled-linear betas
@@ -27,10 +27,10 @@ from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
                        StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdlora import scenes
-from sdlora.tinybase_card import evaluate, write_model_card
+from sdlora.tinybase import scenes
+from sdlora.tinybase.card import evaluate, write_model_card
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = PACKAGE / "base_model"
 TOKENIZER_DIR = PACKAGE / "assets" / "clip_tokenizer"
 # SD 1.x's training noise schedule (CompVis v1-inference.yaml: linear_start/end, timesteps).

@@ -9,7 +9,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from .train import Callbacks, train
+from sdlora.training.loop import Callbacks, train
 
 
 def duration(seconds: float) -> str:

@@ -5,7 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from . import formats
+from sdlora.bases import families
+from sdlora.loras import layouts as formats
 
 
 def _modules(sd: dict, fmt: str) -> dict[str, tuple[int, float | None]]:
@@ -35,7 +36,7 @@ def describe(path: str | Path) -> dict:
     return {
         "file": str(path),
         "format": fmt,
-        "base": formats.FAMILY_NAMES.get(family, family),
+        "base": "Unknown" if family == families.UNKNOWN else families.title(family),
         "modules": len(mods),
         "unet_modules": parts.get("unet", 0),
         "text_encoder_modules": parts.get("text_encoder", 0),

@@ -9,9 +9,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data as dataset
-from .config import DEFAULT_LR, DataConfig, LoraSpec, TrainConfig, default_steps
-from .models import base_lora_lr
+from sdlora.data import scan as dataset
+from sdlora.config import DEFAULT_LR, DataConfig, LoraSpec, TrainConfig, default_steps
+from sdlora.bases.load import base_lora_lr
 
 TEMPLATES = {"style": "an image in {trigger} style", "subject": "a photo of {trigger}"}
 _BAD_CHARS = set('<>:"/\\|?*')

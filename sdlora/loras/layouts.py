@@ -1,4 +1,4 @@
-"""LoRA state dicts in the layouts other tools load (their header metadata: sdlora.metadata).
+"""LoRA state dicts in the layouts other tools load (their header metadata: sdlora.loras.metadata).
 
 One canonical in-memory form, ``LoraSet`` = {module key: ``LoraWeights``};
 readers convert into it, writers out of it. Everything here is dict -> dict
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .safefiles import LoraFileError, atomic_write_bytes, read_lora_file, save_lora_file
+from sdlora.bases import families
+from sdlora.safefiles import LoraFileError, atomic_write_bytes, read_lora_file, save_lora_file
 
 COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}        # kohya-ss networks/lora.py prefixes
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers lora_pipeline.py lora_state_dict
@@ -29,7 +30,6 @@ KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"                   # diffusers loaders/lora_base.py
 _CLIP_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")      # children of CLIPTextTransformer
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "Unknown"}
 
 
 @dataclass
@@ -329,15 +329,13 @@ def detect_format(sd: dict[str, torch.Tensor]) -> str:
     return "peft" if any(parsed.values()) else "unknown"
 
 
-_CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}   # UNet cross_attention_dim (diffusers model configs)
-_TE_DIM = {768: "sd1", 1024: "sd2"}                     # CLIP ViT-L/14 vs OpenCLIP ViT-H/14 width
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
 
 
 def detect_family(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """"sd1" | "sd2" | "sdxl" | "unknown": tensor shapes first, then kohya/ModelSpec metadata."""
     family = _family_from_shapes(sd)
-    return family if family != "unknown" else _family_from_metadata(metadata or {})
+    return family if family != families.UNKNOWN else _family_from_metadata(metadata or {})
 
 
 def _family_from_shapes(sd: dict[str, torch.Tensor]) -> str:
@@ -348,26 +346,25 @@ def _family_from_shapes(sd: dict[str, torch.Tensor]) -> str:
         if not k.endswith(_DOWN_SUFFIXES) or t.dim() < 2:
             continue
         flat = k.replace(".", "_").replace("processor_", "")
-        if ("attn2_to_k" in flat or "attn2_to_v" in flat) and int(t.shape[1]) in _CROSS_DIM:
-            return _CROSS_DIM[int(t.shape[1])]          # cross-attention k/v read the text embedding
+        by_width = families.by_context_dim(int(t.shape[1]))
+        if ("attn2_to_k" in flat or "attn2_to_v" in flat) and by_width != families.UNKNOWN:
+            return by_width                             # cross-attention k/v read the text embedding
         if te is None and k.startswith(("lora_te_", "text_encoder.")) and "q_proj" in flat:
-            te = _TE_DIM.get(int(t.shape[1]))
-    return te or "unknown"
+            te = families.by_text_width(int(t.shape[1]))
+    return te if te not in (None, families.UNKNOWN) else families.UNKNOWN
 
 
 def _family_from_metadata(meta: dict[str, str]) -> str:
-    version = str(meta.get("ss_base_model_version", ""))   # kohya train_network.py; A1111 network.py reads it
-    arch = str(meta.get("modelspec.architecture", ""))     # Stability ModelSpec
-    if version.startswith("sdxl_") or arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or meta.get("ss_v2") == "True":
-        return "sd2"
-    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1") or meta.get("ss_v2") == "False":
-        return "sd1"                                    # pre-SDXL kohya files carry only ss_v2
-    return "unknown"
+    """kohya's ss_base_model_version (A1111 reads it), then the ModelSpec architecture, then ss_v2."""
+    for guess in (families.by_ss_version(str(meta.get("ss_base_model_version", ""))),
+                  families.by_architecture(str(meta.get("modelspec.architecture", ""))),
+                  families.by_ss_v2(str(meta.get("ss_v2", "")))):
+        if guess != families.UNKNOWN:
+            return guess
+    return families.UNKNOWN
 
 
-__all__ = ["LoraWeights", "LoraSet", "FAMILY_NAMES", "LORA_ADAPTER_METADATA_KEY", "canonical_key", "kohya_name",
+__all__ = ["LoraWeights", "LoraSet", "LORA_ADAPTER_METADATA_KEY", "canonical_key", "kohya_name",
            "to_kohya", "from_kohya", "to_diffusers", "from_diffusers", "adapter_configs", "detect_format",
            "detect_family",
            "LoraFileError", "atomic_write_bytes", "save_lora_file", "read_lora_file"]

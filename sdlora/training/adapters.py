@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .config import TEXT_ENCODER_ATTN, LoraSpec
-from .formats import LoraSet, LoraWeights
+from sdlora.config import TEXT_ENCODER_ATTN, LoraSpec
+from sdlora.loras.layouts import LoraSet, LoraWeights
 
 ADAPTER = "default"
 

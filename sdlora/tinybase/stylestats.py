@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .scenes import COLOURS, holes
+from sdlora.tinybase.scenes import COLOURS, holes
 
 # Pastel = the saturated colour mixed with white; 40% white keeps every colour's chroma
 # (max - min channel) >= 84, above scenes.foreground_mask's threshold of 70.

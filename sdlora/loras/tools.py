@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from .formats import KOHYA_PARTS, KOHYA_PREFIXES, canonical_key, kohya_name
+from sdlora.loras.layouts import KOHYA_PARTS, KOHYA_PREFIXES, canonical_key, kohya_name
 
 TOOLS = {"a1111": "A1111", "comfyui": "ComfyUI", "diffusers": "diffusers"}
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
-from . import formats, metadata
-from . import lora as lora_mod
-from .runs import write_json, write_png
+from sdlora.loras import layouts as formats
+
+from sdlora.loras import metadata
+from sdlora.training import adapters as lora_mod
+from sdlora.runs import write_json, write_png
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,7 +54,7 @@ def export_run(t, run_dir: Path) -> Path:
 
 def _record_check(t, run_dir: Path, sd: dict, metadata: dict) -> None:
     """Run the per-tool key check on the exported file and keep the result beside it."""
-    from .interop import check_state_dict, format_check
+    from sdlora.loras.check import check_state_dict, format_check
     lora_mod.remove_adapters(t.acc.unwrap_model(t.unet))          # the check needs the base's own module names
     if t.spec.text_encoder:
         lora_mod.remove_adapters(t.base.text_encoder)
@@ -63,8 +65,8 @@ def _record_check(t, run_dir: Path, sd: dict, metadata: dict) -> None:
 
 def _preview(t):
     """A sample at strength 1 with the trigger prompt (the same path as generation)."""
-    from .config import GenerateConfig
-    from .generate import make_pipeline, render
+    from sdlora.config import GenerateConfig
+    from sdlora.generate import make_pipeline, render
     unet = t.acc.unwrap_model(t.unet)
     unet.eval()
     pipe = make_pipeline(t.base)

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from .runs import safe_name
+from sdlora.runs import safe_name
 
 
 def lora_files(outputs: Path) -> list[Path]:
@@ -20,7 +20,7 @@ def lora_files(outputs: Path) -> list[Path]:
 
 def lora_info(path: Path) -> dict:
     """describe() plus the preview and compatibility result; an unreadable file gives its error instead."""
-    from .info import describe
+    from sdlora.loras.inspect import describe
     try:
         info = describe(path)
     except Exception as e:  # a damaged file must not break the whole library
@@ -48,7 +48,7 @@ def _compat_tools(path: Path) -> dict | None:
 
 def compat_summary(path: Path) -> str:
     """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
-    from .compat import TOOLS
+    from sdlora.loras.tools import TOOLS
     tools = _compat_tools(path)
     if tools is None:
         return ""
@@ -59,7 +59,7 @@ def compat_summary(path: Path) -> str:
 
 def compat_details(path: Path) -> str:
     """One line per tool with the keys it would skip, from compat.json."""
-    from .compat import format_report
+    from sdlora.loras.tools import format_report
     tools = _compat_tools(path)
     if tools is None:
         return "Not checked: this run folder has no compat.json."

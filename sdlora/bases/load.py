@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+from sdlora.bases import families
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 BUILTIN_DIR = PACKAGE_DIR / "base_model"
 TOKENIZER_DIR = PACKAGE_DIR / "assets" / "clip_tokenizer"
 CONFIGS_DIR = PACKAGE_DIR / "configs"
@@ -47,7 +50,7 @@ class Base:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: object                  # the sampling scheduler generation uses
-    family: str = "sd1"                # sd1 | sd2
+    family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2
     resolution: int = 512              # native image size in px
     lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
 
@@ -102,7 +105,7 @@ def _load(name: str) -> Base:
     if name == "tiny-random":
         return tiny_random_base()
     if name == "sd15-random":
-        return random_base_from_configs(CONFIGS_DIR / "sd15", "sd15-random")
+        return random_base_from_configs(CONFIGS_DIR / families.variant("sd1").config_folder, "sd15-random")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -143,10 +146,18 @@ def recommended_lora_lr(folder: Path) -> float | None:
 
 
 def _from_pipeline(pipe, name: str) -> Base:
-    family = "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
+    family = _family_of(pipe.text_encoder.config.hidden_size, name)
     res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return Base(name=name, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                 tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, family=family, resolution=res)
+
+
+def _family_of(text_width: int, name: str) -> str:
+    family = families.by_text_width(text_width)
+    if family == families.UNKNOWN:
+        raise BaseModelError(f"base '{name}': its text encoder is {text_width} wide, which is no family sdlora "
+                             f"loads ({', '.join(f'{f.title}: {f.text_width}' for f in families.FAMILIES.values() if f.loadable)})")
+    return family
 
 
 def _from_hub(name: str) -> Base:
@@ -162,7 +173,7 @@ def _from_hub(name: str) -> Base:
 
 
 def _from_single_file(path: Path) -> Base:
-    from . import ldm
+    from sdlora.bases import single_file as ldm
     parts = ldm.load_single_file(path)
     unet, vae = parts["unet"], parts["vae"]
     res = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -173,17 +184,27 @@ def _from_single_file(path: Path) -> Base:
 
 def _config_folder(name: str) -> Path:
     """The folder holding base `name`'s configs (the built-in ones, or the path given); it may not exist."""
-    return {"tiny": BUILTIN_DIR, "sd15-random": CONFIGS_DIR / "sd15"}.get(name, Path(name).expanduser())
+    sd15 = CONFIGS_DIR / families.variant("sd1").config_folder
+    return {"tiny": BUILTIN_DIR, "sd15-random": sd15}.get(name, Path(name).expanduser())
 
 
 def native_resolution(name: str) -> int:
     """A base's native image size in px, read from its configs without loading any weights.
 
-    Lets the dataset be checked before the (slow, large) base is loaded. Single files and
-    hub ids are taken at SD's 512 px.
+    Lets the dataset be checked before the (slow, large) base is loaded. A single file's size is
+    its variant's (read from its header); hub ids are taken at SD's 512 px.
     """
     if name == "tiny-random":
         return 64
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from sdlora.bases.single_file import single_file_variant
+        try:
+            with warnings.catch_warnings():      # the load itself says what it assumed
+                warnings.simplefilter("ignore")
+                return single_file_variant(path).resolution
+        except ValueError:
+            return 512                           # the load names the problem
     folder = _config_folder(name)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -237,7 +258,7 @@ def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
     text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if not k.startswith("_")}))
     scheduler = PNDMScheduler.from_config(read("scheduler", "scheduler_config.json"))
     tok_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else TOKENIZER_DIR
-    family = "sd2" if te_cfg.get("hidden_size") == 1024 else "sd1"
+    family = _family_of(te_cfg.get("hidden_size"), name)
     return Base(name=name, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tok_dir),
                 scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
 

@@ -2,7 +2,7 @@
 
 Pure functions on `dict[str, Tensor]`. Each copies its input, pops every key it
 converts, and raises `CheckpointError` naming whatever is left over. LDM keys
-here carry no `first_stage_model.` / `cond_stage_model.` prefix (`sdlora.ldm`
+here carry no `first_stage_model.` / `cond_stage_model.` prefix (`sdlora.bases.single_file`
 adds it); the `*_from_ldm` functions accept them with or without it.
 
 Sources for the layouts: CompVis `ldm/modules/diffusionmodules/model.py` (VAE),
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 import torch
+
+from sdlora.bases import families
 
 StateDict = dict[str, torch.Tensor]
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -140,7 +142,6 @@ def vae_from_ldm(sd: StateDict, config: Mapping | None = None) -> StateDict:
 
 
 # ---------------------------------------------------------------- text encoder
-FAMILY_ALIASES = {"sd1": "sd1", "sd15": "sd1", "sd2": "sd2", "sd21": "sd2", "sd21-base": "sd2"}
 # transformers CLIPTextModel (after any `text_model.`) -> open_clip, relative to `model.`
 _OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                  "embeddings.position_embedding.weight": "positional_embedding",
@@ -158,11 +159,14 @@ _TEXT_DROPPED = ("transformer.text_model.embeddings.position_ids", "transformer.
 
 
 def normalize_family(family: str) -> str:
-    """'sd1'/'sd15' -> 'sd1'; 'sd2'/'sd21'/'sd21-base' -> 'sd2'."""
-    if family not in FAMILY_ALIASES:
-        raise CheckpointError(f"family={family!r} is not supported: use one of {', '.join(FAMILY_ALIASES)}"
-                              " (SDXL single files are not supported yet)")
-    return FAMILY_ALIASES[family]
+    """The family ('sd1' / 'sd2') of any spelling the family table knows (sd15, sd21, sd2-base, ...)."""
+    try:
+        fam = families.family(family)
+    except families.FamilyError as e:
+        raise CheckpointError(str(e)) from None
+    if not fam.loadable:
+        raise CheckpointError(f"family={family!r}: {fam.title} single files are not supported yet")
+    return fam.name
 
 
 def text_encoder_to_ldm(sd: StateDict, family: str | None = None) -> StateDict:
@@ -177,9 +181,9 @@ def text_encoder_to_ldm(sd: StateDict, family: str | None = None) -> StateDict:
     tok = rest.get("embeddings.token_embedding.weight")
     if family is None:
         width = None if tok is None else tok.shape[1]
-        if width not in (768, 1024):
+        family = families.by_text_width(width)
+        if family == families.UNKNOWN:
             raise CheckpointError(f"cannot tell SD 1 from SD 2 by text width {width}; pass family='sd1' or 'sd2'")
-        family = "sd1" if width == 768 else "sd2"
     if normalize_family(family) == "sd1":
         out = {"transformer.text_model." + k: rest.pop(k) for k in list(rest)}
         n_pos = out["transformer.text_model.embeddings.position_embedding.weight"].shape[0]

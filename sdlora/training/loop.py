@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as dataset
-from . import hardware
-from . import lora as lora_mod
-from .config import DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
-from .models import Base, load_base, load_tokenizer, native_resolution
-from .runs import (latest_checkpoint, library_versions, load_checkpoint, new_run_dir, now_iso, safe_name,
+from sdlora.data import scan as dataset
+from sdlora.training import hardware
+from sdlora.training import adapters as lora_mod
+from sdlora.config import DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_steps, to_dict
+from sdlora.bases.load import Base, load_base, load_tokenizer, native_resolution
+from sdlora.runs import (latest_checkpoint, library_versions, load_checkpoint, new_run_dir, now_iso, safe_name,
                    save_checkpoint, write_json)
 
 
@@ -260,8 +260,8 @@ class _Trainer:
 
     def prior_examples(self, run_dir: Path):
         """Class images for prior preservation: the user's folder, topped up by the base model's own."""
-        from .config import GenerateConfig
-        from .generate import make_pipeline, render
+        from sdlora.config import GenerateConfig
+        from sdlora.generate import make_pipeline, render
         folder = Path(self.data.class_folder) if self.data.class_folder else run_dir / "class_images"
         items, _ = dataset.scan_dataset(folder, self.data.trigger, "{trigger}", self.plan.resolution) \
             if folder.is_dir() else ([], [])
@@ -272,7 +272,7 @@ class _Trainer:
             pipe = make_pipeline(self.base)
             for i in range(len(paths), self.data.num_class_images):
                 img = render(pipe, GenerateConfig(prompt=self.data.class_prompt, seed=i), self.plan.resolution)
-                from .runs import write_png
+                from sdlora.runs import write_png
                 write_png(out / f"class-{i:04d}.png", img)
                 paths.append(out / f"class-{i:04d}.png")
             self.cb.on_message(f"generated {len(paths) - len(items)} class images in {out}")
@@ -353,9 +353,9 @@ class _Trainer:
         return path
 
     def samples(self, run_dir: Path, step: int) -> None:
-        from .config import GenerateConfig
-        from .generate import make_pipeline, render
-        from .runs import write_png
+        from sdlora.config import GenerateConfig
+        from sdlora.generate import make_pipeline, render
+        from sdlora.runs import write_png
         if not self.main:
             return
         unet = self.acc.unwrap_model(self.unet)
@@ -385,7 +385,7 @@ def _open_log(path: Path, start: int):
     """log.csv for appending; on resume, rows past the checkpoint's step (from a killed run) are dropped."""
     if start and path.is_file():
         rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r and int(r.split(",", 1)[0]) <= start]
-        from .safefiles import atomic_write_bytes
+        from sdlora.safefiles import atomic_write_bytes
         atomic_write_bytes(path, ("".join(r + "\n" for r in rows)).encode("utf-8"))
     return path.open("a", encoding="utf-8")
 
@@ -440,7 +440,7 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
                 raise
             raise TrainingError(out_of_memory_advice(cfg, t.plan.resolution, run_dir)) from e
         if not result.cancelled and t.main:
-            from .export import export_run
+            from sdlora.training.export import export_run
             result.lora_path = export_run(t, run_dir)
         t.acc.wait_for_everyone()
         return result
@@ -497,7 +497,7 @@ def run_config(data: DataConfig, spec: LoraSpec, cfg: TrainConfig, p: Plan, num_
 def read_run_config(run_dir: Path) -> tuple[DataConfig, LoraSpec, TrainConfig]:
     import json
 
-    from .config import from_dict
+    from sdlora.config import from_dict
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise TrainingError(f"{run_dir} is not an sdlora run folder (no config.json); pass the folder of a run")

@@ -17,14 +17,14 @@ import threading
 import time
 from pathlib import Path
 
-from . import data as dataset
-from .config import ConfigError, DataConfig, GenerateConfig
-from .library import compat_details, compat_summary, example_trigger, lora_files, lora_info
-from .models import native_resolution
-from .runs import latest_checkpoint
-from .webui_forms import (TEMPLATES, Dataset, Row, UserError, _whole, build_configs, notes_html, safe_filename,
+from sdlora.data import scan as dataset
+from sdlora.config import ConfigError, DataConfig, GenerateConfig
+from sdlora.webui.library import compat_details, compat_summary, example_trigger, lora_files, lora_info
+from sdlora.bases.load import native_resolution
+from sdlora.runs import latest_checkpoint
+from sdlora.webui.forms import (TEMPLATES, Dataset, Row, UserError, _whole, build_configs, notes_html, safe_filename,
                           suggest, within)
-from .webui_jobs import Job, duration, progress_html
+from sdlora.webui.jobs import Job, duration, progress_html
 
 MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
 MAX_FILE_BYTES = 25 * 2**20     # per image or caption file
@@ -236,8 +236,8 @@ class WebUI:
     # ---- Generate tab ----
     def generator(self, base: str):
         """The Generator for `base`, loaded once and kept; another base replaces it."""
-        from .generate import Generator
-        from .models import BaseModelError
+        from sdlora.generate import Generator
+        from sdlora.bases.load import BaseModelError
         base = (base or self.base).strip()
         with self._gen_lock:
             if self._gen is None or self._gen_name != base:
@@ -255,7 +255,7 @@ class WebUI:
 
     def add_lora_upload(self, path: str) -> str:
         """Accept an uploaded external LoRA (it stays in the temporary upload folder)."""
-        from .formats import LoraFileError, read_lora_file
+        from sdlora.loras.layouts import LoraFileError, read_lora_file
         p = Path(path or "")
         if p.suffix.lower() != ".safetensors":
             raise UserError(f"{safe_filename(p.name)}: only .safetensors LoRA files can be uploaded "
@@ -270,7 +270,7 @@ class WebUI:
         return str(p.resolve())
 
     def _choices(self, slots) -> list:
-        from .generate import LoraChoice
+        from sdlora.generate import LoraChoice
         out = []
         for path, strength, separate, te in slots:
             if not path:
@@ -282,7 +282,7 @@ class WebUI:
 
     def generate(self, base: str, slots, gen: dict):
         """One image; moving a strength never reloads the base (the Generator is kept)."""
-        from .formats import LoraFileError
+        from sdlora.loras.layouts import LoraFileError
         cfg, choices = self._gen_config(gen), self._choices(slots)
         g = self.generator(base)
         try:
@@ -294,7 +294,7 @@ class WebUI:
 
     def sweep(self, base: str, slots, gen: dict) -> list[tuple]:
         """The first LoRA at strengths 0 to 1 with the same seed: one row of images."""
-        from .formats import LoraFileError
+        from sdlora.loras.layouts import LoraFileError
         cfg, choices = self._gen_config(gen), self._choices(slots)
         if not choices:
             raise UserError("Pick a LoRA first: the sweep shows it at strengths 0, 0.25, 0.5, 0.75 and 1.")

@@ -2,7 +2,7 @@
 
 `evaluate` draws the held-out colour-shape prompts (pairs the build never
 showed together) with fixed seeds and judges each image with
-`sdlora.scenes.measure`; the build (sdlora.tinybase) and tests/test_tinybase.py
+`sdlora.tinybase.scenes.measure`; the build (sdlora.tinybase) and tests/test_tinybase.py
 both use it. `write_model_card` writes the saved pipeline's README.md.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdlora import scenes
+from sdlora.tinybase import scenes
 
 if TYPE_CHECKING:
-    from sdlora.tinybase import BuildConfig
+    from sdlora.tinybase.build import BuildConfig
 
 
 def held_out_prompts() -> list[tuple[str, str, str]]:

@@ -1,8 +1,8 @@
 """Original-SD ("LDM") single-file checkpoints, the layout A1111 and ComfyUI load.
 
 One file holds three models under three prefixes:
-  model.diffusion_model.*  UNet           (key rules: `sdlora.ldm_unet`)
-  first_stage_model.*      VAE            (key rules: `sdlora.ldm_keys`)
+  model.diffusion_model.*  UNet           (key rules: `sdlora.bases.ldm_unet`)
+  first_stage_model.*      VAE            (key rules: `sdlora.bases.ldm_keys`)
   cond_stage_model.*       text encoder:  SD 1.x `transformer.text_model.*` (transformers CLIP),
                                           SD 2.x `model.*` (open_clip, fused q/k/v `in_proj`)
 This module detects the family, splits and joins the prefixes, and builds the
@@ -11,13 +11,17 @@ diffusers/transformers modules offline from the bundled configs in
 `sdlora/assets/clip_tokenizer/` (SD 2 uses the same vocabulary with pad "!").
 
 What weights cannot say: whether an SD 2 model predicts noise (512 "base") or
-v (768). `family="sd2"` or a detected SD 2 file means `sd21` (768, v-prediction,
-as diffusers also assumes); pass `family="sd21-base"` for 512 epsilon models,
-or `prediction_type=` to override.
+v (768). `single_file_variant` decides from, in order: the caller's `family`
+(a variant name of `sdlora.bases.families`, e.g. "sd2-base") or
+`prediction_type`; the file's ModelSpec header (`modelspec.prediction_type`,
+`modelspec.architecture`, which sdlora's merges write); an A1111-style
+`<name>.yaml` beside the file (`parameterization: "v"` means v, none means
+epsilon); else the 768 v model, as diffusers also assumes, with a warning.
 """
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import os
 import shutil
@@ -29,20 +33,19 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
+from sdlora.bases import families
+from sdlora.bases.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
                              normalize_family, text_encoder_from_ldm, text_encoder_to_ldm, vae_from_ldm,
                              vae_to_ldm)
-from sdlora.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
+from sdlora.bases.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
 
 __all__ = ["CheckpointError", "detect_checkpoint_family", "ldm_module_names", "load_single_file",
            "pipeline_to_ldm", "read_state_dict", "save_single_file", "split_pipeline", "text_encoder_from_ldm",
            "text_encoder_to_ldm", "unet_from_ldm", "unet_to_ldm", "vae_from_ldm", "vae_to_ldm",
            "config_dir", "load_tokenizer", "write_diffusers_config_folder"]
 
-CONFIG_ROOT = Path(__file__).parent / "configs"
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
-_CONFIG_NAMES = {"sd1": "sd15", "sd15": "sd15", "sd2": "sd21", "sd21": "sd21", "sd21-base": "sd21-base"}
-_CONTEXT_DIM = {"sd1": 768, "sd2": 1024}  # UNet cross-attention width = text encoder width
+CONFIG_ROOT = Path(__file__).parent.parent / "configs"
+TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "clip_tokenizer"
 # Tensors many original files carry that no diffusers module holds: LDM's DDPM
 # schedule buffers (the scheduler config rebuilds them) and the EMA copy.
 _IGNORED = frozenset({"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -54,9 +57,9 @@ _IGNORED_PREFIXES = ("model_ema.",)
 
 
 def config_dir(family: str) -> Path:
-    """The bundled diffusers-layout config folder for a family name."""
+    """The bundled diffusers-layout config folder of a family or variant name (any spelling)."""
     normalize_family(family)
-    return CONFIG_ROOT / _CONFIG_NAMES[family]
+    return CONFIG_ROOT / families.variant(family).config_folder
 
 
 def detect_checkpoint_family(sd: Mapping[str, torch.Tensor]) -> str:
@@ -67,30 +70,37 @@ def detect_checkpoint_family(sd: Mapping[str, torch.Tensor]) -> str:
     (768 / 1024 / 2048, 1280 for the SDXL refiner). v-prediction is not visible
     in weights: SD 2 768 models are v, SD 2 512 "base" models are epsilon.
     """
-    if any(k.startswith("conditioner.embedders.") for k in sd):
+    return detect_family_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
+
+
+def detect_family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """detect_checkpoint_family from key names and shapes alone (a safetensors header holds both)."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
         return "sdxl"
-    if any(k.startswith(LDM_TEXT_PREFIX + "model.") for k in sd):
+    if any(k.startswith(LDM_TEXT_PREFIX + "model.") for k in shapes):
         return "sd2"
-    if any(k.startswith(LDM_TEXT_PREFIX + "transformer.") for k in sd):
+    if any(k.startswith(LDM_TEXT_PREFIX + "transformer.") for k in shapes):
         return "sd1"
-    width = _context_width(sd, LDM_UNET_PREFIX)
-    return {768: "sd1", 1024: "sd2", 1280: "sdxl", 2048: "sdxl"}.get(width, "unknown")
+    width = _context_width(shapes, LDM_UNET_PREFIX)
+    return "sdxl" if width == SDXL_REFINER_WIDTH else families.by_context_dim(width)
 
 
-def _context_width(sd: Mapping[str, torch.Tensor], prefix: str = "") -> int | None:
-    for k, v in sd.items():
+SDXL_REFINER_WIDTH = 1280    # the SDXL refiner's cross-attention reads only OpenCLIP ViT-bigG's 1280 states
+
+
+def _context_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> int | None:
+    for k, shape in shapes.items():
         if k.startswith(prefix) and k.endswith("attn2.to_k.weight"):
-            return v.shape[-1]  # [inner, context_dim]
+            return shape[-1]  # [inner, context_dim]
     return None
 
 
 def pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te_sd: StateDict, family: str) -> StateDict:
     """Three diffusers-layout state dicts -> one original-SD single-file state dict."""
     fam = normalize_family(family)
-    width = _context_width(unet_sd)
-    if width is not None and width != _CONTEXT_DIM[fam]:
-        raise CheckpointError(f"family={family!r} needs cross-attention width {_CONTEXT_DIM[fam]}, "
-                              f"the UNet has {width}")
+    width, need = _context_width({k: tuple(v.shape) for k, v in unet_sd.items()}), families.family(fam).context_dim
+    if width is not None and width != need:
+        raise CheckpointError(f"family={family!r} needs cross-attention width {need}, the UNet has {width}")
     out: StateDict = {}
     for prefix, part in ((LDM_UNET_PREFIX, unet_to_ldm(unet_sd)), (LDM_VAE_PREFIX, vae_to_ldm(vae_sd)),
                          (LDM_TEXT_PREFIX, text_encoder_to_ldm(te_sd, fam))):
@@ -150,10 +160,11 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
                      config: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build diffusers/transformers modules from an original-SD SD 1.x/2.x file, offline.
 
-    Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family",
-    "prediction_type"}; "family" is the config name used (sd15 / sd21 / sd21-base).
-    `config` replaces the bundled config folder with another diffusers-layout one.
-    `prediction_type` ("epsilon" / "v_prediction") overrides the scheduler config's.
+    Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "variant",
+    "prediction_type"}: "family" is the family table's name ("sd1" / "sd2"), "variant" the bundled
+    config used ("sd1", "sd2-v", "sd2-base"; see `single_file_variant`). `config` replaces the bundled
+    config folder with another diffusers-layout one. `prediction_type` ("epsilon" / "v_prediction")
+    picks the SD 2.x variant and overrides the scheduler config's.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -161,8 +172,9 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
         raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v_prediction'")
     path = Path(path)
     sd = read_state_dict(path, allow_pickle=allow_pickle)
-    name = _config_name(family, detect_checkpoint_family(sd), path)
-    folder = Path(config) if config is not None else CONFIG_ROOT / name
+    var = _choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, _header_metadata(path))
+    folder = Path(config) if config is not None else CONFIG_ROOT / var.config_folder
+    name = var.name
     unet_sd, vae_sd, te_sd = split_pipeline(sd, str(path))
     del sd
     unet_cfg = dict(UNet2DConditionModel.load_config(folder / "unet"))
@@ -178,7 +190,72 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
     text_encoder = _build_text_encoder(folder, te_sd, dtype, f"{path}: text encoder ({name} config)")
     scheduler = _build_scheduler(folder, prediction_type)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(folder),
-            "scheduler": scheduler, "family": name, "prediction_type": scheduler.config.prediction_type}
+            "scheduler": scheduler, "family": var.family, "variant": var.name,
+            "prediction_type": scheduler.config.prediction_type}
+
+
+def single_file_variant(path: str | os.PathLike, family: str | None = None) -> families.Variant:
+    """The bundled variant a `.safetensors` checkpoint loads as, read from its header only (no tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
+    return _choose_variant(path, detect_family_from_shapes(shapes), family, None, meta)
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _choose_variant(path: Path, detected: str, family: str | None, prediction_type: str | None,
+                    meta: Mapping[str, str]) -> families.Variant:
+    if detected == "sdxl":
+        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.embedders / 2048-wide "
+                              "cross-attention); SDXL single files are not supported yet")
+    if detected == families.UNKNOWN:
+        raise CheckpointError(f"{path}: not an SD 1.x/2.x checkpoint in original-SD layout "
+                              "(no cond_stage_model.* or model.diffusion_model.* cross-attention keys)")
+    if family is not None and normalize_family(family) != detected:
+        raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
+    if family is not None and family not in families.FAMILIES:
+        return families.variant(family)                   # a variant name: nothing left to guess
+    pred = prediction_type or _prediction_evidence(path, meta)
+    if pred is not None:
+        found = families.variant_for(detected, pred)
+        if found is not None:
+            return found
+    chosen = families.variant(detected)
+    if family is None and len([v for v in families.VARIANTS.values() if v.family == detected]) > 1:
+        others = [v.name for v in families.VARIANTS.values() if v.family == detected and v is not chosen]
+        warnings.warn(f"{path}: {families.title(detected)} file with no word on what it predicts; assuming "
+                      f"{chosen.resolution}px {chosen.prediction_type} ({chosen.name}). For another variant "
+                      f"({', '.join(others)}), put an A1111 .yaml beside it or pass its name", stacklevel=3)
+    return chosen
+
+
+def _prediction_evidence(path: Path, meta: Mapping[str, str]) -> str | None:
+    """What the file says it predicts: its ModelSpec header, then an A1111 `<name>.yaml` beside it."""
+    pred = str(meta.get("modelspec.prediction_type", ""))
+    if pred in ("epsilon", "v", "v_prediction"):
+        return pred
+    arch = str(meta.get("modelspec.architecture", ""))
+    for v in families.VARIANTS.values():
+        if arch.split("/")[0] == v.modelspec_architecture:
+            return v.prediction_type
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():                                    # A1111 reads this config beside a checkpoint
+        text = yaml.read_text(encoding="utf-8", errors="replace")
+        return "v" if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
+    return None
 
 
 def _build_text_encoder(folder: Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -199,23 +276,6 @@ def _build_scheduler(folder: Path, prediction_type: str | None):
     if prediction_type is not None:
         cfg["prediction_type"] = prediction_type
     return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
-
-
-def _config_name(family: str | None, detected: str, path: Path) -> str:
-    if detected == "sdxl":
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.embedders / 2048-wide "
-                              "cross-attention); SDXL single files are not supported yet")
-    if detected == "unknown":
-        raise CheckpointError(f"{path}: not an SD 1.x/2.x checkpoint in original-SD layout "
-                              "(no cond_stage_model.* or model.diffusion_model.* cross-attention keys)")
-    if family is None:
-        if detected == "sd2":
-            warnings.warn(f"{path}: SD 2.x file; assuming 768px v-prediction (sd21). "
-                          "Pass family='sd21-base' for a 512px epsilon model.", stacklevel=3)
-        return _CONFIG_NAMES[detected]
-    if normalize_family(family) != detected:
-        raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
-    return _CONFIG_NAMES[family]
 
 
 def _build(make: Callable[[], torch.nn.Module], sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -273,9 +333,21 @@ def write_diffusers_config_folder(family: str, dest: str | os.PathLike) -> Path:
     return dest
 
 
+def _variant_metadata(family: str, prediction_type: str | None) -> dict[str, str]:
+    """ModelSpec keys that tell a loader which variant the file is (what the weights cannot say), when known:
+    from `prediction_type`, or from a name that picks one variant ("sd2-base", "sd21", "sd1")."""
+    fam = families.family(family)
+    several = sum(v.family == fam.name for v in families.VARIANTS.values()) > 1
+    if prediction_type is None and family == fam.name and several:
+        return {}
+    var = (families.variant_for(fam.name, prediction_type) if prediction_type else None) or families.variant(family)
+    return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": var.modelspec_architecture,
+            "modelspec.prediction_type": "v" if var.prediction_type == "v_prediction" else "epsilon"}
+
+
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
                      text_encoder: torch.nn.Module, family: str, dtype: torch.dtype = torch.float16,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, prediction_type: str | None = None) -> Path:
     """Write an original-SD `.safetensors` atomically (temp file beside it, fsync, os.replace).
 
     Floating tensors are cast to `dtype`; integer ones (position_ids) keep theirs.
@@ -285,7 +357,7 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"path={str(path)!r}: use a name ending in .safetensors")
-    meta = {"format": "pt", **(metadata or {})}
+    meta = {"format": "pt", **_variant_metadata(family, prediction_type), **(metadata or {})}
     bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise ValueError(f"metadata values must be strings: {bad!r}")

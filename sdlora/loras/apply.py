@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .formats import LoraSet, LoraWeights
+from sdlora.loras.layouts import LoraSet, LoraWeights
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Proof that files work elsewhere: the per-tool key check, and baking LoRAs into a checkpoint.
+"""Proof that a LoRA file works elsewhere: the per-tool key check against a real base.
 
-``check`` replays A1111's, ComfyUI's and diffusers' key-mapping rules (``compat``)
-against the modules of a real base; ``merge`` writes a single-file checkpoint in
-original-SD layout with LoRAs fused into it (``ldm``).
+``check_file`` replays A1111's, ComfyUI's and diffusers' key-mapping rules
+(``sdlora.loras.tools``) against the modules of a loaded base, in both the
+diffusers names and the original-SD names A1111 sees.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import formats
-from .compat import compat_report, format_report
-from .ldm import save_single_file
-from .ldm_unet import ldm_module_names
-from .models import Base
+from sdlora.bases import families
+from sdlora.loras import layouts as formats
+from sdlora.loras.tools import compat_report, format_report
+from sdlora.bases.ldm_unet import ldm_module_names
+from sdlora.bases.load import Base
 
 
 def base_module_sets(base: Base) -> dict[str, set[str]]:
@@ -34,7 +34,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
         sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need
     tools = compat_report(sd, **base_module_sets(base))
-    ok = all(not r["unmapped"] for r in tools.values()) and family in ("unknown", base.family)
+    ok = all(not r["unmapped"] for r in tools.values()) and family in (families.UNKNOWN, base.family)
     return {"format": fmt, "family": family, "base": base.name, "base_family": base.family, "tools": tools, "ok": ok}
 
 
@@ -46,11 +46,10 @@ def check_file(path: str | Path, base: Base) -> dict:
 
 
 def format_check(report: dict) -> str:
-    fam = formats.FAMILY_NAMES
-    lines = [f"{report.get('file', 'LoRA')}: {report['format']} format, for {fam.get(report['family'], 'an unknown base')}"
-             f"; base '{report['base']}' is {fam.get(report['base_family'], report['base_family'])}"]
-    if report["family"] not in ("unknown", report["base_family"]):
-        lines.append(f"wrong base: the file is for {fam[report['family']]}, the base is {fam[report['base_family']]}")
+    fam, base_fam = families.title(report["family"]), families.title(report["base_family"])
+    lines = [f"{report.get('file', 'LoRA')}: {report['format']} format, for {fam}; base '{report['base']}' is {base_fam}"]
+    if report["family"] not in (families.UNKNOWN, report["base_family"]):
+        lines.append(f"wrong base: the file is for {fam}, the base is {base_fam}")
     if report["format"] != "kohya":
         lines.append("(A1111 and ComfyUI need the kohya naming; checked as the kohya file sdlora would write)")
     lines.append(format_report(report["tools"]))
@@ -58,13 +57,4 @@ def format_check(report: dict) -> str:
     return "\n".join(lines)
 
 
-def merge(generator, out: str | Path, dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> Path:
-    """Write the generator's base with its current LoRAs fused in, as an original-SD single file."""
-    base = generator.base
-    with generator.lock:
-        generator.stack.set(generator.stack.applied, fused=True)
-        return save_single_file(out, base.unet, base.vae, base.text_encoder, base.family, dtype=dtype,
-                                metadata=metadata)
-
-
-__all__ = ["check_file", "check_state_dict", "format_check", "merge", "base_module_sets"]
+__all__ = ["check_file", "check_state_dict", "format_check", "base_module_sets"]

@@ -1,7 +1,7 @@
 """UNet key layout: diffusers `UNet2DConditionModel` <-> original SD (LDM `UNetModel`).
 
 Pure functions on `dict[str, Tensor]`; the LDM keys here carry no
-`model.diffusion_model.` prefix (`sdlora.ldm` adds it). SD 1.x and 2.x differ
+`model.diffusion_model.` prefix (`sdlora.bases.single_file` adds it). SD 1.x and 2.x differ
 only in shapes (SD 2 uses linear `proj_in`/`proj_out`), never in names, so the
 mapping is a renaming of module paths and the tensors pass through untouched.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from sdlora.ldm_keys import CheckpointError, LDM_UNET_PREFIX, StateDict, leftovers_error, strip_prefix
+from sdlora.bases.ldm_keys import CheckpointError, LDM_UNET_PREFIX, StateDict, leftovers_error, strip_prefix
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

@@ -16,12 +16,9 @@ from datetime import datetime
 import safetensors.torch
 import torch
 
-from .formats import LoraSet, _most_common
+from sdlora.bases import families
+from sdlora.loras.layouts import LoraSet, _most_common
 
-_SS_VERSION = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sdxl": ("sdxl_base_v1-0", "False")}
-_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-# kohya-ss library/sai_model_spec.py: SDXL LoRAs name Stability's implementation, SD 1.x/2.x ones "diffusers".
-_IMPL = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int, resolution: int | tuple[int, int],
@@ -37,10 +34,11 @@ def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int,
     ``rank``/``alpha`` default to the most common among ``loras``; ``extra`` adds keys (dict values
     are JSON-encoded) and may not replace a computed one.
     """
-    if family not in _SS_VERSION:
-        raise ValueError(f"family={family!r} is not allowed: use one of {', '.join(_SS_VERSION)}")
+    fam = families.family(family)                 # FamilyError (a ValueError) names what is allowed
+    # ModelSpec spells it "epsilon" / "v"; diffusers' scheduler configs (Base.prediction_type) "v_prediction"
+    prediction_type = {"v_prediction": "v"}.get(prediction_type, prediction_type)
     if prediction_type not in ("epsilon", "v"):
-        raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v'")
+        raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon', 'v' or 'v_prediction'")
     if not loras:
         raise ValueError("loras is empty: there is nothing to describe")
     now = time.time() if now is None else float(now)
@@ -49,9 +47,8 @@ def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int,
     alpha = _most_common(x.alpha for x in loras.values()) if alpha is None else alpha
     if network_args is None:
         network_args = {"dora_wd": "True"} if any(x.dora_scale is not None for x in loras.values()) else {}
-    version, v2 = _SS_VERSION[family]
     meta = {
-        "ss_v2": v2, "ss_base_model_version": version, "ss_network_module": "networks.lora",
+        "ss_v2": fam.ss_v2, "ss_base_model_version": fam.ss_base_model_version, "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)),
         "ss_network_args": json.dumps(network_args), "ss_steps": str(steps), "ss_max_train_steps": str(steps),
         "ss_num_train_images": str(num_images), "ss_resolution": str((w, h)), "ss_seed": str(seed),
@@ -64,7 +61,7 @@ def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int,
         meta["ss_text_encoder_lr"] = str(lr if text_encoder_lr is None else text_encoder_lr)
     if epoch is not None:
         meta["ss_epoch"] = str(epoch)
-    meta.update(_modelspec(family, prediction_type, output_name, f"{w}x{h}", now, trigger=trigger,
+    meta.update(_modelspec(fam.name, prediction_type, output_name, f"{w}x{h}", now, trigger=trigger,
                            description=description, author=author, license=license, thumbnail=thumbnail))
     for key, value in (extra or {}).items():
         if key in meta:
@@ -75,9 +72,9 @@ def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int,
 
 def _modelspec(family: str, prediction_type: str, title: str, resolution: str, now: float, **optional) -> dict:
     """Stability ModelSpec 1.0.1 (architecture/implementation as kohya-ss library/sai_model_spec.py)."""
-    arch = "stable-diffusion-v2-768-v" if family == "sd2" and prediction_type == "v" else _ARCH[family]
+    arch = families.modelspec_architecture(family, prediction_type)
     meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{arch}/lora",
-            "modelspec.implementation": _IMPL.get(family, "diffusers"), "modelspec.title": title,
+            "modelspec.implementation": families.family(family).modelspec_implementation, "modelspec.title": title,
             "modelspec.resolution": resolution, "modelspec.prediction_type": prediction_type,
             "modelspec.date": datetime.fromtimestamp(int(now)).astimezone().isoformat()}
     names = {"trigger": "trigger_phrase"}
@@ -125,7 +122,7 @@ def addnet_hashes(data: bytes) -> tuple[str, str]:
 def sidecar_json(trigger: str, preferred_weight: float = 1.0, family: str = "sd1", description: str = "",
                  notes: str = "", negative_text: str = "") -> dict:
     """A1111's ``<name>.json`` beside the LoRA (extensions-builtin/Lora/ui_edit_user_metadata.py)."""
-    version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(family, "Unknown")
+    version = families.family(family).sidecar_version if family in families.FAMILIES else "Unknown"
     return {"description": description, "sd version": version, "activation text": trigger,
             "preferred weight": float(preferred_weight), "negative text": negative_text, "notes": notes}
 
