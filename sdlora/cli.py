@@ -11,84 +11,50 @@ import os
 import sys
 from pathlib import Path
 
-from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig
+from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig, configs_from_values, settings
 from sdlora.training.loop import Callbacks
 
 
-def _float_or_none(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+def _optional(kind: type):
+    """argparse type for a setting that may be None: 'none' (any case) gives None."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__          # argparse names the type in its error message
+    return parse
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per declared training setting (sdlora.config), with its help, type and choices.
+
+    Every default is None here: a flag not given keeps the config's own default (or, for a derived
+    setting, the value training.plan.suggested works out), so the CLI holds no second copy of them."""
+    for s in settings():
+        if not s.flag:
+            continue
+        shown = "" if "default" in s.help else f" (default: {s.default!r})"
+        kw: dict = {"dest": s.name, "default": None, "help": s.help + shown}
+        if s.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif s.choices:
+            kw["choices"] = s.choices
+        else:
+            kw["type"] = _optional(s.kind) if s.optional else s.kind
+            kw["metavar"] = s.name.upper()
+        p.add_argument(s.flag, **kw)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a style LoRA from a folder of images")
-    p.add_argument("--data", help="folder of images (with optional same-name .txt captions)")
-    p.add_argument("--trigger", default=None,
-                   help="the word that calls up the style (default: the dataset's sdlora.json, else sks)")
-    p.add_argument("--template", default=None, help="caption for images without a .txt (default: "
-                   "the dataset's sdlora.json, else 'an image in {trigger} style')")
-    p.add_argument("--base", default="tiny", help="'tiny' (built in), a diffusers folder, a .safetensors or a hub id")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from the number of images)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank: width of the update (bigger learns more, file grows)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank (default: rank)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=None,
-                   help="LoRA learning rate (default: the base's recommendation, 1e-3 for tiny; else 1e-4)")
-    p.add_argument("--text-encoder", action="store_true", help="also train the CLIP text encoder")
-    p.add_argument("--text-encoder-lr", type=float, default=None)
-    p.add_argument("--self-attention", action="store_true", help="also adapt U-Net self-attention (attn1)")
-    p.add_argument("--dora", action="store_true")
-    p.add_argument("--rslora", action="store_true")
-    p.add_argument("--resolution", type=int, default=None, help="px (default: the base's native size)")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--noise-offset", type=float, default=0.0)
-    p.add_argument("--min-snr-gamma", type=_float_or_none, default=None)
-    p.add_argument("--class-prompt", default="", help="prior preservation: prompt of the class")
-    p.add_argument("--class-data", default="", help="prior preservation: folder of class images")
-    p.add_argument("--num-class-images", type=int, default=0, help="prior preservation: how many (0 = off)")
-    p.add_argument("--prior-loss-weight", type=float, default=1.0)
-    p.add_argument("--trigger-isolation", type=float, default=TrainConfig.trigger_isolation,
-                   help="weight that keeps prompts without the trigger (and guidance's empty prompt) as the "
-                        "base draws them (0 = off)")
-    p.add_argument("--word-dropout", type=float, default=TrainConfig.word_dropout,
-                   help="leave each caption word but the trigger out with this probability, in "
-                        "--caption-variants variants per image (0 = off)")
-    p.add_argument("--caption-variants", type=int, default=TrainConfig.caption_variants)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    p.add_argument("--output-dir", default="outputs")
-    p.add_argument("--name", default="", help="run and file name (default: the trigger word)")
-    p.add_argument("--format", default="kohya", choices=["kohya", "diffusers"])
-    p.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    add_setting_flags(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
 
 
 def _configs(a) -> tuple[DataConfig, LoraSpec, TrainConfig]:
-    from sdlora.data.scan import folder_defaults
-    own = folder_defaults(a.data) if a.data and Path(a.data).is_dir() else {}
-    trigger = a.trigger or own.get("trigger", DataConfig.trigger)
-    template = a.template or own.get("template", DataConfig.template)
-    data = DataConfig(folder=a.data or "", trigger=trigger, template=template, resolution=a.resolution,
-                      flip=a.flip, class_prompt=a.class_prompt, class_folder=a.class_data,
-                      num_class_images=a.num_class_images)
-    spec = LoraSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, self_attention=a.self_attention,
-                    text_encoder=a.text_encoder, use_dora=a.dora, use_rslora=a.rslora)
-    cfg = TrainConfig(base=a.base, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-                      text_encoder_lr=a.text_encoder_lr, schedule=a.schedule, warmup_steps=a.warmup_steps,
-                      mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
-                      noise_offset=a.noise_offset, min_snr_gamma=a.min_snr_gamma,
-                      prior_loss_weight=a.prior_loss_weight, trigger_isolation=a.trigger_isolation,
-                      word_dropout=a.word_dropout, caption_variants=a.caption_variants,
-                      seed=a.seed, sample_every=a.sample_every,
-                      checkpoint_every=a.checkpoint_every, output_dir=a.output_dir, run_name=a.name,
-                      save_format=a.format, save_dtype=a.save_dtype)
-    return data, spec, cfg
+    from sdlora.data.captions import folder_defaults
+    values = {s.name: getattr(a, s.name) for s in settings() if s.flag and getattr(a, s.name) is not None}
+    if values.get("folder") and Path(values["folder"]).is_dir():   # the dataset's own sdlora.json
+        values = {**folder_defaults(values["folder"]), **values}
+    return configs_from_values(values)
 
 
 class _Printer(Callbacks):
@@ -123,7 +89,7 @@ class _Printer(Callbacks):
 
 def cmd_train(a) -> int:
     from sdlora.training.loop import train
-    if a.resume is None and not a.data:
+    if a.resume is None and not a.folder:
         raise ValueError("--data is required (a folder of images), or --resume RUN_DIR to continue a run")
     data, spec, cfg = _configs(a) if a.resume is None else (None, None, None)
     result = train(data, spec, cfg, callbacks=_Printer(), resume=a.resume)

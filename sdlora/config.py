@@ -1,14 +1,22 @@
-"""Settings as dataclasses, one per concern.
+"""Settings as dataclasses, one per concern, each setting declared once.
 
-The CLI and the web UI both build these objects; library code never reads
-argparse or globals. Every field has a default; `__post_init__` checks each
-value and raises `ConfigError` (a `ValueError`) naming the field, the value
-and what is allowed, before any model is loaded.
+Every field of ``LoraSpec``, ``DataConfig`` and ``TrainConfig`` is declared with
+``setting(...)``: its default, allowed values, one line of help, its label, its CLI
+flag and where the web UI shows it (basic / advanced). The CLI's flags
+(``sdlora.cli``), the web UI's controls (``sdlora.webui``) and the validation in
+``__post_init__`` are all made from that one declaration, so the front ends cannot
+drift. Library code never reads argparse or globals.
+
+A default of ``None`` on a ``derived`` setting means "worked out from the data and
+the base" by ``sdlora.training.plan.suggested`` (steps, rank, learning rate,
+sample interval), which both front ends call to show the values before training.
+Bad values raise ``ConfigError`` (a ``ValueError``) naming the field, the value and
+what is allowed, before any model is loaded.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # Module-name suffixes that LoRA can target (diffusers names).
@@ -17,14 +25,59 @@ UNET_SELF_ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 TEXT_ENCODER_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 KNOWN_TARGETS = UNET_CROSS_ATTN + UNET_SELF_ATTN
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-SCHEDULES = ("constant", "cosine")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
-SAVE_FORMATS = ("kohya", "diffusers")
+# The LoRA learning rate for an SD checkpoint (diffusers' and kohya's usual 1e-4 at alpha = rank).
+# A base folder can recommend its own in sdlora's build.json ("lora_lr"): the built-in `tiny` base
+# recommends 1e-3, since at 1e-4 a style moves 5% of the way in the default steps (see its README).
+DEFAULT_LR = 1e-4
 
 
 class ConfigError(ValueError):
     """A setting has a value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: everything the front ends and the validation need to know about it."""
+    name: str                      # the dataclass field
+    owner: str                     # "data" | "lora" | "train"
+    kind: type                     # int, float, str, bool, or tuple (Python API only)
+    default: Any
+    help: str                      # one line, shown by --help and under the web UI's control
+    label: str                     # the web UI's label
+    ui: str                        # "basic" | "advanced" | "managed" (the web UI sets it itself) | "" (API only)
+    flag: str                      # the CLI flag; "" when the CLI has none
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False         # low itself is not allowed
+    choices: tuple = ()
+    optional: bool = False         # None is allowed (means: derived, or off; the help says which)
+    derived: bool = False          # None is worked out by training.plan.suggested
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError unless `value` is allowed for this setting."""
+        if value is None and self.optional:
+            return
+        if self.choices:
+            if value not in self.choices:
+                raise _bad(self.name, value, "use one of " + ", ".join(map(str, self.choices)))
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                raise _bad(self.name, value, "use true or false")
+        elif self.kind is int:
+            _int(self.name, value, int(self.low if self.low is not None else -2**63),
+                 None if self.high is None else int(self.high))
+        elif self.kind is float:
+            _finite(self.name, value, self.low, self.high, self.low_open)
+        elif self.kind is str and not isinstance(value, str):
+            raise _bad(self.name, value, "use text")
+
+
+def setting(default: Any, help: str, *, label: str = "", ui: str = "advanced", flag: str | None = None,
+            kind: type | None = None, **limits: Any) -> Any:
+    """A dataclass field declared with its Setting (the name and owner are filled in by `settings`)."""
+    kind = kind or (type(default) if default is not None else float)
+    meta = dict(default=default, help=help, label=label, ui=ui, flag=flag, kind=kind, **limits)
+    return field(default=default, metadata={"setting": meta})
 
 
 def _bad(field_name: str, value: Any, allowed: str) -> ConfigError:
@@ -48,36 +101,49 @@ def _int(name: str, value: Any, low: int, high: int | None = None) -> None:
         raise _bad(name, value, f"use a whole number from {low}" + (f" to {high}" if high else " up"))
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise _bad(name, value, "use one of " + ", ".join(allowed))
+def _check_declared(obj: Any) -> None:
+    for s in settings(type(obj)):
+        s.check(getattr(obj, s.name))
 
 
 @dataclass
 class LoraSpec:
     """Which modules get adapters, and their shape."""
-    rank: int = 8                      # r: width of the low-rank update B A
-    alpha: float | None = None         # scale is alpha / rank; None means alpha = rank (scale 1)
-    dropout: float = 0.0               # dropout on the LoRA branch input while training
-    self_attention: bool = False       # also adapt attn1 (self-attention) in the U-Net
-    text_encoder: bool = False         # also adapt the CLIP text encoder's q/k/v/out_proj
-    use_dora: bool = False             # weight-decomposed LoRA (DoRA)
-    use_rslora: bool = False           # rank-stabilised scale alpha / sqrt(rank)
-    extra_targets: tuple[str, ...] = ()  # more U-Net suffixes, each one of KNOWN_TARGETS
+    rank: int | None = setting(
+        None, "LoRA rank r, the width of the update B A: higher learns more detail and the file grows "
+        "(default: from the number of images: 4 under 8, 8 up to 30, else 16)",
+        label="Rank", ui="basic", kind=int, low=1, high=1024, optional=True, derived=True)
+    alpha: float | None = setting(
+        None, "LoRA alpha: the update is scaled by alpha / rank (unset: alpha = rank, scale 1)",
+        label="Alpha", low=0.0, low_open=True, optional=True)
+    dropout: float = setting(0.0, "dropout on the LoRA branch's input while training", label="LoRA dropout",
+                             low=0.0, high=0.99)
+    self_attention: bool = setting(False, "also adapt the U-Net's self-attention (attn1)",
+                                   label="Also adapt self-attention")
+    text_encoder: bool = setting(False, "also train the CLIP text encoder's q/k/v/out (learns the trigger word "
+                                 "better; larger file)", label="Train text encoder", ui="basic")
+    use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA)", label="DoRA", flag="--dora")
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale alpha / sqrt(rank)", label="rsLoRA",
+                               flag="--rslora")
+    extra_targets: tuple[str, ...] = setting(
+        (), "more U-Net module suffixes to adapt, each one of " + ", ".join(KNOWN_TARGETS), ui="", flag="",
+        kind=tuple)
 
     def __post_init__(self) -> None:
-        _int("rank", self.rank, 1, 1024)
-        if self.alpha is None:
+        _check_declared(self)
+        if self.rank is not None and self.alpha is None:
             self.alpha = float(self.rank)
-        _finite("alpha", self.alpha, 0.0, low_open=True)
-        self.alpha = float(self.alpha)
-        _finite("dropout", self.dropout, 0.0, 0.99)
+        if self.alpha is not None:
+            self.alpha = float(self.alpha)
         self.extra_targets = tuple(self.extra_targets)
         for t in self.extra_targets:
-            _choice("extra_targets", t, KNOWN_TARGETS)
+            if t not in KNOWN_TARGETS:
+                raise _bad("extra_targets", t, "use one of " + ", ".join(KNOWN_TARGETS))
 
     @property
     def scale(self) -> float:
+        if self.rank is None:
+            raise ConfigError("rank is not worked out yet: training.plan.suggested fills it from the data")
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def unet_targets(self) -> tuple[str, ...]:
@@ -91,26 +157,33 @@ class LoraSpec:
 @dataclass
 class DataConfig:
     """Where the images are and how each becomes a training example."""
-    folder: str = ""                              # folder of images with optional same-name .txt captions
-    trigger: str = "sks"                          # the token that calls up the style
-    template: str = "an image in {trigger} style"  # caption for images without a .txt file
-    resolution: int | None = None                 # px; None means the base's native size
-    flip: bool = False                            # random horizontal flip (a cached latent per side)
-    class_prompt: str = ""                        # prior preservation: prompt for class images
-    class_folder: str = ""                        # prior preservation: folder; generated when empty
-    num_class_images: int = 0                     # 0 disables prior preservation
+    folder: str = setting("", "folder of images; an image 'a.png' may have its caption in 'a.txt'",
+                          label="Images", ui="managed", flag="--data")
+    trigger: str = setting("sks", "the word that calls up the style; it is put in front of every caption "
+                           "that lacks it (default: the dataset's sdlora.json, else sks)",
+                           label="Trigger word", ui="basic")
+    template: str = setting("an image in {trigger} style", "caption for images without a .txt; {trigger} is "
+                            "replaced by the trigger word", label="Caption for images without a .txt")
+    resolution: int | None = setting(None, "training size in px (default: the base's native size)",
+                                     label="Resolution (px)", ui="basic", kind=int, low=8, high=2048,
+                                     optional=True)
+    flip: bool = setting(False, "random horizontal flips (a cached latent per side)", label="Random horizontal flip")
+    class_prompt: str = setting("", "prior preservation: the prompt of the class, e.g. 'an image'",
+                                label="Class prompt (prior preservation)")
+    class_folder: str = setting("", "prior preservation: a folder of class images; unset: the base draws them",
+                                label="Class images folder", flag="--class-data")
+    num_class_images: int = setting(0, "prior preservation: how many class images (0 = off)",
+                                    label="Class images", low=0, high=10000)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.trigger, str) or not self.trigger.strip() or any(c.isspace() for c in self.trigger.strip()):
+        _check_declared(self)
+        if not self.trigger.strip() or any(c.isspace() for c in self.trigger.strip()):
             raise _bad("trigger", self.trigger, "use one word with no spaces, e.g. 'sks' or 'neonstyle'")
         self.trigger = self.trigger.strip()
         if "{trigger}" not in self.template:
             raise _bad("template", self.template, "the caption template must contain {trigger}")
-        if self.resolution is not None:
-            _int("resolution", self.resolution, 8, 2048)
-            if self.resolution % 8:
-                raise _bad("resolution", self.resolution, "use a multiple of 8 (the VAE downsamples by 8)")
-        _int("num_class_images", self.num_class_images, 0, 10000)
+        if self.resolution is not None and self.resolution % 8:
+            raise _bad("resolution", self.resolution, "use a multiple of 8 (the VAE downsamples by 8)")
         if self.num_class_images and not self.class_prompt.strip():
             raise _bad("class_prompt", self.class_prompt, "prior preservation needs a class prompt, e.g. 'an image'")
 
@@ -118,79 +191,80 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The training recipe. Steps are the one unit of length."""
-    base: str = "tiny"                 # 'tiny', a diffusers folder, a single-file checkpoint or a hub id
-    steps: int | None = None           # optimizer steps; None derives it from the number of images
-    batch_size: int = 1
-    grad_accum: int = 1                # gradient accumulation steps per optimizer step
-    lr: float | None = None            # U-Net LoRA learning rate; None: the base's recommendation, else DEFAULT_LR
-    text_encoder_lr: float | None = None  # None means the same as lr
-    schedule: str = "constant"         # constant or cosine, after warmup
-    warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    use_8bit_adam: bool = True         # used only where bitsandbytes and CUDA are present
-    mixed_precision: str = "no"        # no, fp16 or bf16
-    gradient_checkpointing: bool = False
-    noise_offset: float = 0.0          # adds offset * N(0,1) per channel to the noise
-    min_snr_gamma: float | None = None  # Min-SNR loss weighting; None disables (5.0 is usual)
-    prior_loss_weight: float = 1.0
+    base: str = setting("tiny", "base model: 'tiny' (built in), a diffusers folder, a single-file .safetensors "
+                        "checkpoint or a hub id", label="Base model")
+    steps: int | None = setting(None, "optimizer steps, the one unit of length (default: 100 per image, "
+                                "400 to 2,000)", label="Steps", ui="basic", kind=int, low=1, high=1_000_000,
+                                optional=True, derived=True)
+    batch_size: int = setting(1, "images per step", label="Batch size", low=1, high=1024)
+    grad_accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step",
+                              label="Gradient accumulation", low=1, high=1024)
+    lr: float | None = setting(None, "U-Net LoRA learning rate (default: the base's recommendation, 1e-3 for "
+                               "tiny; else 1e-4)", label="Learning rate", ui="basic", low=0.0, high=1.0,
+                               low_open=True, optional=True, derived=True)
+    text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate (unset: the same as lr)",
+                                            label="Text-encoder learning rate", low=0.0, high=1.0,
+                                            low_open=True, optional=True)
+    schedule: str = setting("constant", "learning-rate schedule after warmup", label="LR schedule",
+                            choices=("constant", "cosine"))
+    warmup_steps: int = setting(0, "steps of linear learning-rate warmup", label="Warmup steps", low=0)
+    weight_decay: float = setting(1e-2, "AdamW weight decay on the LoRA weights", label="Weight decay",
+                                  low=0.0, high=1.0)
+    use_8bit_adam: bool = setting(True, "bitsandbytes' 8-bit AdamW where it and CUDA are present (the run says "
+                                  "which optimizer it uses)", label="8-bit Adam (CUDA)", flag="--8bit-adam")
+    mixed_precision: str = setting("no", "mixed precision: fp16 needs a CUDA GPU", label="Mixed precision",
+                                   choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                           "slower steps", label="Gradient checkpointing")
+    noise_offset: float = setting(0.0, "adds offset x N(0,1) per channel to the noise (darker darks, "
+                                  "brighter brights)", label="Noise offset", low=0.0, high=1.0)
+    min_snr_gamma: float | None = setting(None, "Min-SNR loss weighting gamma (unset: off; 5 is usual)",
+                                          label="Min-SNR gamma", low=0.0, low_open=True, optional=True)
+    prior_loss_weight: float = setting(1.0, "prior preservation: weight of the class images' loss",
+                                       label="Prior loss weight", low=0.0)
     # Keep the trigger the switch: on each step's noisy latents, the model's prediction for the
     # caption without the trigger (or for the empty caption that classifier-free guidance uses) is
-    # pulled toward the frozen base's, with this weight; 0 disables. Without it a style LoRA also
-    # restyles prompts that lack the trigger, and guidance subtracts the style from itself.
-    trigger_isolation: float = 1.0
-    # Each step may train on a variant of a caption with words other than the trigger left out, each
-    # with this probability (caption_variants per image, the full caption among them; the trigger-less
-    # captions of trigger_isolation follow the same variants). The trigger is then the one word every
-    # caption of the style shares, so the style is tied to it rather than to the content words.
-    word_dropout: float = 0.0
-    caption_variants: int = 8
-    seed: int = 0
-    sample_every: int = 0              # steps between sample images; 0 disables
-    sample_prompts: tuple[str, ...] = ()  # default: the trigger prompt and a prompt without it
-    sample_seeds: tuple[int, ...] = (1, 2)
-    checkpoint_every: int = 0          # steps between resumable checkpoints; 0 means only at the end
-    output_dir: str = "outputs"        # each run gets its own new folder below this
-    run_name: str = ""                 # folder and file name; empty derives one from the trigger
-    save_format: str = "kohya"         # kohya (loads everywhere) or diffusers
-    save_dtype: str = "fp16"
+    # pulled toward the frozen base's, with this weight. Without it a style LoRA also restyles
+    # prompts that lack the trigger, and guidance subtracts the style from itself.
+    trigger_isolation: float = setting(1.0, "keeps prompts without the trigger (and guidance's empty prompt) as "
+                                       "the base draws them; 0 = off, saves a second U-Net pass per step",
+                                       label="Trigger isolation", low=0.0)
+    # Each step may train on a variant of a caption with words other than the trigger left out (the
+    # trigger-less captions of trigger_isolation follow the same variants), so the trigger is the one
+    # word every caption of the style shares.
+    word_dropout: float = setting(0.0, "leave each caption word but the trigger out with this probability, in "
+                                  "caption-variants versions per image (0 = off)", label="Word dropout",
+                                  low=0.0, high=0.95)
+    caption_variants: int = setting(8, "versions of each caption that word dropout trains on",
+                                    label="Caption variants", low=1, high=256)
+    seed: int = setting(0, "random seed: the same seed and settings give the same LoRA", label="Seed",
+                        low=0, high=2**32 - 1)
+    sample_every: int | None = setting(None, "steps between sample images, with and without the trigger "
+                                       "(default: 5 times per run; 0 = none)", label="Samples every N steps",
+                                       kind=int, low=0, optional=True, derived=True)
+    sample_prompts: tuple[str, ...] = setting((), "sample prompts (default: the first caption, then it without "
+                                              "the trigger)", ui="", flag="", kind=tuple)
+    sample_seeds: tuple[int, ...] = setting((1, 2), "seeds of the sample images", ui="", flag="", kind=tuple)
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints (0: only when stopped and at the "
+                                    "end)", label="Checkpoint every N steps", low=0)
+    output_dir: str = setting("outputs", "each run gets its own new folder below this one", label="Output folder",
+                              ui="managed")
+    run_name: str = setting("", "run folder and file name (default: the trigger word)", label="Run name",
+                            flag="--name")
+    save_format: str = setting("kohya", "file layout: kohya loads in A1111, ComfyUI and diffusers; diffusers "
+                               "loads in diffusers only", label="File format", flag="--format",
+                               choices=("kohya", "diffusers"))
+    save_dtype: str = setting("fp16", "precision of the saved LoRA", label="Saved precision",
+                              choices=("fp16", "bf16", "fp32"))
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, str) or not self.base.strip():
+        _check_declared(self)
+        if not self.base.strip():
             raise _bad("base", self.base, "use 'tiny', a folder, a .safetensors file or a hub id")
-        if self.steps is not None:
-            _int("steps", self.steps, 1, 1_000_000)
-        _int("batch_size", self.batch_size, 1, 1024)
-        _int("grad_accum", self.grad_accum, 1, 1024)
-        if self.lr is not None:
-            _finite("lr", self.lr, 0.0, 1.0, low_open=True)
-        if self.text_encoder_lr is not None:
-            _finite("text_encoder_lr", self.text_encoder_lr, 0.0, 1.0, low_open=True)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _int("warmup_steps", self.warmup_steps, 0)
-        _finite("weight_decay", self.weight_decay, 0.0, 1.0)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _finite("noise_offset", self.noise_offset, 0.0, 1.0)
-        if self.min_snr_gamma is not None:
-            _finite("min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
-        _finite("prior_loss_weight", self.prior_loss_weight, 0.0)
-        _finite("trigger_isolation", self.trigger_isolation, 0.0)
-        _finite("word_dropout", self.word_dropout, 0.0, 0.95)
-        _int("caption_variants", self.caption_variants, 1, 256)
-        _int("seed", self.seed, 0, 2**32 - 1)
-        _int("sample_every", self.sample_every, 0)
-        _int("checkpoint_every", self.checkpoint_every, 0)
-        _choice("save_format", self.save_format, SAVE_FORMATS)
-        _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         self.sample_prompts = tuple(self.sample_prompts)
         self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
         if self.run_name and (("/" in self.run_name) or ("\\" in self.run_name) or self.run_name.startswith(".")):
             raise _bad("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
-
-
-# The LoRA learning rate for an SD checkpoint (diffusers' and kohya's usual 1e-4 at alpha = rank).
-# A base folder can recommend its own in sdlora's build.json ("lora_lr"): the built-in `tiny` base
-# recommends 1e-3, since at 1e-4 a style moves 5% of the way in the default steps (see its README).
-DEFAULT_LR = 1e-4
 
 
 def default_steps(num_images: int) -> int:
@@ -200,6 +274,39 @@ def default_steps(num_images: int) -> int:
     images; fewer images need fewer steps before they are memorised.
     """
     return max(400, min(2000, 100 * num_images))
+
+
+def default_rank(num_images: int) -> int:
+    """Rank derived from the number of images: a few images hold less to learn (and over-fit sooner)."""
+    return 4 if num_images < 8 else 8 if num_images <= 30 else 16
+
+
+CONFIG_CLASSES = {"data": DataConfig, "lora": LoraSpec, "train": TrainConfig}
+
+
+def settings(cls: type | None = None) -> list[Setting]:
+    """The declared settings of one config class, or of all three (data, lora, train) in that order."""
+    if cls is None:
+        return [s for c in CONFIG_CLASSES.values() for s in settings(c)]
+    owner = next(k for k, c in CONFIG_CLASSES.items() if c is cls)
+    out = []
+    for f in fields(cls):
+        meta = dict(f.metadata["setting"])
+        flag = meta.pop("flag")
+        flag = "--" + f.name.replace("_", "-") if flag is None else flag
+        out.append(Setting(name=f.name, owner=owner, flag=flag, **meta))
+    return out
+
+
+def configs_from_values(values: dict[str, Any]) -> tuple[DataConfig, LoraSpec, TrainConfig]:
+    """The three configs from {setting name: value}; a name that is missing keeps its default."""
+    known = {s.name for s in settings()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    made = {owner: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+            for owner, cls in CONFIG_CLASSES.items()}
+    return made["data"], made["lora"], made["train"]
 
 
 @dataclass
@@ -241,6 +348,7 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 
 __all__ = [
-    "ConfigError", "LoraSpec", "DataConfig", "TrainConfig", "GenerateConfig", "default_steps",
-    "to_dict", "from_dict", "UNET_CROSS_ATTN", "UNET_SELF_ATTN", "TEXT_ENCODER_ATTN",
+    "ConfigError", "Setting", "LoraSpec", "DataConfig", "TrainConfig", "GenerateConfig", "default_steps",
+    "default_rank", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
+    "UNET_SELF_ATTN", "TEXT_ENCODER_ATTN", "DEFAULT_LR",
 ]

@@ -7,6 +7,7 @@ go through ``render``, the same function every generation uses.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,15 @@ def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> Loade
         loras, unused = formats.from_kohya(sd, base.module_names())
     elif fmt in ("diffusers", "peft"):
         loras, unused = formats.from_diffusers(sd, meta, module_names=base.module_names())
+    elif fmt == "comfyui":
+        from sdlora.loras.comfyui import from_comfyui, unapplied_note
+        loras, unused = from_comfyui(sd, base.module_names(), dict(base.unet.config))
+        note = unapplied_note(path, unused)     # ComfyUI bias/norm deltas: listed in unused, and said why
+        if note:
+            warnings.warn(note, stacklevel=2)
     else:
-        raise formats.LoraFileError(f"{path}: not a LoRA file sdlora knows (no kohya or diffusers LoRA keys)")
+        raise formats.LoraFileError(f"{path}: not a LoRA file sdlora knows (no kohya, diffusers or ComfyUI "
+                                    "LoRA keys)")
     if not loras:
         raise formats.LoraFileError(f"{path}: none of its {len(sd)} keys matches a module of the base "
                                     f"'{base.name}'; first keys: {sorted(sd)[:3]}")

@@ -1,5 +1,7 @@
-"""Run folders: creation without overwriting, settings record, checkpoints, export.
+"""Run folders: everything that knows how a run is laid out on disk.
 
+Creation without overwriting, the settings record (config.json), the loss log,
+checkpoints, the LoRA and its sidecar files, listing, resuming and deleting.
 Layout of one run (``outputs/<name>/``)::
 
     config.json                 settings, library versions, the exact caption of every image
@@ -8,6 +10,7 @@ Layout of one run (``outputs/<name>/``)::
     checkpoints/step-000100/    adapter.safetensors (PEFT tensors) + state.pt (optimizer, schedule, step)
     <name>.safetensors          the LoRA (kohya naming, loads in A1111 / ComfyUI / diffusers)
     <name>.json, <name>.preview.png   A1111's sidecar files
+    compat.json                 which keys A1111, ComfyUI and diffusers map (sdlora.loras.check)
 
 Every file is written to a temporary name, flushed, fsynced and renamed, so a
 crash never leaves a half-written file under its final name.
@@ -127,5 +130,90 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return adapters, state
 
 
-__all__ = ["safe_name", "new_run_dir", "library_versions", "write_json", "write_png", "now_iso",
+# ---- config.json: the settings a run was started with, resolved ---------------------------------------
+
+def run_config(data, spec, cfg, plan, num_processes: int = 1) -> dict:
+    """config.json's content: the three configs (derived settings filled in), captions, problems, versions."""
+    from sdlora.config import to_dict
+    return {"data": to_dict(data), "lora": to_dict(spec), "train": to_dict(cfg), "steps": plan.steps,
+            "num_processes": num_processes, "resolution": plan.resolution, "captions": plan.captions,
+            "problems": [{"path": q.path, "reason": q.reason, "fatal": q.fatal} for q in plan.problems],
+            "versions": library_versions(), "started_at": now_iso()}
+
+
+def read_run_config(run_dir: Path):
+    """(DataConfig, LoraSpec, TrainConfig) a run was started with; RunError if it is not a run folder."""
+    from sdlora.config import DataConfig, LoraSpec, TrainConfig, from_dict
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not an sdlora run folder (no config.json); pass the folder of a run")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    train_cfg = dict(raw["train"], steps=raw["steps"])
+    return (from_dict(DataConfig, raw["data"]), from_dict(LoraSpec, raw["lora"]), from_dict(TrainConfig, train_cfg))
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (the message says why and what to do)."""
+
+
+# ---- log.csv -------------------------------------------------------------------------------------------
+
+def open_log(run_dir: Path, start: int):
+    """log.csv (step, loss, lr, seconds) for appending; on resume, rows past the checkpoint's step (from a
+    killed run) are dropped first."""
+    path = run_dir / "log.csv"
+    if start and path.is_file():
+        rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r and int(r.split(",", 1)[0]) <= start]
+        atomic_write_bytes(path, ("".join(r + "\n" for r in rows)).encode("utf-8"))
+    return path.open("a", encoding="utf-8")
+
+
+def read_log(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) rows of a run's log.csv; [] when there is none."""
+    import csv
+    try:
+        with (Path(run_dir) / "log.csv").open(encoding="utf-8") as fh:
+            return [(int(r[0]), float(r[1])) for r in csv.reader(fh) if len(r) >= 2]
+    except (OSError, ValueError):
+        return []
+
+
+# ---- the LoRA files of an outputs folder ---------------------------------------------------------------
+
+def lora_files(outputs: Path) -> list[Path]:
+    """LoRA files in outputs/ and in its run folders (not checkpoints, not hidden folders), newest first."""
+    found = [*outputs.glob("*.safetensors"), *outputs.glob("*/*.safetensors")]
+    found = [p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(outputs).parts)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def lora_with_sidecars(path: Path) -> list[Path]:
+    """The LoRA and those of its A1111 sidecar files (<name>.json, <name>.preview.png) that exist."""
+    return [f for f in (path, path.with_suffix(".json"), path.parent / f"{path.stem}.preview.png") if f.is_file()]
+
+
+def resumable_runs(outputs: Path) -> list[tuple[Path, int]]:
+    """(run folder, step of its last checkpoint) of each run that stopped before its LoRA, newest first."""
+    runs = [d for d in outputs.iterdir() if d.is_dir() and not d.name.startswith(".")
+            and (d / "config.json").is_file() and not (d / f"{d.name}.safetensors").exists()
+            and latest_checkpoint(d) is not None]
+    runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    return [(d, int(latest_checkpoint(d).name.split("-")[1])) for d in runs]
+
+
+def delete_lora(path: Path, outputs: Path) -> str:
+    """Delete a LoRA of `outputs`: its whole run folder when it has one, else the file and its sidecars."""
+    run, outputs = path.parent, Path(outputs).resolve()
+    if run.resolve() != outputs and (run / "config.json").is_file():
+        shutil.rmtree(run)
+        return f"Deleted the run folder {run.name} (LoRA, samples, checkpoints)."
+    for f in lora_with_sidecars(path):
+        f.unlink(missing_ok=True)
+    if run.resolve() != outputs and not any(run.iterdir()):
+        run.rmdir()
+    return f"Deleted {path.name}."
+
+
+__all__ = ["RunError", "run_config", "read_run_config", "open_log", "read_log", "lora_files", "lora_with_sidecars",
+           "resumable_runs", "delete_lora", "safe_name", "new_run_dir", "library_versions", "write_json", "write_png", "now_iso",
            "save_checkpoint", "latest_checkpoint", "load_checkpoint"]

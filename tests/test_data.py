@@ -482,14 +482,14 @@ def test_dataset_side_files_are_not_judged_as_images(tmp_path):
     ("zqxy, a zqx-like ring", "zqxy, a -like ring"),       # whole words only
 ])
 def test_caption_without_trigger(caption, expected):
-    from sdlora.data.scan import without_trigger
+    from sdlora.data.captions import without_trigger
     assert without_trigger(caption, "zqx") == expected
 
 
 def test_word_dropout_keeps_the_trigger_and_drops_about_p_of_the_rest():
     import random
 
-    from sdlora.data.scan import caption_variants, drop_words
+    from sdlora.data.captions import caption_variants, drop_words
     caption = "zqx, a large red circle in the center on a gray background"
     rng = random.Random(0)
     dropped = [drop_words(caption, "zqx", 0.3, rng) for _ in range(400)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdlora import generate, safefiles
+from sdlora import generate, runs, safefiles
 
 from sdlora.bases import load as models
 from sdlora.cli import main as cli
@@ -36,7 +35,6 @@ from sdlora.runs import load_checkpoint, new_run_dir
 from sdlora.training.loop import Callbacks, TrainingError, _Trainer, out_of_memory_advice, train
 
 REPO = Path(__file__).resolve().parents[1]
-train_mod = importlib.import_module("sdlora.training.loop")   # `sdlora.training.loop` is also the function
 
 
 @pytest.fixture(autouse=True)
@@ -486,12 +484,12 @@ def test_run_folders_created_at_the_same_moment_are_all_distinct(tmp_path):
 
 def test_two_trainings_with_the_same_name_started_at_once_never_overwrite_each_other(tmp_path, style_dir,
                                                                                      monkeypatch):
-    start, real = threading.Barrier(2, timeout=120), train_mod.new_run_dir
+    start, real = threading.Barrier(2, timeout=120), runs.new_run_dir
 
     def at_once(output_dir, name):              # both trainings reach the folder creation together
         start.wait()
         return real(output_dir, name)
-    monkeypatch.setattr(train_mod, "new_run_dir", at_once)
+    monkeypatch.setattr(runs, "new_run_dir", at_once)
     results, errors = {}, []
 
     def one(seed):
@@ -506,9 +504,9 @@ def test_two_trainings_with_the_same_name_started_at_once_never_overwrite_each_o
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    runs = {seed: r.run_dir for seed, r in results.items()}
-    assert sorted(p.name for p in runs.values()) == ["run", "run-2"]
-    for seed, run in runs.items():
+    folders = {seed: r.run_dir for seed, r in results.items()}
+    assert sorted(p.name for p in folders.values()) == ["run", "run-2"]
+    for seed, run in folders.items():
         assert json.loads((run / "config.json").read_text())["train"]["seed"] == seed
         meta = safefiles.read_lora_file(results[seed].lora_path)[1]
         assert json.loads(meta["sdlora_settings"])["train"]["seed"] == seed
@@ -518,7 +516,7 @@ def test_two_trainings_with_the_same_name_started_at_once_never_overwrite_each_o
     a, b = (load_file(str(results[s].lora_path)) for s in (11, 22))
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # every kind of file a run writes is one whose failure test_failure_while_writing_any_file... covers
-    first = runs[11]
+    first = folders[11]
     kinds = {file_kind(first, p) for p in first.rglob("*") if p.is_file()}
     assert "?" not in kinds, sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()
                                     and file_kind(first, p) == "?")

@@ -118,7 +118,8 @@ def measure_style_learning(style: str = STYLE, out_dir: Path | None = None, base
     trigger = dataset_trigger(folder)
     t0 = time.time()
     result = train(DataConfig(folder=str(folder), trigger=trigger), LoraSpec(**(lora or {})),
-                   TrainConfig(base=base, output_dir=str(out_dir or ARTIFACTS / "runs"), **train_overrides))
+                   TrainConfig(base=base, output_dir=str(out_dir or ARTIFACTS / "runs"),
+                               **{"sample_every": 0, **train_overrides}))
     train_s = time.time() - t0
     contents = unseen_contents(folder)
     colours = [c for _, c in contents for _ in SEEDS]

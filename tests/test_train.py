@@ -14,7 +14,7 @@ from sdlora.training.loop import _Trainer
 
 
 def cfg(tmp_path, **kw):
-    kw = {"base": "tiny-random", "steps": 6, "lr": 1e-3, "output_dir": str(tmp_path / "out"), **kw}
+    kw = {"base": "tiny-random", "steps": 6, "lr": 1e-3, "sample_every": 0, "output_dir": str(tmp_path / "out"), **kw}
     return TrainConfig(**kw)
 
 
@@ -194,7 +194,7 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
         cb = Messages()
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
                     cfg(tmp_path, steps=1, lr=lr, run_name=f"lr{lr}"), callbacks=cb)
-        assert f"learning rate {expected:g} ({source})" in cb.lines
+        assert any(line.startswith(f"learning rate {expected:g} ({source});") for line in cb.lines), cb.lines
         assert json.loads((res.run_dir / "config.json").read_text())["train"]["lr"] == expected
     folder = tmp_path / "base"
     folder.mkdir()
@@ -212,18 +212,18 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
                  cfg(tmp_path, word_dropout=0.5, caption_variants=4), Callbacks(), None, None)
     t.setup(tmp_path / "run", None)
     n = len(t.plan.items)
-    assert len(t.captions) == 4 * n and t.ids.shape[0] == 4 * n and t.embeds.shape[0] == 4 * n
-    assert t.plain_ids.shape[0] == 4 * n + 1                        # + the empty caption
+    assert len(t.captions) == 4 * n and t.examples.ids.shape[0] == 4 * n and t.examples.embeds.shape[0] == 4 * n
+    assert t.untriggered.ids.shape[0] == 4 * n + 1                        # + the empty caption
     assert all(c.startswith("zqx") for c in t.captions)
     assert [t.captions[4 * i] for i in range(n)] == [it.caption for it in t.plan.items]
     assert len(set(t.captions)) > n
     g = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(40):
-        lat, enc, idx = t.batch(g, t.latents, t.ids, t.embeds)
+        lat, enc, idx = t.batches.draw(g, t.examples)
         i = int(idx[0])
-        assert torch.equal(lat[0], t.latents[i // 4, 0]) or torch.equal(lat[0], t.latents[i // 4, -1])
-        assert torch.equal(enc[0], t.embeds[i])
+        assert torch.equal(lat[0], t.examples.latents[i // 4, 0]) or torch.equal(lat[0], t.examples.latents[i // 4, -1])
+        assert torch.equal(enc[0], t.examples.embeds[i])
         seen.add(i % 4)
     assert seen == {0, 1, 2, 3}
     off = _Trainer(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path), Callbacks(), None, None)

@@ -13,8 +13,10 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from sdlora.webui import images as webui_images
 from sdlora.webui import state as webui
 from sdlora.data.scan import load_image
+from sdlora.webui.forms import default_form
 from sdlora.webui.state import UserError, WebUI, safe_filename
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +44,10 @@ def _uploads(tmp_path: Path, n: int = 4) -> list[str]:
 
 
 def form(**kw) -> dict:
-    """The Train tab's fields with the UI's defaults."""
-    f = dict(trigger="zqx", steps=4.0, rank=4.0, lr=1e-3, resolution=64.0, text_encoder=False, alpha=0.0,
-             template=webui.TEMPLATES["style"], base="tiny-random", run_name="", sample_every=0.0,
-             checkpoint_every=0.0, seed=0.0, batch_size=1.0, grad_accum=1.0, schedule="constant", warmup_steps=0.0,
-             dropout=0.0, noise_offset=0.0, min_snr_gamma=0.0, mixed_precision="no", save_format="kohya",
-             save_dtype="fp16", flip=False, self_attention=False, use_dora=False, use_rslora=False)
-    f.update(kw)
+    """The Train tab's fields as a fresh page shows them (the declared defaults), made quick for tests."""
+    f = default_form("tiny-random")
+    f.update({"trigger": "zqx", "steps": 4.0, "rank": 4.0, "lr": 1e-3, "resolution": 64.0, "sample_every": 0.0,
+              **kw})
     return f
 
 
@@ -106,18 +105,18 @@ def test_upload_copies_into_outputs_with_safe_names(ui, tmp_path):
 
 def test_upload_limits_give_clear_messages(ui, tmp_path, monkeypatch):
     paths = _uploads(tmp_path, 5)
-    monkeypatch.setattr(webui, "MAX_FILES", 4)
+    monkeypatch.setattr(webui_images, "MAX_FILES", 4)
     with pytest.raises(UserError, match="5 files uploaded; the limit is 4"):
         ui.load_uploads(paths, "zqx", "", 64)
-    monkeypatch.setattr(webui, "MAX_FILES", 200)
+    monkeypatch.setattr(webui_images, "MAX_FILES", 200)
     big = tmp_path / "in" / "big.png"
     big.write_bytes(Path(paths[0]).read_bytes() + b"\0" * 4000)
-    monkeypatch.setattr(webui, "MAX_FILE_BYTES", 2000)
+    monkeypatch.setattr(webui_images, "MAX_FILE_BYTES", 2000)
     ds = ui.load_uploads(paths + [str(big)], "zqx", "", 64)
     assert "big.png" not in {p.name for p in ds.folder.iterdir()}
     assert "over the 0 MB limit per file" in ds.summary() or "limit per file" in ds.summary()
-    monkeypatch.setattr(webui, "MAX_FILE_BYTES", 10**9)
-    monkeypatch.setattr(webui, "MAX_TOTAL_BYTES", 3 * Path(paths[0]).stat().st_size + 10)
+    monkeypatch.setattr(webui_images, "MAX_FILE_BYTES", 10**9)
+    monkeypatch.setattr(webui_images, "MAX_TOTAL_BYTES", 3 * Path(paths[0]).stat().st_size + 10)
     ds = ui.load_uploads(paths, "zqx", "", 64)
     assert len(ds.items) == 3 and "in total" in ds.summary()
     with pytest.raises(UserError, match="No files"):
@@ -244,8 +243,10 @@ def test_start_refuses_bad_input_with_the_field_named(ui, tmp_path):
         ui.start(form(lr=0.0))
     # an emptied learning-rate field means the base's recommendation
     assert webui.build_configs(form(lr=None), str(tmp_path), "tiny", str(tmp_path))[2].lr is None
-    with pytest.raises(UserError, match="empty or not a number"):
+    with pytest.raises(UserError, match=r"dropout='x' is not allowed: use a finite number"):
         ui.start(form(dropout="x"))
+    with pytest.raises(UserError, match=r"unknown setting\(s\) from the page: rnak"):
+        ui.start(form(rnak=4))
     assert ui.job is None
 
 
@@ -478,6 +479,7 @@ def test_command_line_defaults_and_auth(monkeypatch):
 
 
 def test_native_resolution_and_durations():
-    assert webui.native_resolution("tiny-random") == 64
-    assert webui.native_resolution("/no/such/base") == 512
+    from sdlora.bases.load import native_resolution
+    assert native_resolution("tiny-random") == 64
+    assert native_resolution("/no/such/base") == 512
     assert [webui.duration(s) for s in (5, 65, 3725)] == ["5 s", "1 min 05 s", "1 h 02 min"]

@@ -153,11 +153,10 @@ def _from_pipeline(pipe, name: str) -> Base:
 
 
 def _family_of(text_width: int, name: str) -> str:
+    """The family of a one-text-encoder base by its width (768 SD 1.x, 1024 SD 2.x). Small bases of other widths
+    (the built-in `tiny`, test bases) are SD 1.x-architecture: CLIP ViT-L's tokenizer, epsilon prediction."""
     family = families.by_text_width(text_width)
-    if family == families.UNKNOWN:
-        raise BaseModelError(f"base '{name}': its text encoder is {text_width} wide, which is no family sdlora "
-                             f"loads ({', '.join(f'{f.title}: {f.text_width}' for f in families.FAMILIES.values() if f.loadable)})")
-    return family
+    return "sd1" if family == families.UNKNOWN else family
 
 
 def _from_hub(name: str) -> Base:
@@ -198,12 +197,12 @@ def native_resolution(name: str) -> int:
         return 64
     path = Path(name).expanduser()
     if path.suffix.lower() == ".safetensors" and path.is_file():
-        from sdlora.bases.single_file import single_file_variant
+        from sdlora.bases import single_file
         try:
             with warnings.catch_warnings():      # the load itself says what it assumed
                 warnings.simplefilter("ignore")
-                return single_file_variant(path).resolution
-        except ValueError:
+                return single_file.native_resolution(path)
+        except (ValueError, OSError):
             return 512                           # the load names the problem
     folder = _config_folder(name)
     try:

@@ -172,22 +172,26 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
         raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v_prediction'")
     path = Path(path)
     sd = read_state_dict(path, allow_pickle=allow_pickle)
-    var = _choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, _header_metadata(path))
+    header = _header_metadata(path)
+    var = _choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, header)
     folder = Path(config) if config is not None else CONFIG_ROOT / var.config_folder
-    name = var.name
+    # sdlora's own files carry their models' configs: a merged built-in base loads back as itself
+    own = {} if config is not None else _embedded_configs(path, header)
+    name = var.name if not own else f"{var.name}, configs from the file"
     unet_sd, vae_sd, te_sd = split_pipeline(sd, str(path))
     del sd
-    unet_cfg = dict(UNet2DConditionModel.load_config(folder / "unet"))
+    unet_cfg = dict(own.get("unet") or UNet2DConditionModel.load_config(folder / "unet"))
     conv_in, conv_out = (unet_sd.get(LDM_UNET_PREFIX + k) for k in ("input_blocks.0.0.weight", "out.2.weight"))
     if conv_in is not None and conv_out is not None:  # inpainting models take 9 input channels
         unet_cfg.update(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0])
     unet = _build(lambda: UNet2DConditionModel.from_config(unet_cfg),
                   unet_from_ldm(unet_sd, unet_cfg), dtype, f"{path}: UNet ({name} config)")
     del unet_sd
-    vae_cfg = AutoencoderKL.load_config(folder / "vae")
+    vae_cfg = own.get("vae") or AutoencoderKL.load_config(folder / "vae")
     vae = _build(lambda: AutoencoderKL.from_config(vae_cfg), vae_from_ldm(vae_sd, vae_cfg),
                  dtype, f"{path}: VAE ({name} config)")
-    text_encoder = _build_text_encoder(folder, te_sd, dtype, f"{path}: text encoder ({name} config)")
+    text_encoder = _build_text_encoder(own.get("text_encoder") or folder / "text_encoder" / "config.json", te_sd,
+                                       dtype, f"{path}: text encoder ({name} config)")
     scheduler = _build_scheduler(folder, prediction_type)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(folder),
             "scheduler": scheduler, "family": var.family, "variant": var.name,
@@ -196,16 +200,55 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
 
 def single_file_variant(path: str | os.PathLike, family: str | None = None) -> families.Variant:
     """The bundled variant a `.safetensors` checkpoint loads as, read from its header only (no tensors)."""
-    from safetensors import safe_open
+    shapes, meta = _read_header(Path(path))
+    return _choose_variant(Path(path), detect_family_from_shapes(shapes), family, None, meta)
 
+
+def native_resolution(path: str | os.PathLike) -> int:
+    """The image size in px a `.safetensors` checkpoint loads at, from its header and the configs it will use."""
     path = Path(path)
+    shapes, meta = _read_header(path)
+    var = _choose_variant(path, detect_family_from_shapes(shapes), None, None, meta)
+    own = _embedded_configs(path, meta)
+    folder = CONFIG_ROOT / var.config_folder
+    unet = own.get("unet") or json.loads((folder / "unet" / "config.json").read_text())
+    vae = own.get("vae") or json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(key -> shape, metadata) of a .safetensors file, without reading a tensor."""
+    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            meta = f.metadata() or {}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
-    return _choose_variant(path, detect_family_from_shapes(shapes), family, None, meta)
+
+
+EMBEDDED_CONFIGS_KEY = "sdlora_configs"   # header metadata: {"unet", "vae", "text_encoder"} model configs as JSON
+
+
+def model_configs(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
+    """The three models' configs as one JSON string, for a single file's header."""
+    te = {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")}
+    return json.dumps({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te}, default=list)
+
+
+def _embedded_configs(path: Path, header: Mapping[str, str]) -> dict[str, dict]:
+    raw = header.get(EMBEDDED_CONFIGS_KEY)
+    if not raw:
+        return {}
+    try:
+        configs = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its header's {EMBEDDED_CONFIGS_KEY!r} is not JSON ({e}); delete that "
+                              "entry to load it with the bundled configs") from None
+    if not isinstance(configs, dict) or not all(isinstance(configs.get(k), dict) for k in
+                                                ("unet", "vae", "text_encoder")):
+        raise CheckpointError(f"{path}: its header's {EMBEDDED_CONFIGS_KEY!r} lacks the unet, vae and "
+                              "text_encoder configs")
+    return configs
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
@@ -258,10 +301,10 @@ def _prediction_evidence(path: Path, meta: Mapping[str, str]) -> str | None:
     return None
 
 
-def _build_text_encoder(folder: Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
+def _build_text_encoder(config: dict | Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")
+    cfg = CLIPTextConfig(**config) if isinstance(config, dict) else CLIPTextConfig.from_json_file(config)
     with torch.device("meta"):  # transformers < 5 names the weights text_model.*, 5 does not
         first_key = next(iter(CLIPTextModel(cfg).state_dict()))
     prefix = "text_model." if first_key.startswith("text_model.") else ""
@@ -347,8 +390,13 @@ def _variant_metadata(family: str, prediction_type: str | None) -> dict[str, str
 
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
                      text_encoder: torch.nn.Module, family: str, dtype: torch.dtype = torch.float16,
-                     metadata: Mapping[str, str] | None = None, prediction_type: str | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, prediction_type: str | None = None,
+                     embed_configs: bool = True) -> Path:
     """Write an original-SD `.safetensors` atomically (temp file beside it, fsync, os.replace).
+
+    The header says which variant it is (ModelSpec keys, when known) and, unless `embed_configs` is
+    False, holds the three models' configs, so sdlora loads a file of any architecture back (A1111 and
+    ComfyUI ignore both and use their own configs, which fit the standard architectures only).
 
     Floating tensors are cast to `dtype`; integer ones (position_ids) keep theirs.
     Not written: LDM's DDPM schedule buffers and, for SD 2, open_clip's unused
@@ -358,6 +406,8 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
     if path.suffix != ".safetensors":
         raise ValueError(f"path={str(path)!r}: use a name ending in .safetensors")
     meta = {"format": "pt", **_variant_metadata(family, prediction_type), **(metadata or {})}
+    if embed_configs:
+        meta[EMBEDDED_CONFIGS_KEY] = model_configs(unet, vae, text_encoder)
     bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise ValueError(f"metadata values must be strings: {bad!r}")

@@ -8,14 +8,14 @@ decoding lives in `images.py`; `load_image` and `to_tensor` are re-exported here
 """
 from __future__ import annotations
 
-import random
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora.data.captions import read_caption, caption_file, caption_for, folder_defaults, without_trigger
 from sdlora.data.images import ImageError, decode, load_image, pixel_digest, sniff, to_tensor
+from sdlora.data.problems import DatasetError, Problem
 
 MIN_IMAGES = 3     # fewer cannot express a style; the LoRA would memorise them
 MANY_IMAGES = 200  # above this a style LoRA gains little and each epoch gets long
@@ -28,17 +28,6 @@ _IMAGE_KINDS = {"PNG", "JPEG", "GIF", "WebP", "TIFF", "BMP", "HEIC", "AVIF"}
 _SIDE_FILES = {".txt", ".md", ".json"}
 
 
-class DatasetError(ValueError):
-    """The dataset as a whole cannot train (e.g. fewer than 3 usable images)."""
-
-
-@dataclass
-class Problem:
-    path: str     # the file concerned (full path) or the folder
-    reason: str   # plain-language reason and what to do
-    fatal: bool   # True: the file is skipped; False: a warning, the file is still used
-
-
 @dataclass
 class Item:
     path: Path
@@ -46,78 +35,6 @@ class Item:
     caption_source: str          # "file" (from the .txt) or "template"
     size: tuple[int, int]        # (width, height) after EXIF orientation
     notes: list[str] = field(default_factory=list)  # per-image warnings (also present in problems)
-
-
-def _caption_file(path: Path) -> Path | None:
-    for suffix in (".txt", ".TXT", ".Txt"):
-        candidate = path.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _has_word(text: str, word: str) -> bool:
-    # Case-insensitive: the CLIP tokenizer lowercases, so "SKS" and "sks" are the same tokens.
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
-
-
-def without_trigger(caption: str, trigger: str) -> str:
-    """The caption with the trigger word taken out: 'sks, a red circle' -> 'a red circle'."""
-    text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", " ", caption, flags=re.IGNORECASE)
-    text = re.sub(r"\s+([,.;:])", r"\1", " ".join(text.split()))     # no space before punctuation
-    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)                # 'a, , b' -> 'a, b'
-    return text.strip(" ,;:")
-
-
-def drop_words(caption: str, trigger: str, p: float, rng: random.Random) -> str:
-    """The caption with each word other than the trigger left out with probability p
-    ('sks, a large red circle' -> 'sks, large circle'): the trigger is the one word all variants share."""
-    words = caption.split()
-    kept = [w for w in words if re.sub(r"\W", "", w).lower() == trigger.lower() or rng.random() >= p]
-    return " ".join(kept).strip(" ,;:")
-
-
-def caption_variants(captions: list[str], trigger: str, p: float, n: int, seed: int) -> list[str]:
-    """n variants of each caption, image by image (the caption itself first, then n - 1 with words dropped)."""
-    rng = random.Random(seed)
-    return [v for c in captions for v in [c] + [drop_words(c, trigger, p, rng) for _ in range(n - 1)]]
-
-
-def _caption(path: Path, trigger: str, template: str) -> tuple[str, str, list[Problem]]:
-    """(caption, source, warnings); warnings name the caption file when that is what to edit."""
-    fallback = template.replace("{trigger}", trigger)
-    txt = _caption_file(Path(path))
-    warn: list[Problem] = []
-    if txt is None:
-        caption, source = fallback, "template"
-    else:
-        try:
-            raw = txt.read_bytes().decode("utf-8-sig")  # -sig: editors on Windows prepend a BOM
-        except UnicodeDecodeError:
-            raw = ""
-            warn.append(Problem(str(txt), f"caption file {txt.name} is not UTF-8 text: the template caption "
-                                "is used instead; re-save it as UTF-8", False))
-        except OSError as e:
-            raw = ""
-            warn.append(Problem(str(txt), f"caption file {txt.name} cannot be read ({e.strerror or e}): "
-                                "the template caption is used instead", False))
-        # Line breaks and runs of spaces mean nothing to the text encoder; one line shows what trains.
-        caption, source = " ".join(raw.split()), "file"
-        if not caption:
-            caption, source = fallback, "template"
-            if not warn:
-                warn.append(Problem(str(txt), f"caption file {txt.name} is empty: the template caption is used", False))
-    if not _has_word(caption, trigger):
-        caption = f"{trigger}, {caption}"
-        where = str(txt) if source == "file" and txt else str(path)
-        warn.append(Problem(where, f"trigger added: '{trigger}' was not in the caption, so it was put in front", False))
-    return caption, source, warn
-
-
-def caption_for(path: Path | str, trigger: str, template: str) -> tuple[str, str]:
-    """The exact caption an image trains with and its source, "file" or "template"."""
-    caption, source, _ = _caption(Path(path), trigger, template)
-    return caption, source
 
 
 def _token_warning(caption: str, tokenizer: Any, max_tokens: int) -> str | None:
@@ -226,12 +143,12 @@ def scan_dataset(folder: Path | str, trigger: str, template: str = "an image in 
         if any(p.fatal for p in found):
             problems += [p for p in found if p.fatal]
             continue
-        caption, source, warn = _caption(path, trigger, template)
+        caption, source, warn = read_caption(path, trigger, template)
         found += warn
         if tokenizer is not None:
             msg = _token_warning(caption, tokenizer, max_tokens)
             if msg:
-                found.append(Problem(str(_caption_file(path) or path), msg, False))
+                found.append(Problem(str(caption_file(path) or path), msg, False))
         problems += found
         items.append(Item(path, caption, source, decoded.image.size, [p.reason for p in found]))
     if len(items) > MANY_IMAGES:
@@ -255,24 +172,4 @@ def require_trainable(items: list[Item], problems: list[Problem], folder: Path |
 
 
 __all__ = ["DatasetError", "Problem", "Item", "scan_dataset", "require_trainable",
-           "load_image", "to_tensor", "caption_for"]
-
-
-def folder_defaults(folder: str | Path) -> dict[str, str]:
-    """Settings a dataset folder carries in ``sdlora.json`` (``trigger``, ``template``); {} if none.
-
-    The CLI and the web UI use them when the user gives no trigger, so
-    ``sdlora train --data datasets/neon`` trains with the dataset's own trigger word.
-    """
-    import json
-    path = Path(folder) / "sdlora.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON ({e}); fix it or delete it") from None
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path} must hold a JSON object like {{\"trigger\": \"mystyle\"}}")
-    known = {"trigger", "template"}
-    return {k: str(v) for k, v in raw.items() if k in known and isinstance(v, str) and v.strip()}
+           "load_image", "to_tensor", "caption_for", "folder_defaults", "without_trigger"]

@@ -24,16 +24,21 @@ def base_module_sets(base: Base) -> dict[str, set[str]]:
     return {"unet_modules": names["unet"], "text_encoder_modules": names["text_encoder"], "ldm_unet_modules": ldm}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base: Base) -> dict:
-    """{"format", "family", "base_family", "tools": compat_report, "ok"} for a LoRA state dict."""
+def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base: Base,
+                     module_sets: dict[str, set[str]] | None = None) -> dict:
+    """{"format", "family", "base_family", "tools": compat_report, "ok"} for a LoRA state dict.
+
+    `module_sets` (from `base_module_sets`) may be given when the base's modules carry adapters now."""
+    module_sets = module_sets or base_module_sets(base)
     fmt = formats.detect_format(sd)
     family = formats.detect_family(sd, metadata)
     if fmt != "kohya":
-        loras, unused = formats.from_diffusers(sd, metadata, module_names=base.module_names())
+        names = {"unet": module_sets["unet_modules"], "text_encoder": module_sets["text_encoder_modules"]}
+        loras, unused = formats.from_diffusers(sd, metadata, module_names=names)
         if unused:
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
         sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need
-    tools = compat_report(sd, **base_module_sets(base))
+    tools = compat_report(sd, **module_sets)
     ok = all(not r["unmapped"] for r in tools.values()) and family in (families.UNKNOWN, base.family)
     return {"format": fmt, "family": family, "base": base.name, "base_family": base.family, "tools": tools, "ok": ok}
 

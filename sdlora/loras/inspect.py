@@ -1,4 +1,9 @@
-"""What a LoRA file holds, in plain figures (``sdlora inspect``, the web UI's library)."""
+"""What a LoRA file holds, in plain figures (``sdlora inspect``, the web UI's library).
+
+Modules, ranks and alphas come from the same readers ``generate.read_lora`` uses (one parser
+per layout), so inspect reports what generation applies; only kohya files are counted from their
+keys, because ``from_kohya`` needs the base's module names to undo the underscores.
+"""
 from __future__ import annotations
 
 import json
@@ -7,18 +12,35 @@ from pathlib import Path
 
 from sdlora.bases import families
 from sdlora.loras import layouts as formats
+from sdlora.loras.comfyui import from_comfyui
+
+_KOHYA_DOWN = ".lora_down.weight"
 
 
-def _modules(sd: dict, fmt: str) -> dict[str, tuple[int, float | None]]:
-    """module name -> (rank, alpha or None), from the file's own keys."""
-    out: dict[str, tuple[int, float | None]] = {}
-    down = ".lora_down.weight" if fmt == "kohya" else ".lora_A.weight"
+def _modules(sd: dict, meta: dict, fmt: str) -> tuple[dict[str, tuple[int, float]], int]:
+    """(module name -> (rank, alpha) as a reader loads it, number of keys in no module)."""
+    if fmt == "kohya":
+        return _kohya_modules(sd)
+    if fmt == "comfyui":
+        loras, unused = from_comfyui(sd)
+    elif fmt in ("diffusers", "peft"):
+        loras, unused = formats.from_diffusers(sd, meta)     # alpha per module from lora_adapter_metadata
+    else:
+        return {}, len(sd)
+    return {k: (w.rank, w.alpha) for k, w in loras.items()}, len(unused)
+
+
+def _kohya_modules(sd: dict) -> tuple[dict[str, tuple[int, float]], int]:
+    """kohya names -> (rank, alpha); no (or 0) alpha means alpha = rank, as in formats.from_kohya."""
+    out: dict[str, tuple[int, float]] = {}
     for key, value in sd.items():
-        if key.endswith(down):
-            name = key[: -len(down)]
+        if key.endswith(_KOHYA_DOWN) and value.dim() >= 2:
+            name = key[: -len(_KOHYA_DOWN)]
             alpha = sd.get(name + ".alpha")
-            out[name] = (int(value.shape[0]), None if alpha is None else float(alpha))
-    return out
+            alpha = formats._scalar(alpha) if alpha is not None else None
+            out[name] = (int(value.shape[0]), alpha or float(value.shape[0]))
+    unused = sum(1 for k in sd if k.partition(".")[0] not in out)
+    return out, unused
 
 
 def describe(path: str | Path) -> dict:
@@ -26,11 +48,9 @@ def describe(path: str | Path) -> dict:
     sd, meta = formats.read_lora_file(path)
     fmt = formats.detect_format(sd)
     family = formats.detect_family(sd, meta)
-    mods = _modules(sd, fmt)
+    mods, unused = _modules(sd, meta, fmt)
     ranks = Counter(r for r, _ in mods.values())
-    alphas = Counter(a if a is not None else float(r) for r, a in mods.values())
-    if fmt != "kohya" and meta.get("ss_network_alpha"):
-        alphas = Counter({float(meta["ss_network_alpha"]): len(mods)})
+    alphas = Counter(a for _, a in mods.values())
     parts = Counter("text_encoder" if n.startswith(("lora_te", "text_encoder")) else "unet" for n in mods)
     trigger = meta.get("modelspec.trigger_phrase") or meta.get("ss_trigger", "")
     return {
@@ -42,6 +62,7 @@ def describe(path: str | Path) -> dict:
         "text_encoder_modules": parts.get("text_encoder", 0),
         "rank": _one_or_all(ranks),
         "alpha": _one_or_all(alphas),
+        "unused_keys": unused,          # keys in no LoRA module (ComfyUI bias deltas, LoHa parts, ...)
         "trigger": trigger,
         "steps": meta.get("ss_steps", ""),
         "images": meta.get("ss_num_train_images", ""),

@@ -28,6 +28,12 @@ COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}        # kohya-ss 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers lora_pipeline.py lora_state_dict
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"                   # diffusers loaders/lora_base.py
+# ComfyUI's own layout (comfy_extras/nodes_lora_extract.py; comfy/lora.py load_lora reads these parts).
+# Its reader is sdlora.loras.comfyui; the names live here because detect_format needs them.
+COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
+COMFYUI_PARTS = {".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight",
+                 ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+                 ".alpha": "alpha", ".dora_scale": "dora_scale", ".diff": "diff", ".diff_b": "diff_b"}
 _CLIP_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")      # children of CLIPTextTransformer
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.")
 
@@ -320,16 +326,21 @@ def _pattern_matches(pattern: str, path: str) -> bool:
 # ---- detection --------------------------------------------------------------------------------------------
 
 def detect_format(sd: dict[str, torch.Tensor]) -> str:
-    """"kohya" | "diffusers" (unet./text_encoder. keys) | "peft" (bare module paths) | "unknown"."""
+    """"kohya" | "comfyui" (diffusion_model./text_encoders. keys) | "diffusers" (unet./text_encoder.)
+    | "peft" (bare module paths) | "unknown"."""
     if any(k.startswith(KOHYA_PREFIXES) for k in sd):
         return "kohya"
+    if any(k.startswith(COMFYUI_PREFIXES) and k.endswith(tuple(COMFYUI_PARTS)) for k in sd):
+        return "comfyui"
     parsed = {k: _parse_diffusers_key(k) for k in sd}
     if any(p and k.startswith(("unet.", "text_encoder.")) for k, p in parsed.items()):
         return "diffusers"
     return "peft" if any(parsed.values()) else "unknown"
 
 
-_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+# A down weight is [rank, in]; a ComfyUI full delta (.diff) is [out, in]: both give the input width.
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight",
+                  ".diff")
 
 
 def detect_family(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -339,7 +350,7 @@ def detect_family(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None =
 
 
 def _family_from_shapes(sd: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in sd):
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) for k in sd):
         return "sdxl"                                   # two text encoders: SDXL (INTEROP.md section 1)
     te = None
     for k, t in sd.items():
@@ -349,7 +360,7 @@ def _family_from_shapes(sd: dict[str, torch.Tensor]) -> str:
         by_width = families.by_context_dim(int(t.shape[1]))
         if ("attn2_to_k" in flat or "attn2_to_v" in flat) and by_width != families.UNKNOWN:
             return by_width                             # cross-attention k/v read the text embedding
-        if te is None and k.startswith(("lora_te_", "text_encoder.")) and "q_proj" in flat:
+        if te is None and k.startswith(("lora_te_", "text_encoder.", "text_encoders.")) and "q_proj" in flat:
             te = families.by_text_width(int(t.shape[1]))
     return te if te not in (None, families.UNKNOWN) else families.UNKNOWN
 
@@ -364,7 +375,7 @@ def _family_from_metadata(meta: dict[str, str]) -> str:
     return families.UNKNOWN
 
 
-__all__ = ["LoraWeights", "LoraSet", "LORA_ADAPTER_METADATA_KEY", "canonical_key", "kohya_name",
+__all__ = ["LoraWeights", "LoraSet", "LORA_ADAPTER_METADATA_KEY", "COMFYUI_PREFIXES", "canonical_key", "kohya_name",
            "to_kohya", "from_kohya", "to_diffusers", "from_diffusers", "adapter_configs", "detect_format",
            "detect_family",
            "LoraFileError", "atomic_write_bytes", "save_lora_file", "read_lora_file"]

@@ -1,4 +1,9 @@
-"""Write a finished run's LoRA file with its metadata and A1111 sidecar files."""
+"""Write a finished run's LoRA file with its metadata, A1111's sidecar files and the key check.
+
+`export_lora` gets what it saves: the adapter weights (a canonical LoraSet), the base they were
+trained on (its name, family and prediction type, and the module names each tool can see) and the
+run folder, whose config.json holds every setting and caption. It never touches a model.
+"""
 from __future__ import annotations
 
 import json
@@ -6,73 +11,63 @@ from pathlib import Path
 
 import torch
 
-from sdlora.loras import layouts as formats
-
-from sdlora.loras import metadata
-from sdlora.training import adapters as lora_mod
+from sdlora.bases.load import Base
+from sdlora.loras import layouts, metadata
+from sdlora.loras.check import check_state_dict, format_check
 from sdlora.runs import write_json, write_png
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# A1111, ComfyUI and kohya read the kohya naming only (ComfyUI maps just the 48 text-encoder modules of
+# the diffusers layout, and applies them at twice the strength); diffusers reads both.
+DIFFUSERS_LAYOUT_NOTE = ("diffusers layout: diffusers' load_lora_weights reads it; A1111 and kohya load none of "
+                         "its keys and ComfyUI only its text-encoder modules (at twice the strength). "
+                         "Train with --format kohya for a file that loads everywhere")
 
 
-def export_run(t, run_dir: Path) -> Path:
-    """Export the trained adapters of trainer ``t`` into ``run_dir``; returns the LoRA path."""
-    spec, cfg, data = t.spec, t.cfg, t.data
-    loras = lora_mod.extract(t.acc.unwrap_model(t.unet), "unet", spec)
-    if spec.text_encoder:
-        loras.update(lora_mod.extract(t.base.text_encoder, "text_encoder", spec))
-    name = run_dir.name
+def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: dict[str, set[str]],
+                preview=None) -> tuple[Path, dict]:
+    """Write <run>/<run>.safetensors, <run>.json, <run>.preview.png and compat.json; returns the LoRA's path
+    and the key-check report. `module_sets` are the base's module names as each tool sees them
+    (sdlora.loras.check.base_module_sets, taken before adapters were added)."""
+    run_dir, name = Path(run_dir), Path(run_dir).name
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    alpha = spec.alpha * (spec.rank ** 0.5) if spec.use_rslora else spec.alpha
+    spec, cfg, data = config["lora"], config["train"], config["data"]
+    # the alpha that gives the same update under the universal rule scale = alpha / rank (rsLoRA: alpha / sqrt(r))
+    alpha = spec["alpha"] * spec["rank"] ** 0.5 if spec["use_rslora"] else spec["alpha"]
     header = metadata.build_metadata(
-        loras=loras, trigger=data.trigger, steps=t.plan.steps, num_images=len(t.plan.items),
-        resolution=t.plan.resolution, seed=cfg.seed, lr=cfg.lr, base_name=t.base.name, output_name=name,
-        rank=spec.rank, alpha=alpha, text_encoder=spec.text_encoder, family=t.base.family,
-        prediction_type=t.base.prediction_type, training_started_at=config.get("started_at", ""),
-        tag_frequency=_tag_frequency(t.plan.captions.values()),
+        loras=loras, trigger=data["trigger"], steps=config["steps"], num_images=len(config["captions"]),
+        resolution=config["resolution"], seed=cfg["seed"], lr=cfg["lr"], base_name=base.name, output_name=name,
+        rank=spec["rank"], alpha=alpha, text_encoder=spec["text_encoder"], family=base.family,
+        prediction_type=base.prediction_type, training_started_at=config.get("started_at", ""),
+        text_encoder_lr=cfg["text_encoder_lr"], tag_frequency=_tag_frequency(config["captions"].values()),
         extra={"sdlora_settings": json.dumps({k: config[k] for k in ("data", "lora", "train")}),
                "sdlora_versions": json.dumps(config["versions"])})
-    dtype = DTYPES[cfg.save_dtype]
-    if cfg.save_format == "kohya":
-        sd = formats.to_kohya(loras, dtype=dtype)
+    dtype = DTYPES[cfg["save_dtype"]]
+    if cfg["save_format"] == "kohya":
+        sd = layouts.to_kohya(loras, dtype=dtype)
     else:
-        sd, extra_meta = formats.to_diffusers(loras, dtype=dtype)
+        sd, extra_meta = layouts.to_diffusers(loras, dtype=dtype)
         header.update(extra_meta)
     header = metadata.add_hashes(sd, header)
     path = run_dir / f"{name}.safetensors"
-    formats.save_lora_file(path, sd, header)
+    layouts.save_lora_file(path, sd, header)
     write_json(run_dir / f"{name}.json", metadata.sidecar_json(
-        trigger=data.trigger, family=t.base.family,
-        description=f"sdlora style LoRA, rank {spec.rank}, alpha {alpha:g}, {t.plan.steps} steps on "
-                    f"{len(t.plan.items)} images, base {t.base.name}"))
-    preview = _preview(t)
+        trigger=data["trigger"], family=base.family,
+        description=f"sdlora style LoRA, rank {spec['rank']}, alpha {alpha:g}, {config['steps']} steps on "
+                    f"{len(config['captions'])} images, base {base.name}"))
     if preview is not None:
         write_png(run_dir / f"{name}.preview.png", preview)
-    _record_check(t, run_dir, sd, header)
-    return path
-
-
-def _record_check(t, run_dir: Path, sd: dict, metadata: dict) -> None:
-    """Run the per-tool key check on the exported file and keep the result beside it."""
-    from sdlora.loras.check import check_state_dict, format_check
-    lora_mod.remove_adapters(t.acc.unwrap_model(t.unet))          # the check needs the base's own module names
-    if t.spec.text_encoder:
-        lora_mod.remove_adapters(t.base.text_encoder)
-    report = check_state_dict(sd, metadata, t.base)
+    report = check_state_dict(sd, header, base, module_sets)
+    if cfg["save_format"] != "kohya":
+        report["note"] = DIFFUSERS_LAYOUT_NOTE
     write_json(run_dir / "compat.json", report)
-    t.cb.on_message(format_check(report))
+    return path, report
 
 
-def _preview(t):
-    """A sample at strength 1 with the trigger prompt (the same path as generation)."""
-    from sdlora.config import GenerateConfig
-    from sdlora.generate import make_pipeline, render
-    unet = t.acc.unwrap_model(t.unet)
-    unet.eval()
-    pipe = make_pipeline(t.base)
-    pipe.unet = unet
-    return render(pipe, GenerateConfig(prompt=t.plan.items[0].caption, seed=t.cfg.sample_seeds[0]
-                                       if t.cfg.sample_seeds else 0), t.plan.resolution)
+def describe_export(report: dict) -> str:
+    """The lines the trainer prints after export: each tool's key count, and the layout's reach."""
+    text = format_check(report)
+    return text + (f"\nnote: {report['note']}" if report.get("note") else "")
 
 
 def _tag_frequency(captions) -> dict:
@@ -85,4 +80,4 @@ def _tag_frequency(captions) -> dict:
     return {"images": counts}
 
 
-__all__ = ["export_run"]
+__all__ = ["export_lora", "describe_export", "DIFFUSERS_LAYOUT_NOTE"]

@@ -1,7 +1,7 @@
-"""One training run in a background thread, as the web UI shows it: state, progress, losses, samples."""
+"""Training from the web UI: one run at a time in a background thread (`Job`), its progress as the page
+shows it, and the handlers that start, stop and resume it (`RunsMixin`)."""
 from __future__ import annotations
 
-import csv
 import html
 import math
 import re
@@ -9,7 +9,11 @@ import threading
 import traceback
 from pathlib import Path
 
+from sdlora.config import ConfigError
+from sdlora.data import scan as dataset
+from sdlora.runs import latest_checkpoint, lora_with_sidecars, read_log, resumable_runs
 from sdlora.training.loop import Callbacks, train
+from sdlora.webui.forms import UserError, build_configs, within
 
 
 def duration(seconds: float) -> str:
@@ -30,7 +34,7 @@ class Job(Callbacks):
         self.run_dir = run_dir
         self.step = self.total = 0
         self.loss, self.eta = math.nan, 0.0
-        self.losses: list[tuple[int, float]] = _read_log(run_dir) if run_dir else []
+        self.losses: list[tuple[int, float]] = read_log(run_dir) if run_dir else []
         self.samples: list[tuple[str, str]] = []       # (path, caption), newest first
         self.message, self.error = "", ""
         self.lora_path: Path | None = None
@@ -101,9 +105,70 @@ def progress_html(pct: float, text: str, state: str = "idle", note: str = "") ->
             f'<div class="sdl-text">{html.escape(text)}</div>{note}</div>')
 
 
-def _read_log(run_dir: Path) -> list[tuple[int, float]]:
-    try:
-        with (Path(run_dir) / "log.csv").open(encoding="utf-8") as fh:
-            return [(int(r[0]), float(r[1])) for r in csv.reader(fh) if len(r) >= 2]
-    except (OSError, ValueError):
-        return []
+class RunsMixin:
+    """The WebUI's run handlers (state: self.job, self.dataset, self.outputs, self.base, self._lock)."""
+
+    def start(self, form: dict) -> Job:
+        """Start training the current dataset in a background thread; one training at a time."""
+        self._refuse_if_busy()
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Add images first: drop them on the upload box or load an example dataset.")
+        try:
+            data, spec, cfg = build_configs(form, str(ds.folder), self.base, str(self.outputs))
+            ds.trigger, ds.template = data.trigger, data.template
+            ds.resolution = data.resolution or ds.resolution
+            ds.scan()
+            dataset.require_trainable(ds.items, ds.problems, ds.folder.name)
+        except (ConfigError, dataset.DatasetError) as e:
+            raise UserError(str(e)) from None
+        except (TypeError, ValueError) as e:        # an emptied number field arrives as None
+            raise UserError(f"a setting is empty or not a number ({e}); fill in every field") from None
+        return self._launch(Job(), (data, spec, cfg, None))
+
+    def resume(self, run_dir: str) -> Job:
+        self._refuse_if_busy()
+        run = Path(run_dir or "")
+        if not run_dir or not within(run, self.outputs) or latest_checkpoint(run) is None:
+            raise UserError("Pick a stopped run to resume (one with a checkpoint under outputs/).")
+        job = Job(run)
+        job.step = int(latest_checkpoint(run).name.split("-")[1])
+        return self._launch(job, (None, None, None, str(run)))
+
+    def _refuse_if_busy(self) -> None:
+        cur = self.job
+        if cur is not None and cur.alive():
+            where = f"at step {cur.step} of {cur.total}" if cur.total else "starting up"
+            raise UserError(f"A training is already running ({where}). Only one runs at a time: "
+                            "press Stop, or wait until it finishes.")
+
+    def _launch(self, job: Job, args) -> Job:
+        with self._lock:
+            self._refuse_if_busy()
+            self.job = job
+            job.thread = threading.Thread(target=job.run, args=args, name="sdlora-train", daemon=True)
+            job.thread.start()
+        return job
+
+    def stop(self) -> str:
+        job = self.job
+        if job is None or not job.alive():
+            return "Nothing is training."
+        job.cancel.set()
+        job.state, job.rev = "stopping", job.rev + 1
+        return "Stopping after the current step; a checkpoint is written so you can resume."
+
+    def progress(self) -> dict:
+        """What the Train tab shows about the current (or last) run."""
+        job = self.job
+        if job is None:
+            return {"rev": -1, "html": progress_html(0, "Not started. Add images, check the captions, press Start."),
+                    "losses": [], "samples": [], "files": [], "lora": None}
+        files = [str(p) for p in lora_with_sidecars(job.lora_path)] if job.lora_path is not None else []
+        return {"rev": job.rev, "html": job.status_html(), "losses": list(job.losses), "samples": list(job.samples),
+                "files": files, "lora": str(job.lora_path) if job.lora_path else None}
+
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """(label, run folder) of each stopped run of outputs/, newest first; not the one training now."""
+        busy = self.job.run_dir if self.job is not None and self.job.alive() else None
+        return [(f"{d.name} (stopped at step {step})", str(d)) for d, step in resumable_runs(self.outputs) if d != busy]

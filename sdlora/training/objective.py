@@ -1,0 +1,69 @@
+"""What one training step minimises: the denoising loss, plus trigger isolation, with Min-SNR weighting.
+
+The target is the noise for epsilon-prediction bases and the velocity for v-prediction ones (SD 2.x
+768), read from the base's scheduler config.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sdlora.config import TrainConfig
+from sdlora.training import adapters
+
+
+class Objective:
+    """The loss of a batch, given the trainable U-Net and the frozen base's own (adapters off)."""
+
+    def __init__(self, noise_scheduler, prediction_type: str, cfg: TrainConfig, weight_dtype: torch.dtype):
+        self.sched, self.cfg, self.dtype = noise_scheduler, cfg, weight_dtype
+        self.v = prediction_type == "v_prediction"
+
+    def noisy(self, lat: torch.Tensor, g: torch.Generator):
+        """(noisy latents, timesteps, target) for clean latents `lat`: DDPM add_noise at random timesteps."""
+        noise = torch.randn(lat.shape, generator=g).to(lat.device)
+        if self.cfg.noise_offset:
+            offset = torch.randn(lat.shape[0], lat.shape[1], 1, 1, generator=g).to(lat.device)
+            noise = noise + self.cfg.noise_offset * offset
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
+        noisy = self.sched.add_noise(lat, noise, t).to(self.dtype)
+        return noisy, t, self.sched.get_velocity(lat, noise, t) if self.v else noise
+
+    def loss(self, unet, bare_unet, lat: torch.Tensor, enc: torch.Tensor, g: torch.Generator,
+             plain: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The denoising loss of a batch; with `plain` (gives the batch's captions without the trigger, through
+        the LoRA and through the frozen base; called after the noise is drawn, so `g` is used in one order)
+        plus trigger_isolation x the distance between the model's and the frozen base's predictions for them,
+        on the same noisy latents. `bare_unet` is `unet` unwrapped from accelerate, so its adapters can be
+        switched off."""
+        noisy, t, target = self.noisy(lat, g)
+        isolate = plain is not None and self.cfg.trigger_isolation > 0
+        if isolate:
+            plain_lora, plain_base = plain()
+            with torch.no_grad(), adapters.adapters_off(bare_unet):
+                frozen = bare_unet(noisy, t, plain_base.to(self.dtype)).sample.float()
+            # one forward for both: the captions with the trigger, then without it
+            pred = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                        torch.cat([enc, plain_lora]).to(self.dtype)).sample.float()
+            target = torch.cat([target, frozen])
+        else:
+            pred = unet(noisy, t, enc.to(self.dtype)).sample.float()
+        per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.min_snr_gamma:
+            weight = self.min_snr_weight(t, lat.device)
+            per = per * (torch.cat([weight, weight]) if isolate else weight)
+        if isolate:
+            main, kept = per.chunk(2)
+            return main.mean() + self.cfg.trigger_isolation * kept.mean()
+        return per.mean()
+
+    def min_snr_weight(self, t: torch.Tensor, device) -> torch.Tensor:
+        """Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+        ac = self.sched.alphas_cumprod.to(device)[t]
+        snr = ac / (1 - ac)
+        return torch.clamp(snr, max=self.cfg.min_snr_gamma) / (snr + 1 if self.v else snr)
+
+
+__all__ = ["Objective"]

@@ -1,0 +1,67 @@
+"""What a run will do, worked out before any model is loaded: the images, their captions, and the
+settings derived from the data and the base.
+
+``suggested`` is the one place the derived defaults come from (steps from the image count, rank, the
+learning rate the base recommends, the sample interval): the CLI and the web UI both call it, the web UI
+to show the values when images are added, the trainer (through ``resolve``) to fill the settings left
+at ``None``. ``plan`` checks every image first and reports each problem with its file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sdlora.bases.load import Base, base_lora_lr, load_tokenizer
+from sdlora.config import (DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_rank,
+                           default_steps)
+from sdlora.data import scan as dataset
+
+SAMPLE_TIMES = 5        # sample images this many times per run unless sample_every says otherwise
+
+
+@dataclass
+class Plan:
+    """What will be trained, shown before training starts."""
+    items: list
+    problems: list
+    steps: int
+    resolution: int
+    captions: dict[str, str] = field(default_factory=dict)   # file name -> exact caption
+
+
+def suggested(num_images: int, base: str | Base = "tiny", steps: int | None = None) -> dict:
+    """The derived settings for `num_images` usable images on `base` (a name, or a loaded Base):
+    {"steps", "rank", "lr", "lr_source", "sample_every"}; `steps` given keeps it and derives the rest from it."""
+    recommended = base.lora_lr if isinstance(base, Base) else base_lora_lr(base)
+    steps = steps or default_steps(max(num_images, 1))
+    return {"steps": steps, "rank": default_rank(num_images), "lr": recommended or DEFAULT_LR,
+            "lr_source": "recommended by the base" if recommended else "default for SD bases",
+            "sample_every": max(1, steps // SAMPLE_TIMES)}
+
+
+def resolve(spec: LoraSpec, cfg: TrainConfig, num_images: int,
+            base: str | Base) -> tuple[LoraSpec, TrainConfig, dict[str, str]]:
+    """`spec` and `cfg` with every derived setting left at None filled from `suggested`, and where each
+    value came from ({"lr": "set" | "recommended by the base" | ...}) for the run's report."""
+    s = suggested(num_images, base, cfg.steps)
+    if spec.rank is None:
+        spec = replace(spec, rank=s["rank"])
+    sources = {"lr": "set" if cfg.lr is not None else s["lr_source"]}
+    cfg = replace(cfg, steps=s["steps"], lr=s["lr"] if cfg.lr is None else cfg.lr,
+                  sample_every=s["sample_every"] if cfg.sample_every is None else cfg.sample_every)
+    return spec, cfg, sources
+
+
+def plan(data: DataConfig, cfg: TrainConfig, resolution: int | None = None) -> Plan:
+    """Scan the images and derive the length; raises DatasetError if too few images are usable."""
+    folder = Path(data.folder)
+    if not data.folder or not folder.is_dir():
+        raise ConfigError(f"data folder {data.folder!r} does not exist; pass a folder of images")
+    res = data.resolution or resolution or 512
+    items, problems = dataset.scan_dataset(folder, data.trigger, data.template, res, tokenizer=load_tokenizer())
+    dataset.require_trainable(items, problems, folder)
+    steps = cfg.steps or default_steps(len(items))
+    return Plan(items, problems, steps, res, {it.path.name: it.caption for it in items})
+
+
+__all__ = ["Plan", "plan", "suggested", "resolve", "SAMPLE_TIMES"]

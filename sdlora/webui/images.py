@@ -1,0 +1,205 @@
+"""The Train tab's images: uploads copied into a dataset folder, example datasets, captions edited in place.
+
+Each image shows as a card (`Row`) exactly as it will train: the crop, the caption, and any problem.
+"""
+from __future__ import annotations
+
+import html
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.bases.load import native_resolution
+from sdlora.config import ConfigError, DataConfig, default_steps
+from sdlora.data import scan as dataset
+from sdlora.data.captions import folder_defaults, readme_trigger
+from sdlora.webui.forms import TEMPLATES, UserError, safe_filename, whole, within
+
+MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
+MAX_FILE_BYTES = 25 * 2**20     # per image or caption file
+MAX_TOTAL_BYTES = 500 * 2**20   # per dataset
+_EXAMPLE_EXTRAS = {"readme.md", "readme.txt", "sdlora.json"}   # example-folder files that are not training data
+
+
+@dataclass
+class Row:
+    """One image card of the Train tab's gallery."""
+    name: str
+    preview: str | None          # PNG of the image exactly as trained (None if unusable)
+    caption: str                 # the exact caption it trains with
+    notes: list[str]             # warnings, or the reason it is skipped
+    usable: bool
+
+
+@dataclass
+class Dataset:
+    folder: Path
+    trigger: str
+    template: str
+    resolution: int
+    items: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    upload_notes: list[str] = field(default_factory=list)   # files refused at upload (limits)
+
+    def scan(self) -> None:
+        self.items, self.problems = dataset.scan_dataset(self.folder, self.trigger, self.template, self.resolution)
+
+    def rows(self) -> list[Row]:
+        out = []
+        for it in self.items:
+            out.append(Row(it.path.name, str(self.preview(it.path)), it.caption, list(it.notes), True))
+        for p in self.problems:
+            if p.fatal and Path(p.path) != self.folder:
+                out.append(Row(Path(p.path).name, None, "", [p.reason], False))
+        return out
+
+    def preview(self, path: Path) -> Path:
+        """The image as it will be trained (EXIF rotation, alpha on white, crop), cached per resolution."""
+        out = self.folder / ".preview" / f"{self.resolution}-{path.stem}.png"
+        if not out.is_file() or out.stat().st_mtime < path.stat().st_mtime:
+            out.parent.mkdir(exist_ok=True)
+            dataset.load_image(path, self.resolution).save(out)
+        return out
+
+    def summary(self) -> str:
+        n, skipped = len(self.items), sum(1 for p in self.problems if p.fatal and Path(p.path) != self.folder)
+        noted = sum(1 for it in self.items if it.notes)
+        parts = [f"**{n} image{'s' * (n != 1)} ready to train**"]
+        if noted:
+            parts.append(f"{noted} with notes")
+        if skipped:
+            parts.append(f"{skipped} skipped (see the reasons below)")
+        lines = [", ".join(parts) + "."]
+        if n < dataset.MIN_IMAGES:
+            lines.append(f"At least {dataset.MIN_IMAGES} usable images are needed before training can start.")
+        elif n < 5:
+            lines.append("5 to 20 images work best for a style; a few more would help.")
+        elif n > 20:
+            lines.append(f"More than 20 images is fine; training takes longer ({default_steps(n)} steps suggested).")
+        lines += [f"Note: {p.reason}" for p in self.problems if Path(p.path) == self.folder]
+        lines += [f"Not added: {t}" for t in self.upload_notes]
+        return "\n\n".join(html.escape(line, quote=False) for line in lines)
+
+
+def notes_html(row: Row) -> str:
+    """A card's notes as an escaped list: warnings, or why the file is not used."""
+    cls, prefix = ("sdl-warn", "") if row.usable else ("sdl-fatal", "Not used: ")
+    items = "".join(f'<li class="{cls}">{html.escape(prefix + n)}</li>' for n in row.notes)
+    return f'<ul class="sdl-notes">{items}</ul>' if items else ""
+
+
+class ImagesMixin:
+    """The WebUI's dataset handlers (state: self.dataset, self.outputs, self.base, self.datasets_dir)."""
+
+    def load_uploads(self, paths: list[str], trigger: str, template: str, resolution=None) -> Dataset:
+        """Copy uploaded files into a new dataset folder (names sanitised, limits checked) and scan it."""
+        paths = [Path(p) for p in (paths or [])]
+        if not paths:
+            raise UserError("No files received: drop 5 to 20 images (PNG, JPEG or WebP) on the upload box.")
+        if len(paths) > MAX_FILES:
+            raise UserError(f"{len(paths)} files uploaded; the limit is {MAX_FILES} per dataset. "
+                            "Pick your best images (5 to 20 are enough for a style).")
+        folder, notes, total, taken = self._new_dataset_folder(), [], 0, set()
+        for p in paths:
+            name, size = safe_filename(p.name), p.stat().st_size
+            if size > MAX_FILE_BYTES:
+                notes.append(f"{name}: {size / 2**20:.1f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit per file; "
+                             "use a smaller export of it")
+                continue
+            if total + size > MAX_TOTAL_BYTES:
+                notes.append(f"{name}: the dataset would pass {MAX_TOTAL_BYTES // 2**20} MB in total; "
+                             "use fewer or smaller images")
+                continue
+            stem, suffix, i = Path(name).stem, Path(name).suffix, 1
+            while name.lower() in taken:
+                i += 1
+                name = f"{stem}-{i}{suffix}"
+            taken.add(name.lower())
+            target = folder / name
+            if not within(target, folder):      # cannot happen after safe_filename; checked anyway
+                raise UserError(f"refused file name {p.name!r}")
+            shutil.copyfile(p, target)
+            total += size
+        self._keep_edited_captions(folder)
+        return self._use(folder, trigger, template, resolution, notes)
+
+    def _keep_edited_captions(self, folder: Path) -> None:
+        """Adding files re-uploads the whole list: captions edited before carry over to the same image names."""
+        if self.dataset is None:
+            return
+        for image in folder.iterdir():
+            old = self.dataset.folder / f"{image.stem}.txt"
+            if image.suffix.lower() != ".txt" and not image.with_suffix(".txt").exists() and old.is_file():
+                shutil.copyfile(old, image.with_suffix(".txt"))
+
+    def clear_dataset(self) -> None:
+        self.dataset = None
+
+    def load_example(self, name: str, template: str, resolution=None) -> tuple[Dataset, str]:
+        """Copy an example dataset from datasets/ (so caption edits never touch it); returns it and its trigger."""
+        src = self.datasets_dir / (name or "")
+        if not name or not src.is_dir() or not within(src, self.datasets_dir):
+            raise UserError(f"No example dataset {name!r} in {self.datasets_dir}; pick one from the list.")
+        folder = self._new_dataset_folder()
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name.lower() not in _EXAMPLE_EXTRAS:
+                shutil.copyfile(f, folder / f.name)
+        own = folder_defaults(src)
+        trigger = own.get("trigger") or readme_trigger(src) or DataConfig.trigger
+        return self._use(folder, trigger, own.get("template") or template, resolution, []), trigger
+
+    def examples(self) -> list[str]:
+        if not self.datasets_dir.is_dir():
+            return []
+        return sorted(d.name for d in self.datasets_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    def rescan(self, trigger: str, template: str, resolution=None) -> Dataset | None:
+        """Scan the current dataset again if trigger / template / resolution changed; None if nothing changed."""
+        ds = self.dataset
+        res = whole(resolution) or native_resolution(self.base)
+        if ds is None or ((trigger or "").strip(), template, res) == (ds.trigger, ds.template, ds.resolution):
+            return None
+        return self._use(ds.folder, trigger, template, resolution, ds.upload_notes)
+
+    def set_caption(self, name: str, text: str) -> Row:
+        """Save an edited caption as the image's .txt file; returns the card as it trains now."""
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Upload images first.")
+        image = ds.folder / safe_filename(name)
+        if not image.is_file() or not within(image, ds.folder):
+            raise UserError(f"{name!r} is not in the current dataset.")
+        text = " ".join((text or "").split())
+        if text != next((it.caption for it in ds.items if it.path.name == image.name), None):
+            image.with_suffix(".txt").write_text(text, encoding="utf-8")   # only real edits become caption files
+            ds.scan()
+        return next(r for r in ds.rows() if r.name == image.name)
+
+    def _new_dataset_folder(self) -> Path:
+        root = self.outputs / ".uploads"
+        root.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1, 1000):
+            folder = root / (f"dataset-{stamp}" + (f"-{i}" if i > 1 else ""))
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+        raise UserError(f"could not create a dataset folder in {root}")
+
+    def _use(self, folder: Path, trigger: str, template: str, resolution, notes: list[str]) -> Dataset:
+        try:
+            probe = DataConfig(folder=str(folder), trigger=trigger or "", template=template or TEMPLATES["style"],
+                               resolution=whole(resolution) or None)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+        ds = Dataset(folder, probe.trigger, probe.template, probe.resolution or native_resolution(self.base),
+                     upload_notes=list(notes))
+        ds.scan()
+        self.dataset = ds
+        return ds
+
+
+__all__ = ["Dataset", "Row", "ImagesMixin", "notes_html", "MAX_FILES", "MAX_FILE_BYTES", "MAX_TOTAL_BYTES"]

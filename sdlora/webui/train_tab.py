@@ -1,0 +1,176 @@
+"""The Train tab's page: images and their captions, the settings, Start / Stop / Resume, progress.
+
+The settings' controls are made from their declarations in `sdlora.config` (`settings_controls`), so a
+setting declared there appears here and in the CLI with the same default. The handlers are the
+WebUI's (`images.ImagesMixin`, `jobs.RunsMixin`); this module only lays out and wires.
+"""
+from __future__ import annotations
+
+import html
+from types import SimpleNamespace
+
+from sdlora.config import Setting
+from sdlora.webui.forms import TEMPLATES, default_form, train_controls
+from sdlora.webui.images import notes_html
+from sdlora.webui.widgets import BASE_INFO, guarded, told
+
+PER_ROW = 5                  # advanced controls per row
+
+
+def control(s: Setting, value):
+    """The Gradio control of one declared setting, labelled and explained as declared."""
+    import gradio as gr
+    info = BASE_INFO if s.name == "base" else s.help
+    if s.kind is bool:
+        c = gr.Checkbox(bool(value), label=s.label, info=info)
+    elif s.choices:
+        c = gr.Dropdown(list(s.choices), value=value, label=s.label, info=info)
+    elif s.kind in (int, float):
+        c = gr.Number(value, label=s.label, info=info, precision=0 if s.kind is int else None, minimum=s.low)
+    else:
+        c = gr.Textbox(value, label=s.label, info=info)
+    c.elem_id = f"f-{s.name}"
+    return c
+
+
+def settings_controls(base: str) -> dict:
+    """{setting name: control}: the basic settings in a row, the advanced ones in a closed accordion."""
+    import gradio as gr
+    values, controls = default_form(base), {}
+    shown = train_controls()
+    with gr.Row():
+        for s in (s for s in shown if s.ui == "basic"):
+            controls[s.name] = control(s, values[s.name])
+    advanced = [s for s in shown if s.ui == "advanced"]
+    with gr.Accordion("Advanced settings", open=False):
+        for i in range(0, len(advanced), PER_ROW):
+            with gr.Row():
+                for s in advanced[i:i + PER_ROW]:
+                    controls[s.name] = control(s, values[s.name])
+    return controls
+
+
+def gallery(ui, rev):
+    """The image cards: the image as trained, its caption (editable), its notes."""
+    import gradio as gr
+    rows = ui.dataset.rows() if ui.dataset else []
+    for i in range(0, len(rows), 2):
+        with gr.Row():
+            for row in rows[i:i + 2]:
+                with gr.Row(elem_classes="sdl-card"):
+                    if not row.usable:
+                        gr.HTML(f'<div class="sdl-skipped">{html.escape(row.name)}</div>' + notes_html(row))
+                        continue
+                    gr.Image(row.preview, show_label=False, height=128, width=128, scale=0, min_width=130,
+                             interactive=False, container=False, buttons=[])
+                    with gr.Column(min_width=200):
+                        box = gr.Textbox(row.caption, label=f"{row.name}: caption it trains with", lines=2,
+                                         interactive=True, elem_classes="sdl-caption")
+                        note = gr.HTML(notes_html(row))
+                        save = guarded(lambda text, n=row.name: notes_html(ui.set_caption(n, text)))
+                        box.blur(save, box, note, show_progress="hidden")
+                        box.submit(save, box, note, show_progress="hidden")
+
+
+def layout(ui, demo) -> SimpleNamespace:
+    import gradio as gr
+    t = SimpleNamespace(rev=gr.State(0), seen=gr.State([-2, ""]))
+    gr.Markdown("### 1. Images and captions")
+    with gr.Row():
+        t.files = gr.File(label="Drop 5-20 images here or click to choose; a same-name .txt is the caption",
+                          file_count="multiple", height=150, scale=3, elem_id="upload")
+        with gr.Column(scale=2):
+            examples = ui.examples()
+            t.example = gr.Dropdown(examples, label="Or start from an example dataset",
+                                    info="Folders in datasets/ (images + .txt captions)" if examples
+                                    else "None found in datasets/", allow_custom_value=True,
+                                    value=(examples or [None])[0], elem_id="example")
+            t.example_btn = gr.Button("Load example dataset")
+    t.summary = gr.Markdown("No images yet.", elem_id="ds-summary")
+    gr.render(inputs=t.rev, triggers=[t.rev.change, demo.load])(lambda rev: gallery(ui, rev))
+    gr.Markdown("### 2. Settings")
+    t.kind = gr.Radio(["style", "subject"], value="style", label="What the images share",
+                      info="style: a look (colours, strokes); subject: one person or object")
+    t.F = settings_controls(ui.base)
+    gr.Markdown("### 3. Train")
+    with gr.Row():
+        t.start = gr.Button("Start training", variant="primary", elem_id="start")
+        t.stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        t.resume_run = gr.Dropdown([], label="Stopped run to resume", allow_custom_value=True, scale=2,
+                                   info="Runs you stopped appear here; Resume continues at the exact step")
+        t.resume = gr.Button("Resume", elem_id="resume")
+    t.msg = gr.Markdown(elem_id="train-msg")
+    t.progress = gr.HTML(elem_id="progress")
+    with gr.Row():
+        t.loss = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=260)
+        t.samples = gr.Gallery(label="Samples at fixed seeds, with and without the trigger (newest first)",
+                               columns=2, height=300, fit_columns=False, elem_id="samples")
+    t.result = gr.File(label="Your LoRA and its sidecar files", file_count="multiple", interactive=False,
+                       visible=False, elem_id="result")
+    t.open_gen = gr.Button("Open it in the Generate tab", visible=False, elem_id="open-gen")
+    t.timer = gr.Timer(1.0)
+    return t
+
+
+def loss_frame(losses):
+    import pandas as pd
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
+DERIVED = ("steps", "rank", "lr", "sample_every")     # filled when images arrive (training.plan.suggested)
+
+
+def wire(ui, t: SimpleNamespace) -> None:
+    import gradio as gr
+    F = t.F
+    derived = [F[name] for name in DERIVED]
+
+    def with_defaults(rev, ds):
+        s = ui.suggestions(len(ds.items))
+        return [rev + 1, ds.summary(), *[s[name] for name in DERIVED]]
+
+    t.files.upload(guarded(lambda paths, rev, trig, tpl, res: with_defaults(rev, ui.load_uploads(paths, trig, tpl, res))),
+                   [t.files, t.rev, F["trigger"], F["template"], F["resolution"]], [t.rev, t.summary, *derived])
+    t.files.clear(lambda rev: (ui.clear_dataset(), rev + 1, "No images yet.")[1:], t.rev, [t.rev, t.summary])
+
+    def on_example(name, rev, tpl, res):
+        ds, trigger = ui.load_example(name, tpl, res)
+        return [*with_defaults(rev, ds), trigger]
+    t.example_btn.click(guarded(on_example), [t.example, t.rev, F["template"], F["resolution"]],
+                        [t.rev, t.summary, *derived, F["trigger"]])
+
+    def on_rescan(rev, trigger, tpl, res):
+        ds = ui.rescan(trigger, tpl, res)
+        return (rev + 1, ds.summary()) if ds else (gr.skip(), gr.skip())
+    rescan_inputs = [t.rev, F["trigger"], F["template"], F["resolution"]]
+    for comp in (F["trigger"], F["template"], F["resolution"]):
+        comp.blur(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
+        comp.submit(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
+    t.kind.change(lambda k: TEMPLATES[k], t.kind, F["template"]).then(guarded(on_rescan), rescan_inputs,
+                                                                      [t.rev, t.summary])
+    t.start.click(told(lambda *v: (ui.start(dict(zip(F, v, strict=True))), "Training started.")[1]),
+                  list(F.values()), t.msg)
+    t.stop.click(ui.stop, None, t.msg)
+    t.resume.click(told(lambda run: (ui.resume(run), "Resuming from the last checkpoint.")[1]), t.resume_run, t.msg)
+    t.timer.tick(lambda seen: on_tick(ui, seen), t.seen,
+                 [t.seen, t.progress, t.loss, t.samples, t.result, t.open_gen, t.resume_run, t.msg],
+                 show_progress="hidden")
+
+
+def on_tick(ui, seen):
+    """The progress, loss plot, samples and result as they are now; nothing is sent when nothing changed."""
+    import gradio as gr
+    p = ui.progress()
+    state = ui.job.state if ui.job else ""
+    if [p["rev"], state] == seen:
+        return [gr.skip()] * 8
+    runs, changed = ui.resumable_runs(), state != seen[1]
+    resumable = gr.update(choices=runs, value=runs[0][1] if runs else None) if changed else gr.skip()
+    finished = changed and state in ("done", "stopped", "failed")          # the old message is stale
+    files = gr.update(value=p["files"] or None, visible=bool(p["files"]))
+    return [[p["rev"], state], p["html"], loss_frame(p["losses"]), p["samples"], files,
+            gr.update(visible=bool(p["lora"])), resumable, "" if finished else gr.skip()]
+
+
+__all__ = ["layout", "wire", "settings_controls", "control"]

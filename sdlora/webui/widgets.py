@@ -1,0 +1,59 @@
+"""What every tab's page shares: the style sheet, the texts, and handlers that turn a UserError into a notice.
+
+Gradio is imported inside the functions, so the web UI's logic can be imported (and tested) without it.
+"""
+from __future__ import annotations
+
+import functools
+import html
+
+CSS = """
+.sdl-bar {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden}
+.sdl-fill {height: 100%; background: var(--color-accent); transition: width .4s}
+.sdl-text {margin-top: 6px; font-weight: 600}
+.sdl-msg {font-size: 0.85em; color: var(--body-text-color-subdued); white-space: pre-line}
+.sdl-notes {margin: 0; padding-left: 1.1em; font-size: 0.9em}
+.sdl-warn {color: #a16207} .sdl-fatal {color: #b91c1c; font-weight: 600}
+.sdl-card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px}
+.sdl-card img, #gen-image img, #lib-preview img {image-rendering: pixelated; width: 100%; height: 100%;
+                                                 object-fit: contain}
+.sdl-skipped {font-weight: 600; margin: 4px 0}
+"""
+BASE_INFO = "'tiny' (built in), a diffusers folder, a .safetensors checkpoint path, or a hub id"
+INTRO = ("Train a **style LoRA** from 5-20 images: **1.** add images and check each caption, "
+         "**2.** pick a trigger word, **3.** press Start. Then try it in **Generate**; every LoRA you made "
+         "is in **Library**.")
+
+
+def guarded(fn):
+    """Show a UserError as an error notice in the page instead of a traceback."""
+    import gradio as gr
+
+    from sdlora.webui.forms import UserError
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+    return wrapper
+
+
+def told(fn):
+    """Like guarded, for handlers whose output is a message: a warning notice plus the message in the page."""
+    import gradio as gr
+
+    from sdlora.webui.forms import UserError
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            gr.Warning(str(e))
+            return f"**Not started:** {html.escape(str(e), quote=False)}"
+    return wrapper
+
+
+__all__ = ["CSS", "BASE_INFO", "INTRO", "guarded", "told"]
