@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig, configs_from_values, settings
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     handler = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "check": cmd_check,
                "merge": cmd_merge}[a.command]
+    shown = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"sdlora: note: {message}\n"   # one line, no source
     try:
         return handler(a)
     except KeyboardInterrupt:
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ class DataConfig:
                             "replaced by the trigger word", label="Caption for images without a .txt")
     resolution: int | None = setting(None, "training size in px (default: the base's native size)",
                                      label="Resolution (px)", ui="basic", kind=int, low=8, high=2048,
-                                     optional=True)
+                                     optional=True, derived=True)
     flip: bool = setting(False, "random horizontal flips (a cached latent per side)", label="Random horizontal flip")
     class_prompt: str = setting("", "prior preservation: the prompt of the class, e.g. 'an image'",
                                 label="Class prompt (prior preservation)")

@@ -6,7 +6,6 @@ go through ``render``, the same function every generation uses.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,14 +102,19 @@ def make_pipeline(base: Base):
 
 
 class Generator:
-    """A base pipeline plus a stack of LoRAs; thread-safe, one image at a time."""
+    """A base pipeline plus a stack of LoRAs; thread-safe, one image at a time.
+
+    The stack and its lock belong to the base (load_base shares one copy of a base per process): every
+    Generator of a base sets the whole stack, so one never draws with LoRAs another left applied."""
 
     def __init__(self, base: Base | str = "tiny"):
         self.base = load_base(base) if isinstance(base, str) else base
         self.pipe = make_pipeline(self.base)
-        self.stack = LoraStack({"unet": self.base.unet, "text_encoder": self.base.text_encoder})
+        if self.base.lora_stack is None:
+            self.base.lora_stack = LoraStack({"unet": self.base.unet, "text_encoder": self.base.text_encoder})
+        self.stack, self.lock = self.base.lora_stack, self.base.lora_stack.lock
         self._files: dict[str, tuple[float, LoadedLora]] = {}
-        self.lock = threading.RLock()
+        self._choices: list[LoraChoice] = []
 
     def load(self, path: str | Path) -> LoadedLora:
         p = Path(path)
@@ -124,6 +128,7 @@ class Generator:
         return hit[1]
 
     def set_loras(self, choices: list[LoraChoice], fused: bool = False) -> list[LoadedLora]:
+        self._choices = list(choices)
         loaded = [self.load(c.path) for c in choices]
         applied = [Applied(Path(c.path).stem, ld.loras, c.strength,
                            c.strength if c.te_strength is None else c.te_strength)
@@ -134,9 +139,9 @@ class Generator:
 
     def generate(self, cfg: GenerateConfig, choices: list[LoraChoice] | None = None,
                  fused: bool = False) -> Image.Image:
+        """One image with `choices` (None: the LoRAs this Generator set last) at their strengths."""
         with self.lock:
-            if choices is not None:
-                self.set_loras(choices, fused)
+            self.set_loras(self._choices if choices is None else choices, fused)
             return render(self.pipe, cfg, self.base.resolution)
 
     def sweep(self, cfg: GenerateConfig, choice: LoraChoice,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class Base:
     family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2
     resolution: int = 512              # native image size in px
     lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
+    lora_stack: object = field(default=None, repr=False)  # generation's LoRAs on this base, one for all its Generators
 
     @property
     def prediction_type(self) -> str:

@@ -99,7 +99,8 @@ def pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te_sd: StateDict, fam
     """Three diffusers-layout state dicts -> one original-SD single-file state dict."""
     fam = normalize_family(family)
     width, need = _context_width({k: tuple(v.shape) for k, v in unet_sd.items()}), families.family(fam).context_dim
-    if width is not None and width != need:
+    # a standard width of another family is a mistake; a small base of its own width (the built-in one) is not
+    if width is not None and width != need and families.by_context_dim(width) != families.UNKNOWN:
         raise CheckpointError(f"family={family!r} needs cross-attention width {need}, the UNet has {width}")
     out: StateDict = {}
     for prefix, part in ((LDM_UNET_PREFIX, unet_to_ldm(unet_sd)), (LDM_VAE_PREFIX, vae_to_ldm(vae_sd)),
@@ -280,8 +281,9 @@ def _choose_variant(path: Path, detected: str, family: str | None, prediction_ty
     if family is None and len([v for v in families.VARIANTS.values() if v.family == detected]) > 1:
         others = [v.name for v in families.VARIANTS.values() if v.family == detected and v is not chosen]
         warnings.warn(f"{path}: {families.title(detected)} file with no word on what it predicts; assuming "
-                      f"{chosen.resolution}px {chosen.prediction_type} ({chosen.name}). For another variant "
-                      f"({', '.join(others)}), put an A1111 .yaml beside it or pass its name", stacklevel=3)
+                      f"{chosen.resolution}px {chosen.prediction_type} ({chosen.name}). If it is another variant "
+                      f"({', '.join(others)}), put the A1111 .yaml it came with beside it as {path.stem}.yaml",
+                      stacklevel=3)
     return chosen
 
 

@@ -14,6 +14,7 @@ DoRA modules (``dora_scale``) are always applied to the weight, as ComfyUI does.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ class LoraStack:
 
     def __init__(self, components: dict[str, torch.nn.Module]):
         self.components = components            # {"unet": unet, "text_encoder": te}
+        self.lock = threading.RLock()            # held while the modules are changed or run
         self.applied: list[Applied] = []
         self.fused = False
         self._orig: dict[str, torch.Tensor] = {}

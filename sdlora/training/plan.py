@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdlora.bases.load import Base, base_lora_lr, load_tokenizer
+from sdlora.bases.load import Base, base_lora_lr, load_tokenizer, native_resolution
 from sdlora.config import (DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_rank,
                            default_steps)
 from sdlora.data import scan as dataset
@@ -31,12 +31,15 @@ class Plan:
 
 def suggested(num_images: int, base: str | Base = "tiny", steps: int | None = None) -> dict:
     """The derived settings for `num_images` usable images on `base` (a name, or a loaded Base):
-    {"steps", "rank", "lr", "lr_source", "sample_every"}; `steps` given keeps it and derives the rest from it."""
-    recommended = base.lora_lr if isinstance(base, Base) else base_lora_lr(base)
+    {"steps", "rank", "lr", "lr_source", "sample_every", "resolution"}; `steps` given keeps it and derives the
+    rest from it. Nothing is loaded: a base's recommendation and size are read from its configs."""
+    loaded = isinstance(base, Base)
+    recommended = base.lora_lr if loaded else base_lora_lr(base)
     steps = steps or default_steps(max(num_images, 1))
     return {"steps": steps, "rank": default_rank(num_images), "lr": recommended or DEFAULT_LR,
             "lr_source": "recommended by the base" if recommended else "default for SD bases",
-            "sample_every": max(1, steps // SAMPLE_TIMES)}
+            "sample_every": max(1, steps // SAMPLE_TIMES),
+            "resolution": base.resolution if loaded else native_resolution(base)}
 
 
 def resolve(spec: LoraSpec, cfg: TrainConfig, num_images: int,

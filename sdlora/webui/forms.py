@@ -6,7 +6,6 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from sdlora.bases.load import native_resolution
 from sdlora.config import (ConfigError, DataConfig, LoraSpec, Setting, TrainConfig, configs_from_values,
                            settings)
 from sdlora.training.plan import suggested
@@ -55,7 +54,7 @@ def default_form(base: str = "tiny", n_images: int = 0) -> dict:
     """The Train tab's fields as a fresh page shows them: each declared default, derived ones worked out."""
     derived = suggest(n_images, base)
     form = {s.name: derived[s.name] if s.derived else s.default for s in train_controls()}
-    form.update(base=base, resolution=native_resolution(base))     # what training uses when it is unset
+    form["base"] = base
     return form
 
 
@@ -65,9 +64,17 @@ def whole(v):
 
 
 def _field_value(s: Setting, value):
-    """A control's value as its setting takes it: numbers arrive as floats, emptied ones as None or ''."""
-    if isinstance(value, str) and s.kind is not str:
-        value = value.strip() or None
+    """A control's value as its setting takes it: numbers arrive as floats (or as text from the boxes that may
+    be left empty), an emptied field as None or ''."""
+    if isinstance(value, str) and s.kind in (int, float):
+        text = value.strip()
+        if not text:
+            value = None
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"{s.name}={text!r} is not allowed: use a number, or leave it empty") from None
     if value is None:
         return None if s.optional else s.default
     if s.kind is int:

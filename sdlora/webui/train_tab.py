@@ -25,6 +25,9 @@ def control(s: Setting, value):
         c = gr.Checkbox(bool(value), label=s.label, info=info)
     elif s.choices:
         c = gr.Dropdown(list(s.choices), value=value, label=s.label, info=info)
+    elif s.kind in (int, float) and s.optional and not s.derived:
+        # a Number box cannot be left empty (the page sends 0), and "unset" is a value of these settings
+        c = gr.Textbox("" if value is None else str(value), label=s.label, info=info, placeholder="unset")
     elif s.kind in (int, float):
         c = gr.Number(value, label=s.label, info=info, precision=0 if s.kind is int else None, minimum=s.low)
     else:
@@ -118,7 +121,7 @@ def loss_frame(losses):
                          "loss": pd.Series([v for _, v in losses], dtype="float64")})
 
 
-DERIVED = ("steps", "rank", "lr", "sample_every")     # filled when images arrive (training.plan.suggested)
+DERIVED = ("steps", "rank", "lr", "sample_every")     # refilled when images arrive (training.plan.suggested)
 
 
 def wire(ui, t: SimpleNamespace) -> None:
