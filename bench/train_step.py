@@ -74,14 +74,12 @@ def drawn_batches(trainer, n: int) -> list:
 
     Both variants then run on identical inputs, step for step, so any difference is the code around the U-Net.
     """
-    import torch
     dtype, out = trainer.base.unet.dtype, []
     for i in range(n):
         g = trainer.step_generator(i, 0)
-        lat, enc, _ = trainer.batch(g, trainer.latents, trainer.ids, trainer.embeds)  # (1, 4, px/8, px/8), (1, 77, 768)
-        noise = torch.randn(lat.shape, generator=g).to(lat.device)
-        t = torch.randint(0, trainer.sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
-        out.append((trainer.sched.add_noise(lat, noise, t).to(dtype), t, enc.to(dtype), noise))
+        lat, enc, _ = trainer.batches.draw(g, trainer.examples)  # (1, 4, px/8, px/8), (1, 77, 768)
+        noisy, t, target = trainer.objective.noisy(lat, g)
+        out.append((noisy.to(dtype), t, enc.to(dtype), target))
     return out
 
 
@@ -92,7 +90,8 @@ def make_trainer(base, size: int, args, device: str, work: Path):
     folder = C.make_images(work / f"images{size}", 3, size)
     cfg = TrainConfig(base=args.base, steps=1_000_000, mixed_precision="fp16" if device == "cuda" else "no",
                       use_8bit_adam=False, output_dir=str(work / "out"),   # the bare step uses torch AdamW too
-                      trigger_isolation=0.0)         # one U-Net pass, as the bare step (isolation adds a second)
+                      trigger_isolation=0.0,         # one U-Net pass, as the bare step (isolation adds a second)
+                      sample_every=0)
     trainer = _Trainer(DataConfig(folder=str(folder), resolution=size), LoraSpec(rank=args.rank), cfg,
                        Callbacks(), None, base)
     trainer.setup(work, None)

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora import DataConfig, GenerateConfig, Generator, LoraChoice, LoraSpec, TrainConfig, train
+from sdlora import DataConfig, GenerateConfig, Generator, LoraChoice, LoraSpec, TrainConfig, default_steps, train
 
 from sdlora.tinybase import scenes
 from sdlora.tinybase import stylestats
@@ -232,15 +232,18 @@ def test_cli_trains_the_dataset_with_no_other_argument(figures, tmp_path, monkey
 
     from sdlora.cli import main
     monkeypatch.chdir(tmp_path)                       # the CLI writes to ./outputs
-    t0 = time.time()
     assert main(["train", "--data", str(ROOT / "datasets" / STYLE)]) == 0
-    seconds = time.time() - t0
     lora = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    print(f"\nsdlora train --data datasets/{STYLE}: {seconds:.0f}s, {lora}")
     assert lora.name == f"{figures['trigger']}.safetensors"
     ours, api = load_file(str(lora)), load_file(figures["lora"])
     assert ours.keys() == api.keys() and all((ours[k] == api[k]).all() for k in ours)
-    assert seconds < 240, f"{seconds:.0f}s: not 'a couple of minutes'"
+    # the work the defaults ask for, counted (time is measured in bench/, not here): 100 steps per image
+    images = len(list((ROOT / "datasets" / STYLE).glob("*.png")))
+    config = json.loads((lora.parent / "config.json").read_text())
+    logged = (lora.parent / "log.csv").read_text().splitlines()
+    assert config["steps"] == default_steps(images) == len(logged) and int(logged[-1].split(",")[0]) == config["steps"]
+    samples = sorted((lora.parent / "samples").glob("*.png"))
+    assert len(samples) == 5 * 2 * len(config["train"]["sample_seeds"])   # 5 times, with and without the trigger
 
 
 if __name__ == "__main__":
