@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora import GenerateConfig, Generator, LoraChoice, LoraSpec
+from sdlora import GenerateConfig, Generator, LoraChoice
 from sdlora.loras import layouts as formats
 from sdlora.training import adapters as lora_mod
 from sdlora.loras.layouts import LoraWeights

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdlora.bases import single_file as ldm
+from sdlora.bases import variants
 from sdlora.bases.single_file import CheckpointError
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -313,7 +314,7 @@ def test_save_load_tiny_fp32_exact(tmp_path, family):
     want = {"sd15": ("sd1", "sd1", "epsilon"), "sd21": ("sd2", "sd2-v", "v_prediction"),
             "sd21-base": ("sd2", "sd2-base", "epsilon")}[family]
     assert (got["family"], got["variant"], got["prediction_type"]) == want
-    assert ldm.single_file_variant(path).name == want[1]
+    assert variants.single_file_variant(path).name == want[1]
     assert got["tokenizer"].pad_token == ("<|endoftext|>" if family == "sd15" else "!")
 
 
@@ -350,7 +351,7 @@ def test_sd2_variant_from_an_a1111_yaml_beside_the_file(tmp_path, yaml, variant)
     (tmp_path / "m.yaml").write_text(yaml)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ldm.single_file_variant(path).name == variant
+        assert variants.single_file_variant(path).name == variant
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])

@@ -270,3 +270,15 @@ def test_comfyui_file_for_another_base_or_no_module_is_refused_by_name(tiny_base
                                                 "diffusion_model.input_blocks.9.1.x.lora_up.weight": torch.ones(8, 4)})
     with pytest.raises(formats.LoraFileError, match=r"none\.safetensors: none of its 2 keys"):
         read_lora(none, tiny_base)
+
+
+def test_check_reads_a_comfyui_file_as_the_kohya_file_it_would_be(tiny_base, tmp_path):
+    """`sdlora check` on a ComfyUI-layout file: its LoRA pairs, checked as the kohya names the tools map."""
+    from sdlora.loras.check import check_file
+    loras = make_loras(tiny_base, unet=("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"), te=TE_ATTN,
+                       alpha=lambda k, r: 1.5)
+    c_path = save(tmp_path / "comfy.safetensors", comfy_sd(tiny_base, loras))
+    report = check_file(c_path, tiny_base)
+    assert report["format"] == "comfyui"
+    for tool in ("comfyui", "diffusers"):
+        assert (report["tools"][tool]["mapped"], report["tools"][tool]["total"]) == (len(loras), len(loras)), tool

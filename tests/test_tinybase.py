@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sdlora.tinybase import scenes
-from sdlora.tinybase.build import SD_SCHEDULE
+from sdlora.tinybase.models import SD_SCHEDULE
 from sdlora.tinybase.card import evaluate, held_out_prompts
 
 BASE = Path(__file__).resolve().parent.parent / "sdlora" / "base_model"
@@ -90,7 +90,8 @@ def test_free_captions_leave_out_the_background_or_put_a_made_up_word_in_front()
     import random
 
     from sdlora.bases.load import load_tokenizer
-    from sdlora.tinybase.build import BuildConfig, free_caption, made_up_word_parts
+    from sdlora.tinybase.models import BuildConfig
+    from sdlora.tinybase.words import free_caption, made_up_word_parts
     tok = load_tokenizer()
     parts = made_up_word_parts(tok)
     scene_words = {"red", "circle", "background", "on", "a", "large", "white", "center"}
@@ -152,7 +153,8 @@ def test_made_up_words_in_front_mean_the_scene_size():
     from collections import Counter
 
     from sdlora.bases.load import load_tokenizer
-    from sdlora.tinybase.build import BuildConfig, WordMeaning, free_caption, made_up_word_parts
+    from sdlora.tinybase.models import BuildConfig
+    from sdlora.tinybase.words import WordMeaning, free_caption, made_up_word_parts
     tok, cfg = load_tokenizer(), BuildConfig(prefix_p=1.0, prefix_meaning=True)
     parts, meaning = made_up_word_parts(tok), WordMeaning(cfg, tok)
     rng = random.Random(0)
@@ -170,8 +172,8 @@ def test_words_no_caption_uses_keep_their_fixed_embedding():
     random embedding, of a trained word's size, and training steps leave them there (no gradient, no
     weight decay) while the caption words' embeddings move."""
     from sdlora.bases.load import load_tokenizer
-    from sdlora.tinybase.build import (BuildConfig, caption_token_ids, fix_free_words, free_word_embeddings,
-                                 make_text_encoder)
+    from sdlora.tinybase.models import BuildConfig, make_text_encoder
+    from sdlora.tinybase.words import caption_token_ids, fix_free_words, free_word_embeddings
     tok, cfg = load_tokenizer(), BuildConfig(prefix_meaning=True)
     te = make_text_encoder(cfg)
     weight = fix_free_words(cfg, te, tok)
@@ -197,7 +199,8 @@ def test_a_made_up_word_in_front_tells_the_size(pipe, build_info):
     smaller shapes than words that mean 'large' (judged by the silhouette's bounding box)."""
     import random
 
-    from sdlora.tinybase.build import BuildConfig, WordMeaning, made_up_word_parts
+    from sdlora.tinybase.models import BuildConfig
+    from sdlora.tinybase.words import WordMeaning, made_up_word_parts
     if not build_info["config"].get("prefix_meaning"):
         pytest.skip("this base was built without meaningful made-up words")
     cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in build_info["config"].items()})
@@ -225,7 +228,8 @@ def test_word_identity_reads_back_words_it_never_trained_on():
     import random
 
     from sdlora.bases.load import load_tokenizer
-    from sdlora.tinybase.build import BuildConfig, WordIdentity, made_up_word_parts, make_text_encoder, tokenize
+    from sdlora.tinybase.models import BuildConfig, make_text_encoder
+    from sdlora.tinybase.words import WordIdentity, made_up_word_parts, tokenize
     torch.manual_seed(0)
     tok, cfg = load_tokenizer(), BuildConfig()
     te = make_text_encoder(cfg)

@@ -5,28 +5,19 @@ One file holds three models under three prefixes:
   first_stage_model.*      VAE            (key rules: `sdlora.bases.ldm_keys`)
   cond_stage_model.*       text encoder:  SD 1.x `transformer.text_model.*` (transformers CLIP),
                                           SD 2.x `model.*` (open_clip, fused q/k/v `in_proj`)
-This module detects the family, splits and joins the prefixes, and builds the
-diffusers/transformers modules offline from the bundled configs in
-`sdlora/configs/<sd15|sd21|sd21-base>/` and the CLIP BPE files in
+This module splits and joins the prefixes, and builds the diffusers/transformers
+modules offline from the bundled configs in `sdlora/configs/<sd15|sd21|sd21-base>/`
+(or the configs an sdlora file carries) and the CLIP BPE files in
 `sdlora/assets/clip_tokenizer/` (SD 2 uses the same vocabulary with pad "!").
-
-What weights cannot say: whether an SD 2 model predicts noise (512 "base") or
-v (768). `single_file_variant` decides from, in order: the caller's `family`
-(a variant name of `sdlora.bases.families`, e.g. "sd2-base") or
-`prediction_type`; the file's ModelSpec header (`modelspec.prediction_type`,
-`modelspec.architecture`, which sdlora's merges write); an A1111-style
-`<name>.yaml` beside the file (`parameterization: "v"` means v, none means
-epsilon); else the 768 v model, as diffusers also assumes, with a warning.
+Which family and variant a file is comes from `sdlora.bases.variants`.
 """
 from __future__ import annotations
 
 import itertools
-import re
 import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -37,12 +28,15 @@ from sdlora.bases import families
 from sdlora.bases.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
                              normalize_family, text_encoder_from_ldm, text_encoder_to_ldm, vae_from_ldm,
                              vae_to_ldm)
+from sdlora.bases.variants import (EMBEDDED_CONFIGS_KEY, choose_variant, context_width, detect_checkpoint_family,
+                                    detect_family_from_shapes, embedded_configs, header_metadata, model_configs,
+                                    read_header, variant_metadata)
 from sdlora.bases.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
 
 __all__ = ["CheckpointError", "detect_checkpoint_family", "ldm_module_names", "load_single_file",
            "pipeline_to_ldm", "read_state_dict", "save_single_file", "split_pipeline", "text_encoder_from_ldm",
            "text_encoder_to_ldm", "unet_from_ldm", "unet_to_ldm", "vae_from_ldm", "vae_to_ldm",
-           "config_dir", "load_tokenizer", "write_diffusers_config_folder"]
+           "config_dir", "load_tokenizer", "write_diffusers_config_folder", "native_resolution"]
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
 TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "clip_tokenizer"
@@ -62,43 +56,10 @@ def config_dir(family: str) -> Path:
     return CONFIG_ROOT / families.variant(family).config_folder
 
 
-def detect_checkpoint_family(sd: Mapping[str, torch.Tensor]) -> str:
-    """'sd1' | 'sd2' | 'sdxl' | 'unknown' from an original-SD state dict's keys and shapes.
-
-    Text encoder first (`cond_stage_model.transformer` = SD 1, `.model` = SD 2,
-    `conditioner.embedders` = SDXL), else the UNet's cross-attention width
-    (768 / 1024 / 2048, 1280 for the SDXL refiner). v-prediction is not visible
-    in weights: SD 2 768 models are v, SD 2 512 "base" models are epsilon.
-    """
-    return detect_family_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
-
-
-def detect_family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """detect_checkpoint_family from key names and shapes alone (a safetensors header holds both)."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        return "sdxl"
-    if any(k.startswith(LDM_TEXT_PREFIX + "model.") for k in shapes):
-        return "sd2"
-    if any(k.startswith(LDM_TEXT_PREFIX + "transformer.") for k in shapes):
-        return "sd1"
-    width = _context_width(shapes, LDM_UNET_PREFIX)
-    return "sdxl" if width == SDXL_REFINER_WIDTH else families.by_context_dim(width)
-
-
-SDXL_REFINER_WIDTH = 1280    # the SDXL refiner's cross-attention reads only OpenCLIP ViT-bigG's 1280 states
-
-
-def _context_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> int | None:
-    for k, shape in shapes.items():
-        if k.startswith(prefix) and k.endswith("attn2.to_k.weight"):
-            return shape[-1]  # [inner, context_dim]
-    return None
-
-
 def pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te_sd: StateDict, family: str) -> StateDict:
     """Three diffusers-layout state dicts -> one original-SD single-file state dict."""
     fam = normalize_family(family)
-    width, need = _context_width({k: tuple(v.shape) for k, v in unet_sd.items()}), families.family(fam).context_dim
+    width, need = context_width({k: tuple(v.shape) for k, v in unet_sd.items()}), families.family(fam).context_dim
     # a standard width of another family is a mistake; a small base of its own width (the built-in one) is not
     if width is not None and width != need and families.by_context_dim(width) != families.UNKNOWN:
         raise CheckpointError(f"family={family!r} needs cross-attention width {need}, the UNet has {width}")
@@ -129,6 +90,18 @@ def split_pipeline(sd: StateDict, source: str = "state dict") -> tuple[StateDict
     if empty:
         raise CheckpointError(f"{source}: no weights for the {', '.join(empty)}; a full SD checkpoint is needed")
     return parts
+
+
+def native_resolution(path: str | os.PathLike) -> int:
+    """The image size in px a `.safetensors` checkpoint loads at, from its header and the configs it will use."""
+    path = Path(path)
+    shapes, meta = read_header(path)
+    var = choose_variant(path, detect_family_from_shapes(shapes), None, None, meta)
+    own = embedded_configs(path, meta)
+    folder = CONFIG_ROOT / var.config_folder
+    unet = own.get("unet") or json.loads((folder / "unet" / "config.json").read_text())
+    vae = own.get("vae") or json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
@@ -173,11 +146,11 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
         raise ValueError(f"prediction_type={prediction_type!r} is not allowed: use 'epsilon' or 'v_prediction'")
     path = Path(path)
     sd = read_state_dict(path, allow_pickle=allow_pickle)
-    header = _header_metadata(path)
-    var = _choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, header)
+    header = header_metadata(path)
+    var = choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, header)
     folder = Path(config) if config is not None else CONFIG_ROOT / var.config_folder
     # sdlora's own files carry their models' configs: a merged built-in base loads back as itself
-    own = {} if config is not None else _embedded_configs(path, header)
+    own = {} if config is not None else embedded_configs(path, header)
     name = var.name if not own else f"{var.name}, configs from the file"
     unet_sd, vae_sd, te_sd = split_pipeline(sd, str(path))
     del sd
@@ -197,110 +170,6 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(folder),
             "scheduler": scheduler, "family": var.family, "variant": var.name,
             "prediction_type": scheduler.config.prediction_type}
-
-
-def single_file_variant(path: str | os.PathLike, family: str | None = None) -> families.Variant:
-    """The bundled variant a `.safetensors` checkpoint loads as, read from its header only (no tensors)."""
-    shapes, meta = _read_header(Path(path))
-    return _choose_variant(Path(path), detect_family_from_shapes(shapes), family, None, meta)
-
-
-def native_resolution(path: str | os.PathLike) -> int:
-    """The image size in px a `.safetensors` checkpoint loads at, from its header and the configs it will use."""
-    path = Path(path)
-    shapes, meta = _read_header(path)
-    var = _choose_variant(path, detect_family_from_shapes(shapes), None, None, meta)
-    own = _embedded_configs(path, meta)
-    folder = CONFIG_ROOT / var.config_folder
-    unet = own.get("unet") or json.loads((folder / "unet" / "config.json").read_text())
-    vae = own.get("vae") or json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) of a .safetensors file, without reading a tensor."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
-
-
-EMBEDDED_CONFIGS_KEY = "sdlora_configs"   # header metadata: {"unet", "vae", "text_encoder"} model configs as JSON
-
-
-def model_configs(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
-    """The three models' configs as one JSON string, for a single file's header."""
-    te = {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")}
-    return json.dumps({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te}, default=list)
-
-
-def _embedded_configs(path: Path, header: Mapping[str, str]) -> dict[str, dict]:
-    raw = header.get(EMBEDDED_CONFIGS_KEY)
-    if not raw:
-        return {}
-    try:
-        configs = json.loads(raw)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: its header's {EMBEDDED_CONFIGS_KEY!r} is not JSON ({e}); delete that "
-                              "entry to load it with the bundled configs") from None
-    if not isinstance(configs, dict) or not all(isinstance(configs.get(k), dict) for k in
-                                                ("unet", "vae", "text_encoder")):
-        raise CheckpointError(f"{path}: its header's {EMBEDDED_CONFIGS_KEY!r} lacks the unet, vae and "
-                              "text_encoder configs")
-    return configs
-
-
-def _header_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def _choose_variant(path: Path, detected: str, family: str | None, prediction_type: str | None,
-                    meta: Mapping[str, str]) -> families.Variant:
-    if detected == "sdxl":
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.embedders / 2048-wide "
-                              "cross-attention); SDXL single files are not supported yet")
-    if detected == families.UNKNOWN:
-        raise CheckpointError(f"{path}: not an SD 1.x/2.x checkpoint in original-SD layout "
-                              "(no cond_stage_model.* or model.diffusion_model.* cross-attention keys)")
-    if family is not None and normalize_family(family) != detected:
-        raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
-    if family is not None and family not in families.FAMILIES:
-        return families.variant(family)                   # a variant name: nothing left to guess
-    pred = prediction_type or _prediction_evidence(path, meta)
-    if pred is not None:
-        found = families.variant_for(detected, pred)
-        if found is not None:
-            return found
-    chosen = families.variant(detected)
-    if family is None and len([v for v in families.VARIANTS.values() if v.family == detected]) > 1:
-        others = [v.name for v in families.VARIANTS.values() if v.family == detected and v is not chosen]
-        warnings.warn(f"{path}: {families.title(detected)} file with no word on what it predicts; assuming "
-                      f"{chosen.resolution}px {chosen.prediction_type} ({chosen.name}). If it is another variant "
-                      f"({', '.join(others)}), put the A1111 .yaml it came with beside it as {path.stem}.yaml",
-                      stacklevel=3)
-    return chosen
-
-
-def _prediction_evidence(path: Path, meta: Mapping[str, str]) -> str | None:
-    """What the file says it predicts: its ModelSpec header, then an A1111 `<name>.yaml` beside it."""
-    pred = str(meta.get("modelspec.prediction_type", ""))
-    if pred in ("epsilon", "v", "v_prediction"):
-        return pred
-    arch = str(meta.get("modelspec.architecture", ""))
-    for v in families.VARIANTS.values():
-        if arch.split("/")[0] == v.modelspec_architecture:
-            return v.prediction_type
-    yaml = path.with_suffix(".yaml")
-    if yaml.is_file():                                    # A1111 reads this config beside a checkpoint
-        text = yaml.read_text(encoding="utf-8", errors="replace")
-        return "v" if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
-    return None
 
 
 def _build_text_encoder(config: dict | Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -378,18 +247,6 @@ def write_diffusers_config_folder(family: str, dest: str | os.PathLike) -> Path:
     return dest
 
 
-def _variant_metadata(family: str, prediction_type: str | None) -> dict[str, str]:
-    """ModelSpec keys that tell a loader which variant the file is (what the weights cannot say), when known:
-    from `prediction_type`, or from a name that picks one variant ("sd2-base", "sd21", "sd1")."""
-    fam = families.family(family)
-    several = sum(v.family == fam.name for v in families.VARIANTS.values()) > 1
-    if prediction_type is None and family == fam.name and several:
-        return {}
-    var = (families.variant_for(fam.name, prediction_type) if prediction_type else None) or families.variant(family)
-    return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": var.modelspec_architecture,
-            "modelspec.prediction_type": "v" if var.prediction_type == "v_prediction" else "epsilon"}
-
-
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
                      text_encoder: torch.nn.Module, family: str, dtype: torch.dtype = torch.float16,
                      metadata: Mapping[str, str] | None = None, prediction_type: str | None = None,
@@ -407,7 +264,7 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"path={str(path)!r}: use a name ending in .safetensors")
-    meta = {"format": "pt", **_variant_metadata(family, prediction_type), **(metadata or {})}
+    meta = {"format": "pt", **variant_metadata(family, prediction_type), **(metadata or {})}
     if embed_configs:
         meta[EMBEDDED_CONFIGS_KEY] = model_configs(unet, vae, text_encoder)
     bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}

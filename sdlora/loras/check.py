@@ -34,7 +34,11 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
     family = formats.detect_family(sd, metadata)
     if fmt != "kohya":
         names = {"unet": module_sets["unet_modules"], "text_encoder": module_sets["text_encoder_modules"]}
-        loras, unused = formats.from_diffusers(sd, metadata, module_names=names)
+        if fmt == "comfyui":
+            from sdlora.loras.comfyui import from_comfyui
+            loras, unused = from_comfyui(sd, names, dict(base.unet.config))
+        else:
+            loras, unused = formats.from_diffusers(sd, metadata, module_names=names)
         if unused:
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
         sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from sdlora.tinybase import scenes
 
 if TYPE_CHECKING:
-    from sdlora.tinybase.build import BuildConfig
+    from sdlora.tinybase.models import BuildConfig
 
 
 def held_out_prompts() -> list[tuple[str, str, str]]:

@@ -1,0 +1,196 @@
+"""The built-in base's training stages: the VAE, its decoder fine-tune, the latents, and the denoiser
+(U-Net and text encoder together)."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdlora.tinybase import scenes
+from sdlora.tinybase.models import SD_SCHEDULE, BuildConfig, log, n_params, make_vae, make_text_encoder, make_unet
+from sdlora.tinybase.words import WordIdentity, fix_free_words
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def warmup_constant(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup)
+
+
+def train_vae(cfg: BuildConfig, images: torch.Tensor) -> AutoencoderKL:
+    """L1 + MSE reconstruction with SD's small KL term, on random crops."""
+    vae = make_vae(cfg)
+    with torch.no_grad():   # start the posterior narrow (std e^-3): the decoder sees clean latents from step 0
+        vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
+    log(f"VAE {n_params(vae):.2f}M params, {cfg.vae_steps} steps x {cfg.vae_batch} crops of {cfg.vae_crop}px")
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.vae_steps, 50))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    c, size = cfg.vae_crop, images.shape[-1]
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        oy, ox = torch.randint(0, size - c + 1, (2,), generator=gen).tolist()
+        x = images[idx, :, oy:oy + c, ox:ox + c]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step:5d}  recon {rec.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+def finetune_decoder(cfg: BuildConfig, vae: AutoencoderKL, latents: tuple[torch.Tensor, torch.Tensor],
+                     images: torch.Tensor) -> AutoencoderKL:
+    """Train only the decoder on the cached latents, at a lower rate. The encoder is frozen, so the
+    latents the U-Net learns are unchanged; this stage can run before or after the U-Net's."""
+    mean, std = latents                                              # (N, 4, 16, 16), unscaled
+    decoder = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=cfg.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.decoder_steps, 20))
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    c = cfg.vae_crop // 4                                            # latent crop side
+    for step in range(cfg.decoder_steps):
+        idx = torch.randint(len(mean), (cfg.vae_batch,), generator=gen)
+        oy, ox = torch.randint(0, mean.shape[-1] - c + 1, (2,), generator=gen).tolist()
+        m, s = mean[idx, :, oy:oy + c, ox:ox + c], std[idx, :, oy:oy + c, ox:ox + c]
+        z = m + s * torch.randn(m.shape, generator=gen)
+        x = images[idx, :, 4 * oy:4 * (oy + c), 4 * ox:4 * (ox + c)]
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.decoder_steps - 1:
+            log(f"decoder step {step:5d}  recon {loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (N, 4, 16, 16) of every image, computed once."""
+    means, stds = [], []
+    for chunk in images.split(256):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def check_vae(vae: AutoencoderKL, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    """Reconstruction PSNR and how often the judge reads back the right colour and shape."""
+    n = min(64, len(images))
+    recon = vae.decode(mean[:n]).sample.clamp(-1, 1)
+    mse = F.mse_loss(recon, images[:n]).item()
+    agree = 0
+    for a, b in zip(to_pil(images[:n]), to_pil(recon)):
+        agree += scenes.measure(a) == scenes.measure(b)
+    return {"psnr_db": 10 * math.log10(4 / mse), "judge_agreement": agree / n}
+
+
+def to_pil(x: torch.Tensor) -> list:
+    from PIL import Image
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.shadow = copy.deepcopy(module).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p, 1 - d)
+
+
+def train_denoiser(cfg, latents, ids, empty_ids, t_start: float,
+                   tokenizer: CLIPTokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
+    """U-Net + text encoder, epsilon prediction under SD's schedule, 10% empty captions."""
+    torch.manual_seed(cfg.seed + 2)
+    unet, text_encoder = make_unet(cfg), make_text_encoder(cfg)
+    embedding = fix_free_words(cfg, text_encoder, tokenizer) if cfg.prefix_meaning else None
+    log(f"U-Net {n_params(unet):.2f}M params, text encoder {n_params(text_encoder):.2f}M params; "
+        f"{cfg.unet_steps} steps x batch {cfg.batch}")
+    noise_sched = DDPMScheduler(**SD_SCHEDULE)
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
+    snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else None   # epsilon target
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    identity = WordIdentity(text_encoder.config, cfg.identity_candidates) if cfg.identity_weight else None
+    if identity is not None:
+        params += list(identity.parameters())
+    # with the read-back, the U-Net and the text side are clipped apart: its gradient must not shrink the U-Net's steps
+    clip_groups = [params] if identity is None else \
+        [list(unet.parameters()), list(text_encoder.parameters()) + list(identity.parameters())]
+    # the fixed embeddings must not decay either: the embedding table gets no weight decay
+    decayed = [p for p in params if p is not embedding]
+    groups = [{"params": decayed}] + ([{"params": [embedding], "weight_decay": 0.0}] if embedding is not None else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_constant(s, cfg.warmup))
+    ema_u, ema_t = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    mean, std = latents
+    t0, running, read_back = time.time(), None, None
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(len(mean), (cfg.batch,), generator=gen)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)       # (B, 4, 16, 16), scaled
+        variant = torch.randint(ids.shape[1], (cfg.batch,), generator=gen)
+        tok = ids[idx, variant]                                                        # (B, 77)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.empty_caption_p
+        tok = torch.where(drop[:, None], empty_ids[None], tok)
+        noise = torch.randn(z.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        cond = text_encoder(tok)[0]                                                    # (B, 77, hidden)
+        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+        loss = (snr_weight[t] * per_sample).mean() if cfg.min_snr_gamma else per_sample.mean()
+        total = loss
+        if identity is not None:
+            id_loss, acc = identity(cond, tok, text_encoder.get_input_embeddings().weight, gen)
+            total = loss + cfg.identity_weight * id_loss
+            if not math.isnan(acc):
+                read_back = acc if read_back is None else 0.98 * read_back + 0.02 * acc
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        for group in clip_groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
+        opt.step()
+        sched.step()
+        ema_u.update(unet)
+        ema_t.update(text_encoder)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            rate = (time.time() - t0) / (step + 1)
+            words = f"  words read back {read_back:.0%}" if read_back is not None else ""
+            log(f"unet step {step:5d}  loss {running:.4f}{words}  {rate:.2f}s/step  eta {rate * (cfg.unet_steps - step - 1) / 60:.1f} min")
+        if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached: stopping after {step + 1} steps "
+                f"(--unet-steps {step + 1} reproduces this model)")
+            break
+    return ema_u.shadow.eval(), ema_t.shadow.eval(), step + 1
