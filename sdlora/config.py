@@ -142,9 +142,18 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
+        """The factor on B A while training: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""
+        return self.file_alpha / self._resolved_rank()
+
+    @property
+    def file_alpha(self) -> float:
+        """The alpha a file gets: the one that gives the same update under every tool's scale = alpha / rank."""
+        return file_alpha(self.alpha, self._resolved_rank(), self.use_rslora)
+
+    def _resolved_rank(self) -> int:
         if self.rank is None:
             raise ConfigError("rank is not worked out yet: training.plan.suggested fills it from the data")
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return self.rank
 
     def unet_targets(self) -> tuple[str, ...]:
         out = list(UNET_CROSS_ATTN)
@@ -267,6 +276,12 @@ class TrainConfig:
             raise _bad("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
 
 
+def file_alpha(alpha: float, rank: int, rslora: bool) -> float:
+    """rsLoRA scales B A by alpha / sqrt(rank) (Kalajdzievski 2023); A1111, ComfyUI and diffusers apply
+    alpha / rank, so the same update is written as alpha * sqrt(rank). Plain LoRA keeps its alpha."""
+    return alpha * math.sqrt(rank) if rslora else alpha
+
+
 def default_steps(num_images: int) -> int:
     """Steps derived from the number of images: 100 per image, clamped to 400..2000.
 
@@ -349,6 +364,6 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 __all__ = [
     "ConfigError", "Setting", "LoraSpec", "DataConfig", "TrainConfig", "GenerateConfig", "default_steps",
-    "default_rank", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
+    "default_rank", "file_alpha", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
     "UNET_SELF_ATTN", "TEXT_ENCODER_ATTN", "DEFAULT_LR",
 ]

@@ -21,6 +21,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import safetensors.torch
 import torch
@@ -44,34 +45,42 @@ def _write_all(fh, data: bytes) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            _write_all(fh, data)
+    atomic_write(path, write)
 
-    Writes a temp file in the same folder, flushes and fsyncs it, then ``os.replace``s
-    it over ``path`` (atomic on POSIX and Windows); on any error the temp file is removed.
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Make ``path`` by ``write(temp path)``, so that readers see the old file or the whole new one, never a part.
+
+    The temp file is in the same folder; once written it is fsynced and ``os.replace``d over ``path``
+    (atomic on POSIX and Windows). On any error it is removed, and an OS error names the file and what to
+    do. Large files (a merged checkpoint) are written by ``write`` straight to disk, never held as bytes.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise LoraFileError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_all(fh, data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "r+b") as fh:
             os.fsync(fh.fileno())
         with contextlib.suppress(OSError):
             os.chmod(tmp, 0o644)          # mkstemp makes 0600; other tools (A1111, ComfyUI) must read it
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         advice = {errno.ENOSPC: "free disk space or choose another output folder",
                   errno.EDQUOT: "free disk space or choose another output folder",
                   errno.EACCES: "make the folder writable or choose another output folder",
                   errno.EROFS: "choose an output folder on a writable disk"}.get(e.errno, "check the folder")
         raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; {advice}", str(path)) from e
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -123,7 +132,7 @@ def read_lora_file(path: str | os.PathLike, *, allow_pickle: bool = False,
                             "(diffusers names it pytorch_lora_weights.safetensors)")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path, allow_pickle), {}
+        return read_pickle(path, allow_pickle), {}
     if suffix != ".safetensors":
         raise LoraFileError(f"{path}: not a LoRA file type sdlora reads ({suffix or 'no extension'}); "
                             "use a .safetensors file")
@@ -215,7 +224,10 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
             raise LoraFileError(f"{path}: tensors {a!r} and {b!r} overlap in the file; it is damaged or crafted")
 
 
-def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def read_pickle(path: Path, allow_pickle: bool, kind: str = "LoRA file") -> dict[str, torch.Tensor]:
+    """The named tensors of a pickle file (`.ckpt`, `.pt`, `.bin`; a "state_dict" inside is taken), read only
+    with ``torch.load(weights_only=True)`` and only when ``allow_pickle``; anything but finite tensors is
+    refused naming the key. `kind` names what the file should be in the messages."""
     if not allow_pickle:
         raise LoraFileError(
             f"{path}: refusing to open a pickle file ({path.suffix}): unpickling can run arbitrary code. "
@@ -234,14 +246,14 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise LoraFileError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors; not a LoRA file")
+        raise LoraFileError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors; not a {kind}")
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise LoraFileError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor; not a LoRA file")
+            raise LoraFileError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor; not a {kind}")
     for key, t in obj.items():
         _check_finite(path, key, t)
     return obj
 
 
-__all__ = ["LoraFileError", "atomic_write_bytes", "save_lora_file", "read_lora_file", "read_header",
+__all__ = ["LoraFileError", "atomic_write", "atomic_write_bytes", "read_pickle", "save_lora_file", "read_lora_file", "read_header",
            "PICKLE_SUFFIXES", "MAX_HEADER_BYTES"]

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdlora.bases import families
+from sdlora.safefiles import LoraFileError, atomic_write, read_pickle
 from sdlora.bases.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
                              normalize_family, text_encoder_from_ldm, text_encoder_to_ldm, vae_from_ldm,
                              vae_to_ldm)
@@ -116,17 +116,10 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
             raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
     if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; use a .safetensors file")
-    if not allow_pickle:
-        raise CheckpointError(f"{path}: pickled checkpoints can run code when opened; convert it to "
-                              ".safetensors, or pass allow_pickle=True to read it with torch.load(weights_only=True)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it ({e})") from e
-    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    try:                                       # the same reader as any pickled file: weights_only, tensors only
+        return read_pickle(path, allow_pickle, kind="checkpoint")
+    except LoraFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtype: torch.dtype = torch.float32,
@@ -273,14 +266,5 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
     sd = pipeline_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return path

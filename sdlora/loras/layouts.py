@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.bases import families
+from sdlora.config import file_alpha
 from sdlora.safefiles import LoraFileError, atomic_write_bytes, read_lora_file, save_lora_file
 
 COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}        # kohya-ss networks/lora.py prefixes
@@ -312,7 +313,7 @@ def _config_alpha(ck: str, rank: int, configs: dict) -> float:
     pat = next((p for p in patterns if any(_pattern_matches(p, n) for n in names)), None)
     if pat is not None:
         alpha = float(patterns[pat])
-    return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha   # rsLoRA alpha/sqrt(r) as alpha/r
+    return file_alpha(alpha, rank, bool(cfg.get("use_rslora")))
 
 
 def _pattern_matches(pattern: str, path: str) -> bool:

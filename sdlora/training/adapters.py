@@ -8,7 +8,6 @@ of files, modules PEFT cannot express such as LoCon).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -81,7 +80,7 @@ def extract(model: torch.nn.Module, component: str, spec: LoraSpec) -> LoraSet:
     that is ``alpha * sqrt(r)``.
     """
     sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    alpha = spec.alpha * math.sqrt(spec.rank) if spec.use_rslora else spec.alpha
+    alpha = spec.file_alpha
     out: LoraSet = {}
     for key, value in sd.items():
         if not key.endswith(".lora_A.weight"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from sdlora.bases.load import Base
+from sdlora.config import file_alpha
 from sdlora.loras import layouts, metadata
 from sdlora.loras.check import check_state_dict, format_check
 from sdlora.runs import write_json, write_png
@@ -32,8 +33,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
     run_dir, name = Path(run_dir), Path(run_dir).name
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     spec, cfg, data = config["lora"], config["train"], config["data"]
-    # the alpha that gives the same update under the universal rule scale = alpha / rank (rsLoRA: alpha / sqrt(r))
-    alpha = spec["alpha"] * spec["rank"] ** 0.5 if spec["use_rslora"] else spec["alpha"]
+    alpha = file_alpha(spec["alpha"], spec["rank"], spec["use_rslora"])
     header = metadata.build_metadata(
         loras=loras, trigger=data["trigger"], steps=config["steps"], num_images=len(config["captions"]),
         resolution=config["resolution"], seed=cfg["seed"], lr=cfg["lr"], base_name=base.name, output_name=name,

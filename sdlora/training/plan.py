@@ -55,12 +55,13 @@ def resolve(spec: LoraSpec, cfg: TrainConfig, num_images: int,
     return spec, cfg, sources
 
 
-def plan(data: DataConfig, cfg: TrainConfig, resolution: int | None = None) -> Plan:
-    """Scan the images and derive the length; raises DatasetError if too few images are usable."""
+def plan(data: DataConfig, cfg: TrainConfig, native: int) -> Plan:
+    """Scan the images at data.resolution (else the base's `native` size) and derive the length; raises
+    DatasetError if too few images are usable."""
     folder = Path(data.folder)
     if not data.folder or not folder.is_dir():
         raise ConfigError(f"data folder {data.folder!r} does not exist; pass a folder of images")
-    res = data.resolution or resolution or 512
+    res = data.resolution or native
     items, problems = dataset.scan_dataset(folder, data.trigger, data.template, res, tokenizer=load_tokenizer())
     dataset.require_trainable(items, problems, folder)
     steps = cfg.steps or default_steps(len(items))

@@ -157,8 +157,8 @@ class ImagesMixin:
     def rescan(self, trigger: str, template: str, resolution=None) -> Dataset | None:
         """Scan the current dataset again if trigger / template / resolution changed; None if nothing changed."""
         ds = self.dataset
-        res = whole(resolution) or native_resolution(self.base)
-        if ds is None or ((trigger or "").strip(), template, res) == (ds.trigger, ds.template, ds.resolution):
+        if ds is None or ((trigger or "").strip(), template, self._size(resolution)) == (ds.trigger, ds.template,
+                                                                                        ds.resolution):
             return None
         return self._use(ds.folder, trigger, template, resolution, ds.upload_notes)
 
@@ -189,14 +189,17 @@ class ImagesMixin:
                 continue
         raise UserError(f"could not create a dataset folder in {root}")
 
+    def _size(self, resolution) -> int:
+        """The training size a field's value means: the number, or the base's own size when it is empty."""
+        return whole(resolution) or native_resolution(self.base)
+
     def _use(self, folder: Path, trigger: str, template: str, resolution, notes: list[str]) -> Dataset:
         try:
             probe = DataConfig(folder=str(folder), trigger=trigger or "", template=template or TEMPLATES["style"],
                                resolution=whole(resolution) or None)
         except ConfigError as e:
             raise UserError(str(e)) from None
-        ds = Dataset(folder, probe.trigger, probe.template, probe.resolution or native_resolution(self.base),
-                     upload_notes=list(notes))
+        ds = Dataset(folder, probe.trigger, probe.template, self._size(probe.resolution), upload_notes=list(notes))
         ds.scan()
         self.dataset = ds
         return ds
