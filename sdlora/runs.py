@@ -189,13 +189,46 @@ def lora_files(outputs: Path) -> list[Path]:
 
 def lora_with_sidecars(path: Path) -> list[Path]:
     """The LoRA and those of its A1111 sidecar files (<name>.json, <name>.preview.png) that exist."""
-    return [f for f in (path, path.with_suffix(".json"), path.parent / f"{path.stem}.preview.png") if f.is_file()]
+    return [f for f in (path, sidecar_json_path(path), preview_path(path)) if f.is_file()]
+
+
+# ---- the names of a run's files -------------------------------------------------------------------------
+
+def lora_path(run_dir: Path) -> Path:
+    """<run>/<run>.safetensors: the LoRA a finished run exports."""
+    return Path(run_dir) / f"{Path(run_dir).name}.safetensors"
+
+
+def sidecar_json_path(lora: Path) -> Path:
+    """A1111's <name>.json beside a LoRA (activation text, preferred weight, sd version)."""
+    return lora.with_suffix(".json")
+
+
+def preview_path(lora: Path) -> Path:
+    """A1111's <name>.preview.png beside a LoRA (its card image)."""
+    return lora.parent / f"{lora.stem}.preview.png"
+
+
+def compat_path(run_dir: Path) -> Path:
+    """compat.json: which keys each tool maps (sdlora.loras.check), written at export."""
+    return Path(run_dir) / "compat.json"
+
+
+def sample_path(run_dir: Path, step: int, seed: int, prompt_index: int) -> Path:
+    """samples/step-000100-seed1-0.png; prompt 0 has the trigger, prompt 1 is the same without it."""
+    return Path(run_dir) / "samples" / f"step-{step:06d}-seed{seed}-{prompt_index}.png"
+
+
+def sample_of(path: Path) -> tuple[int, int] | None:
+    """(seed, prompt index) of a sample_path, or None for another file."""
+    m = re.search(r"seed(\d+)-(\d+)$", Path(path).stem)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def resumable_runs(outputs: Path) -> list[tuple[Path, int]]:
     """(run folder, step of its last checkpoint) of each run that stopped before its LoRA, newest first."""
     runs = [d for d in outputs.iterdir() if d.is_dir() and not d.name.startswith(".")
-            and (d / "config.json").is_file() and not (d / f"{d.name}.safetensors").exists()
+            and (d / "config.json").is_file() and not lora_path(d).exists()
             and latest_checkpoint(d) is not None]
     runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     return [(d, int(latest_checkpoint(d).name.split("-")[1])) for d in runs]
@@ -215,5 +248,6 @@ def delete_lora(path: Path, outputs: Path) -> str:
 
 
 __all__ = ["RunError", "run_config", "read_run_config", "open_log", "read_log", "lora_files", "lora_with_sidecars",
+           "lora_path", "sidecar_json_path", "preview_path", "compat_path", "sample_path", "sample_of",
            "resumable_runs", "delete_lora", "safe_name", "new_run_dir", "library_versions", "write_json", "write_png", "now_iso",
            "save_checkpoint", "latest_checkpoint", "load_checkpoint"]

@@ -15,7 +15,7 @@ from sdlora.bases.load import Base
 from sdlora.config import file_alpha
 from sdlora.loras import layouts, metadata
 from sdlora.loras.check import check_state_dict, format_check
-from sdlora.runs import write_json, write_png
+from sdlora import runs
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # A1111, ComfyUI and kohya read the kohya naming only (ComfyUI maps just the 48 text-encoder modules of
@@ -49,18 +49,18 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
         sd, extra_meta = layouts.to_diffusers(loras, dtype=dtype)
         header.update(extra_meta)
     header = metadata.add_hashes(sd, header)
-    path = run_dir / f"{name}.safetensors"
+    path = runs.lora_path(run_dir)
     layouts.save_lora_file(path, sd, header)
-    write_json(run_dir / f"{name}.json", metadata.sidecar_json(
+    runs.write_json(runs.sidecar_json_path(path), metadata.sidecar_json(
         trigger=data["trigger"], family=base.family,
         description=f"sdlora style LoRA, rank {spec['rank']}, alpha {alpha:g}, {config['steps']} steps on "
                     f"{len(config['captions'])} images, base {base.name}"))
     if preview is not None:
-        write_png(run_dir / f"{name}.preview.png", preview)
+        runs.write_png(runs.preview_path(path), preview)
     report = check_state_dict(sd, header, base, module_sets)
     if cfg["save_format"] != "kohya":
         report["note"] = DIFFUSERS_LAYOUT_NOTE
-    write_json(run_dir / "compat.json", report)
+    runs.write_json(runs.compat_path(run_dir), report)
     return path, report
 
 

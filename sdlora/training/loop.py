@@ -238,7 +238,7 @@ class _Trainer:
         paths = []
         for i, prompt in enumerate(self.sample_prompts()):
             for seed in self.cfg.sample_seeds:
-                path = run_dir / "samples" / f"step-{step:06d}-seed{seed}-{i}.png"
+                path = runs.sample_path(run_dir, step, seed, i)
                 path.parent.mkdir(exist_ok=True)
                 runs.write_png(path, self.render(prompt, seed))
                 paths.append(path)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import html
 import math
-import re
 import threading
 import traceback
 from pathlib import Path
 
 from sdlora.config import ConfigError
 from sdlora.data import scan as dataset
-from sdlora.runs import latest_checkpoint, lora_with_sidecars, read_log, resumable_runs
+from sdlora.runs import latest_checkpoint, lora_with_sidecars, read_log, resumable_runs, sample_of
 from sdlora.training.loop import Callbacks, train
 from sdlora.webui.forms import UserError, build_configs, within
 
@@ -58,8 +57,7 @@ class Job(Callbacks):
         self.run_dir = self.run_dir or paths[0].parent.parent
         new = []
         for p in paths:
-            m = re.search(r"seed(\d+)-(\d+)$", p.stem)
-            seed, idx = (m.group(1), int(m.group(2))) if m else ("?", 0)
+            seed, idx = sample_of(p) or ("?", 0)
             which = "with trigger" if idx == 0 else "no trigger" if idx == 1 else f"prompt {idx + 1}"
             new.append((str(p), f"step {step}, {which}, seed {seed}"))
         self.samples = new + self.samples

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from sdlora.runs import delete_lora, lora_files, lora_with_sidecars
+from sdlora.runs import compat_path, delete_lora, lora_files, lora_with_sidecars, preview_path
 from sdlora.webui.forms import UserError
 
 
@@ -17,9 +17,9 @@ def lora_info(path: Path) -> dict:
     except Exception as e:  # a damaged file must not break the whole library
         info = {"file": str(path), "error": str(e)}
     info["name"] = path.stem
-    preview = path.parent / f"{path.stem}.preview.png"
+    preview = preview_path(path)
     info["preview"] = str(preview) if preview.is_file() else None
-    info["compat"] = compat_summary(path.parent / "compat.json")
+    info["compat"] = compat_summary(compat_path(path.parent))
     return info
 
 
@@ -88,7 +88,7 @@ class LibraryMixin:
         files = lora_with_sidecars(p)
         meta = {k: v for k, v in info.items() if k not in ("preview", "compat", "name")}
         return {"preview": info["preview"], "metadata": meta, "files": [str(f) for f in files],
-                "compat": compat_details(p.parent / "compat.json")}
+                "compat": compat_details(compat_path(p.parent))}
 
     def delete(self, path: str) -> str:
         p = Path(path or "")
