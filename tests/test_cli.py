@@ -66,3 +66,19 @@ def test_dataset_folder_carries_its_trigger(tmp_path, style_dir, capsys):
     (style_dir / "sdlora.json").write_text("{not json", encoding="utf-8")
     code, out, err = run(capsys, "train", "--data", str(style_dir), "--base", "tiny-random")
     assert code == 2 and "sdlora.json" in err and "not valid JSON" in err
+
+
+def test_a_diffusers_layout_export_says_which_tools_read_it(tmp_path, style_dir, capsys):
+    """--format diffusers: written, read back by inspect with every module, and the run says (on screen and in
+    compat.json) that A1111, ComfyUI and kohya do not load that layout."""
+    code, out, err = run(capsys, "train", "--data", str(style_dir), "--trigger", "zqx", "--base", "tiny-random",
+                         "--steps", "1", "--rank", "4", "--format", "diffusers", "--sample-every", "0",
+                         "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    lora = out.strip().splitlines()[-1]
+    assert "note: diffusers layout: diffusers' load_lora_weights reads it; A1111 and kohya load none" in err
+    compat = json.loads((tmp_path / "out" / "zqx" / "compat.json").read_text())
+    assert "ComfyUI only its text-encoder modules (at twice the strength)" in compat["note"]
+    code, out, _ = run(capsys, "inspect", lora, "--json")
+    info = json.loads(out)
+    assert (info["format"], info["modules"], info["rank"], info["alpha"]) == ("diffusers", 28, 4, 4.0)
