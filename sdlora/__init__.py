@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps  # noqa: E402
 from sdlora.generate import Generator, LoraChoice, read_lora  # noqa: E402
 from sdlora.bases.load import Base, BaseModelError, load_base  # noqa: E402
-from sdlora.training.loop import Callbacks, StepInfo, TrainingError, TrainResult, plan, train  # noqa: E402
+from sdlora.training.events import Callbacks, StepInfo, TrainResult  # noqa: E402
+from sdlora.training.loop import TrainingError, plan, train  # noqa: E402
 
 __all__ = ["__version__", "ConfigError", "DataConfig", "GenerateConfig", "LoraSpec", "TrainConfig", "default_steps",
            "Generator", "LoraChoice", "read_lora", "Base", "BaseModelError", "load_base", "Callbacks", "StepInfo",

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig, configs_from_values, settings
-from sdlora.training.loop import Callbacks
+from sdlora.training.events import Callbacks
 
 
 def _optional(kind: type):

@@ -16,8 +16,10 @@ what is allowed, before any model is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from sdlora.setting import ConfigError, Setting, check_number, check_whole, refused, setting
 
 # Module-name suffixes that LoRA can target (diffusers names).
 UNET_CROSS_ATTN = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -29,76 +31,6 @@ KNOWN_TARGETS = UNET_CROSS_ATTN + UNET_SELF_ATTN
 # A base folder can recommend its own in sdlora's build.json ("lora_lr"): the built-in `tiny` base
 # recommends 1e-3, since at 1e-4 a style moves 5% of the way in the default steps (see its README).
 DEFAULT_LR = 1e-4
-
-
-class ConfigError(ValueError):
-    """A setting has a value that is not allowed."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting: everything the front ends and the validation need to know about it."""
-    name: str                      # the dataclass field
-    owner: str                     # "data" | "lora" | "train"
-    kind: type                     # int, float, str, bool, or tuple (Python API only)
-    default: Any
-    help: str                      # one line, shown by --help and under the web UI's control
-    label: str                     # the web UI's label
-    ui: str                        # "basic" | "advanced" | "managed" (the web UI sets it itself) | "" (API only)
-    flag: str                      # the CLI flag; "" when the CLI has none
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False         # low itself is not allowed
-    choices: tuple = ()
-    optional: bool = False         # None is allowed (means: derived, or off; the help says which)
-    derived: bool = False          # None is worked out by training.plan.suggested
-
-    def check(self, value: Any) -> None:
-        """Raise ConfigError unless `value` is allowed for this setting."""
-        if value is None and self.optional:
-            return
-        if self.choices:
-            if value not in self.choices:
-                raise _bad(self.name, value, "use one of " + ", ".join(map(str, self.choices)))
-        elif self.kind is bool:
-            if not isinstance(value, bool):
-                raise _bad(self.name, value, "use true or false")
-        elif self.kind is int:
-            _int(self.name, value, int(self.low if self.low is not None else -2**63),
-                 None if self.high is None else int(self.high))
-        elif self.kind is float:
-            _finite(self.name, value, self.low, self.high, self.low_open)
-        elif self.kind is str and not isinstance(value, str):
-            raise _bad(self.name, value, "use text")
-
-
-def setting(default: Any, help: str, *, label: str = "", ui: str = "advanced", flag: str | None = None,
-            kind: type | None = None, **limits: Any) -> Any:
-    """A dataclass field declared with its Setting (the name and owner are filled in by `settings`)."""
-    kind = kind or (type(default) if default is not None else float)
-    meta = dict(default=default, help=help, label=label, ui=ui, flag=flag, kind=kind, **limits)
-    return field(default=default, metadata={"setting": meta})
-
-
-def _bad(field_name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{field_name}={value!r} is not allowed: {allowed}")
-
-
-def _finite(name: str, value: float, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, value, "use a finite number")
-    if low is not None and (value <= low if low_open else value < low):
-        raise _bad(name, value, f"use a number {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        raise _bad(name, value, f"use a number <= {high}")
-
-
-def _int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, value, "use a whole number")
-    if value < low or (high is not None and value > high):
-        raise _bad(name, value, f"use a whole number from {low}" + (f" to {high}" if high else " up"))
 
 
 def _check_declared(obj: Any) -> None:
@@ -138,7 +70,7 @@ class LoraSpec:
         self.extra_targets = tuple(self.extra_targets)
         for t in self.extra_targets:
             if t not in KNOWN_TARGETS:
-                raise _bad("extra_targets", t, "use one of " + ", ".join(KNOWN_TARGETS))
+                raise refused("extra_targets", t, "use one of " + ", ".join(KNOWN_TARGETS))
 
     @property
     def scale(self) -> float:
@@ -187,14 +119,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_declared(self)
         if not self.trigger.strip() or any(c.isspace() for c in self.trigger.strip()):
-            raise _bad("trigger", self.trigger, "use one word with no spaces, e.g. 'sks' or 'neonstyle'")
+            raise refused("trigger", self.trigger, "use one word with no spaces, e.g. 'sks' or 'neonstyle'")
         self.trigger = self.trigger.strip()
         if "{trigger}" not in self.template:
-            raise _bad("template", self.template, "the caption template must contain {trigger}")
+            raise refused("template", self.template, "the caption template must contain {trigger}")
         if self.resolution is not None and self.resolution % 8:
-            raise _bad("resolution", self.resolution, "use a multiple of 8 (the VAE downsamples by 8)")
+            raise refused("resolution", self.resolution, "use a multiple of 8 (the VAE downsamples by 8)")
         if self.num_class_images and not self.class_prompt.strip():
-            raise _bad("class_prompt", self.class_prompt, "prior preservation needs a class prompt, e.g. 'an image'")
+            raise refused("class_prompt", self.class_prompt, "prior preservation needs a class prompt, e.g. 'an image'")
 
 
 @dataclass
@@ -269,11 +201,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_declared(self)
         if not self.base.strip():
-            raise _bad("base", self.base, "use 'tiny', a folder, a .safetensors file or a hub id")
+            raise refused("base", self.base, "use 'tiny', a folder, a .safetensors file or a hub id")
         self.sample_prompts = tuple(self.sample_prompts)
         self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
         if self.run_name and (("/" in self.run_name) or ("\\" in self.run_name) or self.run_name.startswith(".")):
-            raise _bad("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
+            raise refused("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
 
 
 def file_alpha(alpha: float, rank: int, rslora: bool) -> float:
@@ -336,15 +268,15 @@ class GenerateConfig:
     height: int | None = None
 
     def __post_init__(self) -> None:
-        _int("seed", self.seed, 0, 2**32 - 1)
-        _int("steps", self.steps, 1, 500)
-        _finite("guidance", self.guidance, 0.0, 50.0)
+        check_whole("seed", self.seed, 0, 2**32 - 1)
+        check_whole("steps", self.steps, 1, 500)
+        check_number("guidance", self.guidance, 0.0, 50.0)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None:
-                _int(name, v, 8, 4096)
+                check_whole(name, v, 8, 4096)
                 if v % 8:
-                    raise _bad(name, v, "use a multiple of 8")
+                    raise refused(name, v, "use a multiple of 8")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "sdlora"
 # Each home's layer; a module may import its own layer or lower ones. The built-in base's build (tinybase)
 # stands apart: it imports nothing of the rest, so the product never depends on how the toy base was made.
-LAYERS = {"config": 0, "safefiles": 0, "bases": 0, "data": 0, "tinybase": 0,
+LAYERS = {"config": 0, "setting": 0, "safefiles": 0, "bases": 0, "data": 0, "tinybase": 0,
           "loras": 1, "runs": 1,
           "generate": 2,
           "training": 3,
@@ -52,7 +52,7 @@ def test_imports_flow_one_way():
 
 
 def test_the_documented_public_api_still_imports():
-    from sdlora import (DataConfig, GenerateConfig, Generator, LoraChoice, LoraSpec,  # noqa: F401
-                        TrainConfig, train)
     import sdlora
+    for name in ("DataConfig", "LoraSpec", "TrainConfig", "GenerateConfig", "Generator", "LoraChoice", "train"):
+        assert name in sdlora.__all__ and getattr(sdlora, name) is not None, name
     assert callable(sdlora.train) and sdlora.train.__module__ == "sdlora.training.loop"

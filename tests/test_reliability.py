@@ -32,7 +32,8 @@ from sdlora.bases import load as models
 from sdlora.cli import main as cli
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, from_dict
 from sdlora.runs import load_checkpoint, new_run_dir
-from sdlora.training.loop import Callbacks, TrainingError, _Trainer, out_of_memory_advice, train
+from sdlora.training.hardware import out_of_memory_advice
+from sdlora.training.loop import Callbacks, TrainingError, _Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -284,7 +284,7 @@ def test_train_in_background_one_at_a_time_stop_and_resume(ui, tmp_path):
 
 
 def test_progress_view_reports_steps_samples_and_messages(tmp_path):
-    from sdlora.training.loop import StepInfo
+    from sdlora.training.events import StepInfo
     job = webui.Job()
     revs = [job.rev]
     job.on_plan(type("Plan", (), {"steps": 10})())

@@ -1,4 +1,5 @@
-"""What a training run runs on, said in words: device, precision, attention kernel, optimizer, peak memory.
+"""What a training run runs on, said in words: device, precision, attention kernel, optimizer, peak memory,
+and, when memory runs out, which of the run's settings would lower it.
 
 A silent fallback (an 8-bit optimizer that is not installed, attention on the
 slow path, memory spilling) is what makes other trainers 10-100x slower without
@@ -13,6 +14,8 @@ import resource
 from pathlib import Path
 
 import torch
+
+from sdlora.config import TrainConfig
 
 
 def device_name(device: torch.device) -> str:
@@ -120,3 +123,29 @@ def peak_label(memory: PeakMemory) -> str:
 
 def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def out_of_memory_advice(cfg: TrainConfig, resolution: int, run_dir: Path) -> str:
+    """What to change when training ran out of memory, from the settings actually in use."""
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(f"batch_size {cfg.batch_size} -> 1 (use grad_accum {cfg.grad_accum * cfg.batch_size} to keep the "
+                    "effective batch)")
+    if resolution > 512:
+        tips.append(f"resolution {resolution} -> 512")
+    elif resolution > 256:
+        tips.append(f"resolution {resolution} -> {resolution // 2}")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing on")
+    if cfg.mixed_precision == "no" and torch.cuda.is_available():
+        tips.append("mixed_precision bf16 or fp16")
+    if not cfg.use_8bit_adam or not torch.cuda.is_available():
+        tips.append("8-bit Adam (install bitsandbytes; CUDA only)")
+    tips.append("keep the text encoder frozen so its embeddings stay cached")
+    return (f"out of memory while training in {run_dir}. Settings that lower memory: " + "; ".join(tips) +
+            ". Start a new run with them (the checkpoints already in the run folder stay)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,37 +23,9 @@ from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
 from sdlora.training import adapters, hardware
 from sdlora.training.batches import Batches, TrainingError, Untriggered
+from sdlora.training.events import Callbacks, StepInfo, TrainResult
 from sdlora.training.objective import Objective
 from sdlora.training.plan import Plan, plan, resolve
-
-
-@dataclass
-class StepInfo:
-    step: int
-    total: int
-    loss: float
-    lr: float
-    elapsed: float        # seconds since this process started training
-    eta: float            # seconds left, from the mean step time so far
-
-
-class Callbacks:
-    """Override what you need; every method is called on the main process only."""
-    def on_plan(self, plan: Plan) -> None: ...
-    def on_step(self, info: StepInfo) -> None: ...
-    def on_sample(self, step: int, paths: list[Path]) -> None: ...
-    def on_checkpoint(self, step: int, path: Path) -> None: ...
-    def on_message(self, text: str) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    lora_path: Path | None      # None when cancelled before the end
-    steps_done: int
-    final_loss: float
-    cancelled: bool = False
-    peak_memory_bytes: int = 0  # CUDA allocator peak on a GPU, the process's peak RSS on a CPU
 
 
 class _Trainer:
@@ -311,9 +282,9 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         try:
             result = t.run(run_dir, start)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _is_oom(e):
+            if isinstance(e, RuntimeError) and not hardware.is_out_of_memory(e):
                 raise
-            raise TrainingError(out_of_memory_advice(t.cfg, t.plan.resolution, run_dir)) from e
+            raise TrainingError(hardware.out_of_memory_advice(t.cfg, t.plan.resolution, run_dir)) from e
         if not result.cancelled and t.main:
             result.lora_path = t.export(run_dir)
         t.acc.wait_for_everyone()
@@ -325,32 +296,6 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         t.acc.end_training()
 
 
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-
-
-def out_of_memory_advice(cfg: TrainConfig, resolution: int, run_dir: Path) -> str:
-    """What to change when training ran out of memory, from the settings actually in use."""
-    tips = []
-    if cfg.batch_size > 1:
-        tips.append(f"batch_size {cfg.batch_size} -> 1 (use grad_accum {cfg.grad_accum * cfg.batch_size} to keep the "
-                    "effective batch)")
-    if resolution > 512:
-        tips.append(f"resolution {resolution} -> 512")
-    elif resolution > 256:
-        tips.append(f"resolution {resolution} -> {resolution // 2}")
-    if not cfg.gradient_checkpointing:
-        tips.append("gradient_checkpointing on")
-    if cfg.mixed_precision == "no" and torch.cuda.is_available():
-        tips.append("mixed_precision bf16 or fp16")
-    if not cfg.use_8bit_adam or not torch.cuda.is_available():
-        tips.append("8-bit Adam (install bitsandbytes; CUDA only)")
-    tips.append("keep the text encoder frozen so its embeddings stay cached")
-    return (f"out of memory while training in {run_dir}. Settings that lower memory: " + "; ".join(tips) +
-            ". Start a new run with them (the checkpoints already in the run folder stay)")
-
-
 def _shared_run_dir(t: _Trainer, output_dir: str, name: str) -> Path:
     """The main process creates the run folder; the others learn its name."""
     from accelerate.utils import broadcast_object_list
@@ -360,4 +305,4 @@ def _shared_run_dir(t: _Trainer, output_dir: str, name: str) -> Path:
     return Path(holder[0])
 
 
-__all__ = ["train", "plan", "Plan", "Callbacks", "StepInfo", "TrainResult", "TrainingError", "out_of_memory_advice"]
+__all__ = ["train", "plan", "Plan", "Callbacks", "StepInfo", "TrainResult", "TrainingError"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from sdlora.config import ConfigError
 from sdlora.data import scan as dataset
 from sdlora.runs import latest_checkpoint, lora_with_sidecars, read_log, resumable_runs, sample_of
-from sdlora.training.loop import Callbacks, train
+from sdlora.training.events import Callbacks
+from sdlora.training.loop import train
 from sdlora.webui.forms import UserError, build_configs, within
 
 
