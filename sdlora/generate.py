@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from sdlora.bases import families
+from sdlora.loras import detect
+from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
 from sdlora.config import GenerateConfig
 from sdlora.bases.load import Base, load_base
@@ -56,16 +58,16 @@ class LoadedLora:
 def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> LoadedLora:
     """Read a LoRA file of any supported format and match it to the base's modules."""
     sd, meta = formats.read_lora_file(path, allow_pickle=allow_pickle)
-    family = formats.detect_family(sd, meta)
+    family = detect.detect_family(sd, meta)
     if family not in (families.UNKNOWN, base.family):
         raise formats.LoraFileError(
             f"{path} is a LoRA for {families.title(family)} but the base '{base.name}' is "
             f"{families.title(base.family)}; load it on a {families.title(family)} base")
-    fmt = formats.detect_format(sd)
+    fmt = detect.detect_format(sd)
     if fmt == "kohya":
         loras, unused = formats.from_kohya(sd, base.module_names())
     elif fmt in ("diffusers", "peft"):
-        loras, unused = formats.from_diffusers(sd, meta, module_names=base.module_names())
+        loras, unused = diffusers_layout.from_diffusers(sd, meta, module_names=base.module_names())
     elif fmt == "comfyui":
         from sdlora.loras.comfyui import from_comfyui, unapplied_note
         loras, unused = from_comfyui(sd, base.module_names(), dict(base.unet.config))

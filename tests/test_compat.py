@@ -11,6 +11,8 @@ import torch
 
 from sdlora.loras import tools as compat
 
+from sdlora.loras import diffusers_layout
+
 from sdlora.loras import layouts as formats
 from sdlora.loras.layouts import LoraWeights
 
@@ -144,7 +146,7 @@ def test_diffusers_load_lora_weights_gets_our_scale(tmp_path, fmt):
                 r = 4 if i % 2 else 2
                 alpha = 2.5 if fmt == "kohya" or i % 3 else 7.0   # diffusers reads one alpha per kohya file
                 loras[f"{comp}.{path}"] = LoraWeights(torch.randn(r, mod.in_features), torch.randn(mod.out_features, r), alpha)
-    sd, meta = (formats.to_kohya(loras), {}) if fmt == "kohya" else formats.to_diffusers(loras)
+    sd, meta = (formats.to_kohya(loras), {}) if fmt == "kohya" else diffusers_layout.to_diffusers(loras)
     path = tmp_path / "x.safetensors"
     formats.save_lora_file(path, sd, meta)
     state, alphas, md = Loader.lora_state_dict(str(path), return_lora_metadata=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdlora.loras import diffusers_layout
+
 from sdlora.loras import layouts as formats
 from sdlora.loras.layouts import LoraWeights
 from sdlora.generate import Generator, LoraChoice
@@ -121,7 +123,7 @@ def test_diffusers_layout_file_gives_the_same_weights_as_kohya(tiny_base, tmp_pa
     loras = community_loras(tiny_base)
     loras = {k: v for k, v in loras.items() if v.down.dim() == 2}
     k_path = save(tmp_path / "k.safetensors", formats.to_kohya(loras, dtype=torch.float32))
-    sd, meta = formats.to_diffusers(loras, dtype=torch.float32)
+    sd, meta = diffusers_layout.to_diffusers(loras, dtype=torch.float32)
     d_path = save(tmp_path / "d.safetensors", sd, meta)
     gen = Generator(tiny_base)
     gen.set_loras([LoraChoice(k_path, 0.7)], fused=True)

@@ -17,6 +17,8 @@ import torch
 from sdlora import safefiles
 
 from sdlora.bases import families
+from sdlora.loras import detect
+from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
 
 from sdlora.loras import metadata
@@ -132,7 +134,7 @@ def test_lora_weights_refuses_pairs_that_do_not_fit():
 
 def test_diffusers_round_trip_keeps_per_module_alphas(tmp_path):
     loras = make_loras(TE_FLAT)
-    sd, meta = formats.to_diffusers(loras)
+    sd, meta = diffusers_layout.to_diffusers(loras)
     assert f"{Q}.lora_A.weight" in sd and f"{TE}.lora_B.weight" in sd and f"{OUT}.lora_magnitude_vector.weight" in sd
     assert sd[f"{OUT}.lora_magnitude_vector.weight"].shape == (6,)          # PEFT stores [out]
     cfg = json.loads(meta["lora_adapter_metadata"])
@@ -141,10 +143,10 @@ def test_diffusers_round_trip_keeps_per_module_alphas(tmp_path):
     assert cfg["text_encoder.lora_alpha"] == 0.1 and cfg["text_encoder.target_modules"] == [TE_FLAT[13:]]
     path = tmp_path / "d.safetensors"
     formats.save_lora_file(path, sd, meta)
-    back, unused = formats.from_diffusers(*formats.read_lora_file(path))
+    back, unused = diffusers_layout.from_diffusers(*formats.read_lora_file(path))
     assert unused == []
     assert_same({formats.canonical_key(k): w for k, w in loras.items()}, back)
-    resolved, unused = formats.from_diffusers(sd, meta, module_names=names_of(loras))
+    resolved, unused = diffusers_layout.from_diffusers(sd, meta, module_names=names_of(loras))
     assert TE_FLAT in resolved and not unused
 
 
@@ -156,7 +158,7 @@ def test_diffusers_without_metadata_means_alpha_rank_and_older_spellings_load():
           "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": torch.ones(12, 2),
           f"{V}.lora_A.weight": torch.ones(2, 8), f"{V}.lora_B.weight": torch.ones(6, 2), f"{V}.alpha": torch.tensor(3.0),
           "unet.something.else": torch.ones(1)}
-    back, unused = formats.from_diffusers(sd, {})
+    back, unused = diffusers_layout.from_diffusers(sd, {})
     assert back[Q].alpha == 4.0 and back[OUT].alpha == 2.0 and back[TE].alpha == 2.0 and back[V].alpha == 3.0
     assert unused == ["unet.something.else"]
 
@@ -164,7 +166,7 @@ def test_diffusers_without_metadata_means_alpha_rank_and_older_spellings_load():
 def test_diffusers_rslora_metadata_becomes_alpha_over_rank():
     sd = {f"{Q}.lora_A.weight": torch.ones(4, 8), f"{Q}.lora_B.weight": torch.ones(6, 4)}
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2.0, "unet.use_rslora": True})}
-    back, _ = formats.from_diffusers(sd, meta)
+    back, _ = diffusers_layout.from_diffusers(sd, meta)
     assert back[Q].alpha / 4 == pytest.approx(2.0 / 4 ** 0.5)
 
 
@@ -172,26 +174,26 @@ def test_diffusers_rslora_metadata_becomes_alpha_over_rank():
 
 def test_detect_format():
     loras = make_loras()
-    assert formats.detect_format(formats.to_kohya(loras)) == "kohya"
-    assert formats.detect_format(formats.to_diffusers(loras)[0]) == "diffusers"
-    assert formats.detect_format({"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(1, 1)}) == "peft"
-    assert formats.detect_format({"model.diffusion_model.x.weight": torch.ones(1)}) == "unknown"
+    assert detect.detect_format(formats.to_kohya(loras)) == "kohya"
+    assert detect.detect_format(diffusers_layout.to_diffusers(loras)[0]) == "diffusers"
+    assert detect.detect_format({"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(1, 1)}) == "peft"
+    assert detect.detect_format({"model.diffusion_model.x.weight": torch.ones(1)}) == "unknown"
 
 
 @pytest.mark.parametrize("dim,family", [(768, "sd1"), (1024, "sd2"), (2048, "sdxl")])
 def test_detect_family_from_cross_attention_width(dim, family):
     kohya = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.ones(4, dim)}
     diffusers = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.ones(4, dim)}
-    assert formats.detect_family(kohya) == formats.detect_family(diffusers, {}) == family
+    assert detect.detect_family(kohya) == detect.detect_family(diffusers, {}) == family
 
 
 def test_detect_family_from_sdxl_prefixes_and_metadata():
-    assert formats.detect_family({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}) == "sdxl"
+    assert detect.detect_family({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}) == "sdxl"
     empty: dict = {}
-    assert formats.detect_family(empty, {"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
-    assert formats.detect_family(empty, {"ss_v2": "True"}) == "sd2"
-    assert formats.detect_family(empty, {"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
-    assert formats.detect_family(empty, {}) == "unknown"
+    assert detect.detect_family(empty, {"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
+    assert detect.detect_family(empty, {"ss_v2": "True"}) == "sd2"
+    assert detect.detect_family(empty, {"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
+    assert detect.detect_family(empty, {}) == "unknown"
     assert families.title("sd1") == "SD 1.x"
 
 

@@ -22,6 +22,8 @@ import torch
 from sdlora.bases.ldm_unet import UnetLayout, unet_path_to_ldm
 from sdlora.config import GenerateConfig
 from sdlora.generate import Generator, LoraChoice, read_lora
+from sdlora.loras import detect
+from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
 from sdlora.loras.inspect import describe
 from sdlora.loras.layouts import LoraWeights
@@ -130,7 +132,7 @@ def test_diffusers_adapter_metadata_alphas_per_module(tiny_base, tmp_path):
     mid_k = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
     m = tiny_base.unet.get_submodule(mid_k)                            # one module at another rank and alpha
     loras[f"unet.{mid_k}"] = LoraWeights(torch.randn(8, m.in_features) * 0.2, torch.randn(m.out_features, 8) * 0.2, 5.0)
-    sd, meta = formats.to_diffusers(loras, dtype=torch.float32)
+    sd, meta = diffusers_layout.to_diffusers(loras, dtype=torch.float32)
     meta["ss_network_alpha"] = "9.0"                                   # a stale kohya field must not win
     path = save(tmp_path / "d042.safetensors", sd, meta)
     info = describe(path)
@@ -200,7 +202,7 @@ def test_comfyui_file_applies_the_same_weights_as_the_kohya_file(tiny_base, tmp_
     sd.update({k: torch.randn(*shape) * 0.1 for k, shape in EXTRAS.items()})
     c_path = save(tmp_path / "comfy.safetensors", sd)
     k_path = save(tmp_path / "kohya.safetensors", formats.to_kohya(loras, dtype=torch.float32))
-    assert formats.detect_format(sd) == "comfyui"
+    assert detect.detect_format(sd) == "comfyui"
     with pytest.warns(UserWarning, match=r"3 full bias/norm deltas.*bias_diff off"):
         comfy = read_lora(c_path, tiny_base)
     kohya = read_lora(k_path, tiny_base)
@@ -256,8 +258,8 @@ def test_comfyui_full_weight_deltas_apply_exactly(tiny_base, tmp_path):
 ])
 def test_comfyui_family_from_down_widths(key, width, family):
     sd = {key: torch.zeros(4, width)}
-    assert formats.detect_format(sd) == "comfyui"
-    assert formats.detect_family(sd) == family
+    assert detect.detect_format(sd) == "comfyui"
+    assert detect.detect_family(sd) == family
 
 
 def test_comfyui_file_for_another_base_or_no_module_is_refused_by_name(tiny_base, tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from sdlora.bases import families
+from sdlora.loras import detect
+from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
 from sdlora.loras.tools import compat_report, format_report
 from sdlora.bases.ldm_unet import ldm_module_names
@@ -30,15 +32,15 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
 
     `module_sets` (from `base_module_sets`) may be given when the base's modules carry adapters now."""
     module_sets = module_sets or base_module_sets(base)
-    fmt = formats.detect_format(sd)
-    family = formats.detect_family(sd, metadata)
+    fmt = detect.detect_format(sd)
+    family = detect.detect_family(sd, metadata)
     if fmt != "kohya":
         names = {"unet": module_sets["unet_modules"], "text_encoder": module_sets["text_encoder_modules"]}
         if fmt == "comfyui":
             from sdlora.loras.comfyui import from_comfyui
             loras, unused = from_comfyui(sd, names, dict(base.unet.config))
         else:
-            loras, unused = formats.from_diffusers(sd, metadata, module_names=names)
+            loras, unused = diffusers_layout.from_diffusers(sd, metadata, module_names=names)
         if unused:
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
         sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need

@@ -49,7 +49,7 @@ def from_comfyui(sd: dict[str, torch.Tensor], module_names: dict[str, set[str]] 
     keys of other modules are unusable.
     """
     lpb = _layers_per_block(sd, unet_config)
-    resolve = layouts._resolver(module_names)
+    resolve = layouts.module_resolver(module_names)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unused: list[str] = []
     for k, t in sd.items():
@@ -119,7 +119,7 @@ def _weights(parts: dict[str, tuple[str, torch.Tensor]]) -> tuple[LoraWeights | 
         w = _pair_from_delta(diff[1])
         return w, (("diff",) if w else ())
     pair = {p: t for p, (_, t) in parts.items() if p in layouts.KOHYA_PARTS}
-    w = layouts._kohya_weights(pair)             # the kohya rules: no alpha means alpha = rank
+    w = layouts.kohya_weights(pair)             # the kohya rules: no alpha means alpha = rank
     return w, (tuple(pair) if w else ())
 
 

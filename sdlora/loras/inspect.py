@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 from sdlora.bases import families
+from sdlora.loras import detect
+from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
 from sdlora.loras.comfyui import from_comfyui
 
@@ -24,7 +26,7 @@ def _modules(sd: dict, meta: dict, fmt: str) -> tuple[dict[str, tuple[int, float
     if fmt == "comfyui":
         loras, unused = from_comfyui(sd)
     elif fmt in ("diffusers", "peft"):
-        loras, unused = formats.from_diffusers(sd, meta)     # alpha per module from lora_adapter_metadata
+        loras, unused = diffusers_layout.from_diffusers(sd, meta)     # alpha per module from lora_adapter_metadata
     else:
         return {}, len(sd)
     return {k: (w.rank, w.alpha) for k, w in loras.items()}, len(unused)
@@ -37,7 +39,7 @@ def _kohya_modules(sd: dict) -> tuple[dict[str, tuple[int, float]], int]:
         if key.endswith(_KOHYA_DOWN) and value.dim() >= 2:
             name = key[: -len(_KOHYA_DOWN)]
             alpha = sd.get(name + ".alpha")
-            alpha = formats._scalar(alpha) if alpha is not None else None
+            alpha = formats.scalar(alpha) if alpha is not None else None
             out[name] = (int(value.shape[0]), alpha or float(value.shape[0]))
     unused = sum(1 for k in sd if k.partition(".")[0] not in out)
     return out, unused
@@ -46,8 +48,8 @@ def _kohya_modules(sd: dict) -> tuple[dict[str, tuple[int, float]], int]:
 def describe(path: str | Path) -> dict:
     """Format, base family, module count per component, ranks, alphas, trigger and the metadata."""
     sd, meta = formats.read_lora_file(path)
-    fmt = formats.detect_format(sd)
-    family = formats.detect_family(sd, meta)
+    fmt = detect.detect_format(sd)
+    family = detect.detect_family(sd, meta)
     mods, unused = _modules(sd, meta, fmt)
     ranks = Counter(r for r, _ in mods.values())
     alphas = Counter(a for _, a in mods.values())

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from sdlora.bases import families
-from sdlora.loras.layouts import LoraSet, _most_common
+from sdlora.loras.layouts import LoraSet, most_common
 
 
 
@@ -43,8 +43,8 @@ def build_metadata(*, loras: LoraSet, trigger: str, steps: int, num_images: int,
         raise ValueError("loras is empty: there is nothing to describe")
     now = time.time() if now is None else float(now)
     w, h = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    rank = _most_common(x.rank for x in loras.values()) if rank is None else rank
-    alpha = _most_common(x.alpha for x in loras.values()) if alpha is None else alpha
+    rank = most_common(x.rank for x in loras.values()) if rank is None else rank
+    alpha = most_common(x.alpha for x in loras.values()) if alpha is None else alpha
     if network_args is None:
         network_args = {"dora_wd": "True"} if any(x.dora_scale is not None for x in loras.values()) else {}
     meta = {

@@ -13,7 +13,7 @@ import torch
 
 from sdlora.bases.load import Base
 from sdlora.config import file_alpha
-from sdlora.loras import layouts, metadata
+from sdlora.loras import diffusers_layout, layouts, metadata
 from sdlora.loras.check import check_state_dict, format_check
 from sdlora import runs
 
@@ -46,7 +46,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
     if cfg["save_format"] == "kohya":
         sd = layouts.to_kohya(loras, dtype=dtype)
     else:
-        sd, extra_meta = layouts.to_diffusers(loras, dtype=dtype)
+        sd, extra_meta = diffusers_layout.to_diffusers(loras, dtype=dtype)
         header.update(extra_meta)
     header = metadata.add_hashes(sd, header)
     path = runs.lora_path(run_dir)
