@@ -284,3 +284,49 @@ def test_check_reads_a_comfyui_file_as_the_kohya_file_it_would_be(tiny_base, tmp
     assert report["format"] == "comfyui"
     for tool in ("comfyui", "diffusers"):
         assert (report["tools"][tool]["mapped"], report["tools"][tool]["total"]) == (len(loras), len(loras)), tool
+
+
+def test_a_file_diffusers_itself_saves_is_counted_and_applied_as_diffusers_applies_it(tiny_base, tmp_path):
+    """The path diffusers' DreamBooth LoRA script takes: PEFT adapters on the U-Net with per-module ranks and
+    alphas (rank_pattern / alpha_pattern), saved by diffusers' own save_lora_weights. inspect counts every
+    module with its own rank and alpha, and sdlora at strength 1 draws what diffusers draws after its own
+    load_lora_weights. (U-Net only: the text-encoder half of diffusers' loader goes through transformers'
+    PEFT integration, which the installed transformers refuses with the installed peft.)"""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from sdlora.bases.load import tiny_random_base
+    from sdlora.generate import make_pipeline, render
+    odd_rank = "mid_block.attentions.0.transformer_blocks.0.attn2.to_q"
+    odd_alpha = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(ATTN),
+                     rank_pattern={odd_rank: 2}, alpha_pattern={odd_alpha: 1.5})
+    torch.manual_seed(0)
+    unet = tiny_random_base().unet
+    unet.add_adapter(cfg)
+    with torch.no_grad():                         # B starts at zero: give every pair an update that shows
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=cfg.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    info = describe(path)
+    n = sum(1 for name, _ in tiny_base.unet.named_modules() if name.endswith(ATTN))
+    assert (info["format"], info["modules"], info["unet_modules"]) == ("diffusers", n, n)
+    assert json.loads(info["alpha"]) == {"1.5": 1, "4.0": n - 1}
+    assert json.loads(info["rank"]) == {"2": 1, "4": n - 1}
+    loaded = read_lora(path, tiny_base)
+    assert loaded.unused == [] and loaded.loras["unet." + odd_alpha].alpha == 1.5
+    assert loaded.loras["unet." + odd_rank].rank == 2
+
+    gen_cfg = GenerateConfig(prompt="a red circle", seed=3, steps=3)
+    theirs = make_pipeline(tiny_random_base())
+    theirs.load_lora_weights(str(path), adapter_name="x")
+    gen = Generator(tiny_base)
+    ours = np.asarray(gen.generate(gen_cfg, [LoraChoice(str(path), 1.0)]), dtype=np.int16)
+    bare = np.asarray(gen.generate(gen_cfg, []), dtype=np.int16)
+    want = np.asarray(render(theirs, gen_cfg, tiny_base.resolution), dtype=np.int16)
+    assert np.abs(ours - want).max() <= 2 and np.abs(bare - want).max() > 10
