@@ -109,6 +109,8 @@ class DataConfig:
                                      label="Resolution (px)", ui="basic", kind=int, low=8, high=2048,
                                      optional=True, derived=True)
     flip: bool = setting(False, "random horizontal flips (a cached latent per side)", label="Random horizontal flip")
+    buckets: bool = setting(True, "aspect-ratio buckets: each image trains at the shape nearest its own, with about "
+                            "the resolution's area, instead of a centred square crop", label="Aspect-ratio buckets")
     class_prompt: str = setting("", "prior preservation: the prompt of the class, e.g. 'an image'",
                                 label="Class prompt (prior preservation)")
     class_folder: str = setting("", "prior preservation: a folder of class images; unset: the base draws them",
@@ -176,8 +178,15 @@ class TrainConfig:
     word_dropout: float = setting(0.0, "leave each caption word but the trigger out with this probability, in "
                                   "caption-variants versions per image (0 = off)", label="Word dropout",
                                   low=0.0, high=0.95)
-    caption_variants: int = setting(8, "versions of each caption that word dropout trains on",
+    caption_variants: int = setting(8, "versions of each caption that word dropout and tag shuffling train on",
                                     label="Caption variants", low=1, high=256)
+    shuffle_tags: bool = setting(False, "train on caption-variants versions of each caption with its comma-separated "
+                                 "tags in shuffled order (the first keep-tags and the trigger stay in place)",
+                                 label="Shuffle tags")
+    keep_tags: int = setting(0, "with shuffle-tags: how many leading tags stay in place", label="Keep first N tags",
+                             low=0, high=75)
+    caption_dropout: float = setting(0.0, "the share of examples that train on the empty caption instead of their "
+                                     "own (0 = off)", label="Caption dropout", low=0.0, high=0.95)
     seed: int = setting(0, "random seed: the same seed and settings give the same LoRA", label="Seed",
                         low=0, high=2**32 - 1)
     sample_every: int | None = setting(None, "steps between sample images, with and without the trigger "

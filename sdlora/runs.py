@@ -137,6 +137,7 @@ def run_config(data, spec, cfg, plan, num_processes: int = 1) -> dict:
     from sdlora.config import to_dict
     return {"data": to_dict(data), "lora": to_dict(spec), "train": to_dict(cfg), "steps": plan.steps,
             "num_processes": num_processes, "resolution": plan.resolution, "captions": plan.captions,
+            "images": plan.images(),
             "problems": [{"path": q.path, "reason": q.reason, "fatal": q.fatal} for q in plan.problems],
             "versions": library_versions(), "started_at": now_iso()}
 

@@ -222,7 +222,7 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
     for _ in range(40):
         lat, enc, idx = t.batches.draw(g, t.examples)
         i = int(idx[0])
-        assert torch.equal(lat[0], t.examples.latents[i // 4, 0]) or torch.equal(lat[0], t.examples.latents[i // 4, -1])
+        assert torch.equal(lat[0], t.examples.latents[i // 4][0]) or torch.equal(lat[0], t.examples.latents[i // 4][-1])
         assert torch.equal(enc[0], t.examples.embeds[i])
         seen.add(i % 4)
     assert seen == {0, 1, 2, 3}

@@ -63,6 +63,10 @@ class Base:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def geometry(self) -> "Geometry":
+        return geometry(dict(self.unet.config), dict(self.vae.config))
+
     def noise_scheduler(self) -> DDPMScheduler:
         """The DDPM scheduler training adds noise with, from the base's own config."""
         return DDPMScheduler.from_config(self.scheduler.config)
@@ -188,30 +192,51 @@ def _config_folder(name: str) -> Path:
     return {"tiny": BUILTIN_DIR, "sd15-random": sd15}.get(name, Path(name).expanduser())
 
 
-def native_resolution(name: str) -> int:
-    """A base's native image size in px, read from its configs without loading any weights.
+@dataclass(frozen=True)
+class Geometry:
+    """The image sizes a base works at."""
+    resolution: int      # native size in px (square)
+    multiple: int        # what every side must be a multiple of: the VAE's and the U-Net's downsampling
 
-    Lets the dataset be checked before the (slow, large) base is loaded. A single file's size is
-    its variant's (read from its header); hub ids are taken at SD's 512 px.
+
+def geometry(unet_config: dict, vae_config: dict) -> Geometry:
+    """A base's Geometry from its U-Net and VAE configs (diffusers: sample_size, block_out_channels)."""
+    vae = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    return Geometry(int(unet_config["sample_size"]) * vae, vae * unet)
+
+
+SD_GEOMETRY = Geometry(512, 64)        # hub ids and unreadable files are taken as SD's
+
+
+def native_geometry(name: str) -> Geometry:
+    """A base's Geometry, read from its configs without loading any weights.
+
+    Lets the dataset be checked (and bucketed) before the (slow, large) base is loaded. A single file's
+    is its variant's (read from its header) or its own configs'; hub ids are taken as SD's.
     """
     if name == "tiny-random":
-        return 64
+        return Geometry(64, 16)                  # tiny_random_base: 8 latent px, 8x VAE, two U-Net levels
     path = Path(name).expanduser()
     if path.suffix.lower() == ".safetensors" and path.is_file():
         from sdlora.bases import single_file
         try:
             with warnings.catch_warnings():      # the load itself says what it assumed
                 warnings.simplefilter("ignore")
-                return single_file.native_resolution(path)
+                return geometry(*single_file.native_configs(path))
         except (ValueError, OSError):
-            return 512                           # the load names the problem
+            return SD_GEOMETRY                   # the load names the problem
     folder = _config_folder(name)
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return geometry(json.loads((folder / "unet" / "config.json").read_text()),
+                        json.loads((folder / "vae" / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
-        return 512
+        return SD_GEOMETRY
+
+
+def native_resolution(name: str) -> int:
+    """A base's native image size in px (see native_geometry)."""
+    return native_geometry(name).resolution
 
 
 def load_tokenizer(folder: Path = TOKENIZER_DIR) -> CLIPTokenizer:
@@ -263,4 +288,4 @@ def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
                 scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
 
 
-__all__ = ["Base", "BaseModelError", "load_base", "load_tokenizer", "native_resolution", "tiny_random_base", "random_base_from_configs"]
+__all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_tokenizer", "native_resolution", "native_geometry", "tiny_random_base", "random_base_from_configs"]

@@ -36,7 +36,7 @@ from sdlora.bases.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
 __all__ = ["CheckpointError", "detect_checkpoint_family", "ldm_module_names", "load_single_file",
            "pipeline_to_ldm", "read_state_dict", "save_single_file", "split_pipeline", "text_encoder_from_ldm",
            "text_encoder_to_ldm", "unet_from_ldm", "unet_to_ldm", "vae_from_ldm", "vae_to_ldm",
-           "config_dir", "load_tokenizer", "write_diffusers_config_folder", "native_resolution"]
+           "config_dir", "load_tokenizer", "write_diffusers_config_folder", "native_configs"]
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
 TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "clip_tokenizer"
@@ -92,8 +92,9 @@ def split_pipeline(sd: StateDict, source: str = "state dict") -> tuple[StateDict
     return parts
 
 
-def native_resolution(path: str | os.PathLike) -> int:
-    """The image size in px a `.safetensors` checkpoint loads at, from its header and the configs it will use."""
+def native_configs(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(U-Net config, VAE config) a `.safetensors` checkpoint will load with: its own, or its variant's bundled
+    ones; read from its header, no tensor loaded."""
     path = Path(path)
     shapes, meta = read_header(path)
     var = choose_variant(path, detect_family_from_shapes(shapes), None, None, meta)
@@ -101,7 +102,7 @@ def native_resolution(path: str | os.PathLike) -> int:
     folder = CONFIG_ROOT / var.config_folder
     unet = own.get("unet") or json.loads((folder / "unet" / "config.json").read_text())
     vae = own.get("vae") or json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return unet, vae
 
 
 def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:

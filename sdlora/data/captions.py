@@ -44,10 +44,31 @@ def drop_words(caption: str, trigger: str, p: float, rng: random.Random) -> str:
     return " ".join(kept).strip(" ,;:")
 
 
-def caption_variants(captions: list[str], trigger: str, p: float, n: int, seed: int) -> list[str]:
-    """n variants of each caption, image by image (the caption itself first, then n - 1 with words dropped)."""
+def shuffle_tags(caption: str, trigger: str, keep: int, rng: random.Random) -> str:
+    """The caption's comma-separated tags in a shuffled order, the first `keep` and any holding the trigger left
+    where they are ('sks, watercolor, a cat, soft light' -> 'sks, soft light, a cat, watercolor'), as kohya's
+    shuffle_caption with keep_tokens."""
+    tags = [s.strip() for s in caption.split(",") if s.strip()]
+    fixed = {i for i, tag in enumerate(tags) if i < keep or has_trigger(tag, trigger)}
+    free = [i for i in range(len(tags)) if i not in fixed]
+    order = free[:]
+    rng.shuffle(order)
+    out = list(tags)
+    for i, j in zip(free, order):
+        out[i] = tags[j]
+    return ", ".join(out)
+
+
+def caption_variants(captions: list[str], trigger: str, p: float, n: int, seed: int, shuffle: bool = False,
+                     keep: int = 0) -> list[str]:
+    """n variants of each caption, image by image: the caption itself first, then n - 1 with its tags shuffled
+    (`shuffle`, the first `keep` in place) and then words dropped with probability p."""
     rng = random.Random(seed)
-    return [v for c in captions for v in [c] + [drop_words(c, trigger, p, rng) for _ in range(n - 1)]]
+
+    def variant(c: str) -> str:
+        c = shuffle_tags(c, trigger, keep, rng) if shuffle else c
+        return drop_words(c, trigger, p, rng) if p else c
+    return [v for c in captions for v in [c] + [variant(c) for _ in range(n - 1)]]
 
 
 def read_caption(path: Path, trigger: str, template: str) -> tuple[str, str, list[Problem]]:
@@ -117,5 +138,5 @@ def readme_trigger(folder: str | Path) -> str:
     return ""
 
 
-__all__ = ["has_trigger", "without_trigger", "drop_words", "caption_variants", "caption_for", "folder_defaults",
+__all__ = ["has_trigger", "without_trigger", "drop_words", "shuffle_tags", "caption_variants", "caption_for", "folder_defaults",
            "readme_trigger"]

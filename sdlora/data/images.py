@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from sdlora.data.buckets import cover
+
 # Refuse anything larger before decoding it: 64 MP is an 8000x8000 photo, far
 # above any training resolution, and 64 MP of RGBA is already 256 MB of memory.
 # (Pillow's own guard, Image.MAX_IMAGE_PIXELS, only warns at ~89 MP.)
@@ -210,18 +212,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def fit_square(img: Image.Image, resolution: int) -> Image.Image:
     """Resize so the shorter side is `resolution` (Lanczos), then center-crop to a square."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
+    return fit_bucket(img, (resolution, resolution))
+
+
+def fit_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize (Lanczos) just enough to cover the (width, height) bucket, then center-crop to it."""
+    (nw, nh), (left, top) = cover(img.size, bucket)
+    if (nw, nh) != img.size:
         img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    return img.crop((left, top, left + bucket[0], top + bucket[1]))
 
 
-def load_image(path: Path | str, resolution: int) -> Image.Image:
-    """The training view of one file: RGB, upright, white behind transparency, resolution x resolution."""
-    return fit_square(decode(path).image, resolution)
+def load_image(path: Path | str, resolution: int, bucket: tuple[int, int] | None = None) -> Image.Image:
+    """The training view of one file: RGB, upright, white behind transparency, fitted to its bucket
+    (width, height), or to resolution x resolution."""
+    return fit_bucket(decode(path).image, bucket or (resolution, resolution))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

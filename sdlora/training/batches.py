@@ -21,9 +21,10 @@ class TrainingError(RuntimeError):
 @dataclass
 class Cached:
     """Examples ready for training."""
-    latents: torch.Tensor               # (N, sides, 4, h, w): one per image, and its mirror image with flips
+    latents: list[torch.Tensor]         # per image: (sides, 4, h, w) at its bucket's size; sides 2 with flips
     ids: torch.Tensor                   # (N * variants, 77) token ids, image by image
     embeds: torch.Tensor | None         # (N * variants, 77, width) frozen text-encoder output; None when it trains
+    groups: list[torch.Tensor]          # image indices per bucket (images of one size), in bucket order
 
 
 class Batches:
@@ -46,30 +47,36 @@ class Batches:
         with torch.no_grad():
             return self.base.text_encoder(ids.to(self.device))[0].float()
 
-    def encode(self, paths: list, resolution: int) -> torch.Tensor:
-        """(N, sides, 4, h, w) VAE latents (mean of the posterior, scaled) of each image as trained."""
-        vae, latents = self.base.vae, []
+    def encode(self, path, size: tuple[int, int]) -> torch.Tensor:
+        """(sides, 4, h, w) VAE latents (mean of the posterior, scaled) of one image as trained, at `size`."""
+        vae = self.base.vae
         with torch.no_grad():
-            for path in paths:
-                x = dataset.to_tensor(dataset.load_image(path, resolution))[None].to(self.device, vae.dtype)
-                sides = [x, x.flip(-1)] if self.flip else [x]
-                lat = torch.cat([vae.encode(s).latent_dist.mean for s in sides]) * vae.config.scaling_factor
-                if not torch.isfinite(lat).all():
-                    raise TrainingError(f"the VAE gave non-finite latents for {path}; check the image, "
-                                        "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
-                latents.append(lat.float())
-        return torch.stack(latents)
+            x = dataset.to_tensor(dataset.load_image(path, size[0], size))[None].to(self.device, vae.dtype)
+            sides = [x, x.flip(-1)] if self.flip else [x]
+            lat = torch.cat([vae.encode(s).latent_dist.mean for s in sides]) * vae.config.scaling_factor
+        if not torch.isfinite(lat).all():
+            raise TrainingError(f"the VAE gave non-finite latents for {path}; check the image, "
+                                "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
+        return lat.float()
 
-    def cache(self, paths: list, captions: list[str], resolution: int) -> Cached:
-        """Latents of `paths` and embeddings of `captions` (len(paths) * variants of them, image by image)."""
+    def cache(self, paths: list, captions: list[str], sizes: list[tuple[int, int]]) -> Cached:
+        """Latents of `paths`, each at its (width, height), and embeddings of `captions` (len(paths) * variants
+        of them, image by image)."""
         ids = self.tokenize(captions)
-        return Cached(self.encode(paths, resolution), ids, self.frozen_embeds(ids))
+        order = sorted(set(sizes), key=lambda s: s[0] / s[1])
+        groups = [torch.tensor([i for i, s in enumerate(sizes) if s == size]) for size in order]
+        return Cached([self.encode(p, s) for p, s in zip(paths, sizes)], ids, self.frozen_embeds(ids), groups)
 
     def draw(self, g: torch.Generator, c: Cached) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents, text embeddings, caption indices) of a random batch."""
-        idx = torch.randint(len(c.latents), (self.batch_size,), generator=g)
-        side = torch.randint(c.latents.shape[1], (self.batch_size,), generator=g)
-        lat = c.latents[idx, side].to(self.device)
+        """(latents, text embeddings, caption indices) of a random batch, all of one bucket: the bucket is
+        drawn in proportion to its images (with one bucket, nothing is drawn for it)."""
+        members = c.groups[0]
+        if len(c.groups) > 1:
+            weights = torch.tensor([len(m) for m in c.groups], dtype=torch.float)
+            members = c.groups[int(torch.multinomial(weights, 1, generator=g))]
+        idx = members[torch.randint(len(members), (self.batch_size,), generator=g)]
+        side = torch.randint(c.latents[0].shape[0], (self.batch_size,), generator=g)
+        lat = torch.stack([c.latents[i][s] for i, s in zip(idx.tolist(), side.tolist())]).to(self.device)
         variants = len(c.ids) // len(c.latents)
         if variants > 1:                                  # one of each image's caption variants
             idx = idx * variants + torch.randint(variants, (self.batch_size,), generator=g)
@@ -104,6 +111,18 @@ class Untriggered:
         with torch.no_grad(), adapters.adapters_off(te):
             frozen = te(self.ids[pick].to(self.b.device))[0]
         return self.b.embed(pick, self.ids, None), frozen
+
+
+    def drop_captions(self, g: torch.Generator, enc: torch.Tensor, p: float) -> torch.Tensor:
+        """`enc` with each example's caption replaced by the empty caption's embedding with probability p
+        (caption dropout, kohya's caption_dropout_rate): the style is also learnt without any words."""
+        drop = torch.rand(len(enc), generator=g) < p
+        if not drop.any():
+            return enc
+        empty = torch.full((int(drop.sum()),), len(self.ids) - 1)
+        enc = enc.clone()
+        enc[drop] = self.b.embed(empty, self.ids, self.embeds).to(enc.dtype)
+        return enc
 
 
 __all__ = ["Batches", "Cached", "Untriggered", "TrainingError"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sdlora import runs
-from sdlora.bases.load import Base, load_base, native_resolution
+from sdlora.bases.load import Base, load_base, native_geometry
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig
 from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
@@ -43,7 +43,7 @@ class _Trainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         self.weight_dtype = base.unet.dtype if base else weight_dtype   # read once: .dtype walks every module
         # The images are checked before the base is loaded: a bad folder costs no model load.
-        self.plan = plan(data, cfg, base.resolution if base else native_resolution(cfg.base))
+        self.plan = plan(data, cfg, base.geometry if base else native_geometry(cfg.base))
         self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
         self.spec, self.cfg, sources = resolve(spec, cfg, len(self.plan.items), self.base)
         self.lr_source, self.plan.steps = sources["lr"], self.cfg.steps
@@ -61,10 +61,12 @@ class _Trainer:
         from sdlora.loras.check import base_module_sets
         base, cfg, spec = self.base, self.cfg, self.spec
         self.captions = [it.caption for it in self.plan.items]
-        if cfg.word_dropout:                     # caption_variants captions per image, image by image
+        if cfg.word_dropout or cfg.shuffle_tags:  # caption_variants captions per image, image by image
             self.captions = captioning.caption_variants(self.captions, self.data.trigger, cfg.word_dropout,
-                                                        cfg.caption_variants, cfg.seed)
-        self.examples = self.batches.cache([it.path for it in self.plan.items], self.captions, self.plan.resolution)
+                                                        cfg.caption_variants, cfg.seed, cfg.shuffle_tags,
+                                                        cfg.keep_tags)
+        self.examples = self.batches.cache([it.path for it in self.plan.items], self.captions,
+                                           [f.bucket for f in self.plan.fits])
         self.untriggered = Untriggered(self.batches, self.captions, self.data.trigger)
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
         self.module_sets = base_module_sets(base)     # the base's own names, for the export's key check
@@ -116,7 +118,8 @@ class _Trainer:
                 runs.write_png(out / f"class-{i:04d}.png", self.render(self.data.class_prompt, i))
                 paths.append(out / f"class-{i:04d}.png")
             self.cb.on_message(f"generated {len(paths) - len(items)} class images in {out}")
-        return self.batches.cache(paths, [self.data.class_prompt] * len(paths), self.plan.resolution)
+        square = (self.plan.resolution, self.plan.resolution)
+        return self.batches.cache(paths, [self.data.class_prompt] * len(paths), [square] * len(paths))
 
     def render(self, prompt: str, seed: int):
         """An image from the base as it is now (with the LoRA once it trains), by generation's own path."""
@@ -168,6 +171,8 @@ class _Trainer:
             g = self.step_generator(step, micro)
             with self.acc.accumulate(self.unet), self.acc.autocast():
                 lat, enc, idx = self.batches.draw(g, self.examples)
+                if self.cfg.caption_dropout:
+                    enc = self.untriggered.drop_captions(g, enc, self.cfg.caption_dropout)
                 loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g,
                                            lambda: self.untriggered.pick(g, idx))
                 if self.prior is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdlora.bases.load import Base, base_lora_lr, load_tokenizer, native_resolution
+from sdlora.bases.load import Base, Geometry, base_lora_lr, load_tokenizer, native_resolution
 from sdlora.config import (DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_rank,
                            default_steps)
+from sdlora.data import buckets
 from sdlora.data import scan as dataset
 
 SAMPLE_TIMES = 5        # sample images this many times per run unless sample_every says otherwise
@@ -27,6 +28,16 @@ class Plan:
     steps: int
     resolution: int
     captions: dict[str, str] = field(default_factory=dict)   # file name -> exact caption
+    fits: list = field(default_factory=list)                 # per item: its buckets.Fit (bucket and crop)
+
+    @property
+    def buckets(self) -> str:
+        """'48x80: 2 images, 64x64: 3 images'."""
+        return buckets.summary(self.fits)
+
+    def images(self) -> dict[str, dict]:
+        """{file name: {"bucket": [width, height], "crop": [left, top, right, bottom]}} for the run's config."""
+        return {it.path.name: {"bucket": list(f.bucket), "crop": list(f.crop)} for it, f in zip(self.items, self.fits)}
 
 
 def suggested(num_images: int, base: str | Base = "tiny", steps: int | None = None) -> dict:
@@ -55,17 +66,22 @@ def resolve(spec: LoraSpec, cfg: TrainConfig, num_images: int,
     return spec, cfg, sources
 
 
-def plan(data: DataConfig, cfg: TrainConfig, native: int) -> Plan:
-    """Scan the images at data.resolution (else the base's `native` size) and derive the length; raises
-    DatasetError if too few images are usable."""
+def plan(data: DataConfig, cfg: TrainConfig, native: Geometry) -> Plan:
+    """Scan the images at data.resolution (else the base's native size), give each its bucket (or the square
+    crop) and derive the length; raises DatasetError if too few images are usable."""
     folder = Path(data.folder)
     if not data.folder or not folder.is_dir():
         raise ConfigError(f"data folder {data.folder!r} does not exist; pass a folder of images")
-    res = data.resolution or native
+    res = data.resolution or native.resolution
     items, problems = dataset.scan_dataset(folder, data.trigger, data.template, res, tokenizer=load_tokenizer())
     dataset.require_trainable(items, problems, folder)
     steps = cfg.steps or default_steps(len(items))
-    return Plan(items, problems, steps, res, {it.path.name: it.caption for it in items})
+    if data.buckets:
+        sizes = buckets.bucket_sizes(res, native.multiple)
+        fits = [buckets.fit(it.size, sizes) for it in items]
+    else:
+        fits = [buckets.square(it.size, res) for it in items]
+    return Plan(items, problems, steps, res, {it.path.name: it.caption for it in items}, fits)
 
 
 __all__ = ["Plan", "plan", "suggested", "resolve", "SAMPLE_TIMES"]
