@@ -1,4 +1,4 @@
-"""`sdlora train | generate | inspect | check | merge`: thin wrappers over the library.
+"""`sdlora train | generate | inspect | check | merge | caption`: thin wrappers over the library.
 
 Bad arguments and bad files end with one line `sdlora: error: ...` and exit status 2;
 no traceback (set SDLORA_DEBUG=1 to see one).
@@ -63,7 +63,8 @@ class _Printer(Callbacks):
 
     def on_plan(self, plan) -> None:
         err = sys.stderr
-        print(f"{len(plan.items)} images, {plan.steps} steps at {plan.resolution}px. Captions:", file=err)
+        print(f"{len(plan.items)} images, {plan.steps} steps at {plan.resolution}px; buckets {plan.buckets}. "
+              "Captions:", file=err)
         for name, caption in plan.captions.items():
             print(f"  {name}: {caption}", file=err)
         for p in plan.problems:
@@ -185,15 +186,46 @@ def _extra_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _caption_parser(sub) -> None:
+    from sdlora.data.captioning import EXAMPLE_MODEL
+    p = sub.add_parser("caption", help="write a .txt caption for every image without one, with an image-captioning "
+                       "model (exit 1 if some image failed)")
+    p.add_argument("folder", metavar="DIR", help="the dataset folder (its images, as training sees them)")
+    p.add_argument("--model", required=True, help="a transformers image-to-text model (BLIP, GIT, ViT-GPT2, "
+                   f"Florence-2): a hub id, e.g. {EXAMPLE_MODEL} (needs network once), or a local folder of one")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions too (default: keep them)")
+    p.add_argument("--prefix", default="", help="put in front of every caption, joined with ', ' "
+                   "(typically the trigger word)")
+    p.add_argument("--suffix", default="", help="put after every caption, joined with ', '")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="at most N words from the model")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+
+
+def cmd_caption(a) -> int:
+    from sdlora.data.captioning import caption_folder
+    device = a.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def show(done, total, result):
+        print(f"[{done}/{total}] {result.line()}", flush=True)
+    report = caption_folder(a.folder, a.model, overwrite=a.overwrite, prefix=a.prefix, suffix=a.suffix,
+                            max_length=a.max_length, device=device, on_progress=show)
+    print(report.summary())
+    return 1 if report.of("failed") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion style LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
     _extra_parsers(sub)
+    _caption_parser(sub)
     a = parser.parse_args(argv)
     handler = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "check": cmd_check,
-               "merge": cmd_merge}[a.command]
+               "merge": cmd_merge, "caption": cmd_caption}[a.command]
     shown = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"sdlora: note: {message}\n"   # one line, no source
     try:

@@ -204,5 +204,30 @@ class ImagesMixin:
         self.dataset = ds
         return ds
 
+    def caption_images(self, model: str, overwrite: bool, trigger: str):
+        """Caption the dataset's images that have no caption (all of them if `overwrite`), the trigger word in
+        front, then rescan so every card shows its new caption to edit. Returns the CaptionReport."""
+        from sdlora.data.captioning import EXAMPLE_MODEL, CaptionError, caption_folder
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Upload images or load an example dataset first, then caption them.")
+        if not (model or "").strip():
+            raise UserError(f"Enter a captioning model: a hub id such as {EXAMPLE_MODEL} (downloaded once), "
+                            "or a local folder of one.")
+        if (trigger or "").strip() and trigger.strip() != ds.trigger:
+            # a new trigger is checked (and the cards rescanned with it) before any caption carries it
+            ds = self._use(ds.folder, trigger, ds.template, ds.resolution, ds.upload_notes)
+        import torch
+        # the GPU when it is free; while a training runs there, the captioner would compete for its memory
+        training = getattr(self, "job", None) is not None and self.job.alive()
+        device = "cuda" if torch.cuda.is_available() and not training else "cpu"
+        try:
+            report = caption_folder(ds.folder, model.strip(), overwrite=bool(overwrite), prefix=ds.trigger,
+                                    device=device)
+        except CaptionError as e:
+            raise UserError(str(e)) from None
+        ds.scan()
+        return report
+
 
 __all__ = ["Dataset", "Row", "ImagesMixin", "notes_html", "MAX_FILES", "MAX_FILE_BYTES", "MAX_TOTAL_BYTES"]

@@ -10,6 +10,7 @@ import html
 from types import SimpleNamespace
 
 from sdlora.config import Setting
+from sdlora.data.captioning import EXAMPLE_MODEL
 from sdlora.webui.forms import TEMPLATES, default_form, train_controls
 from sdlora.webui.images import notes_html
 from sdlora.webui.widgets import BASE_INFO, guarded, told
@@ -89,6 +90,14 @@ def layout(ui, demo) -> SimpleNamespace:
                                     else "None found in datasets/", allow_custom_value=True,
                                     value=(examples or [None])[0], elem_id="example")
             t.example_btn = gr.Button("Load example dataset")
+    with gr.Row():
+        t.caption_model = gr.Textbox(label="Captioning model", placeholder=EXAMPLE_MODEL, scale=3,
+                                     info="Writes a caption for each image without one, the trigger word in front: "
+                                     "a hub id of a transformers image-to-text model (BLIP, GIT, ViT-GPT2, "
+                                     "Florence-2; downloaded once) or a local folder of one", elem_id="caption-model")
+        t.caption_overwrite = gr.Checkbox(False, label="Overwrite existing captions", scale=1,
+                                          elem_id="caption-overwrite")
+        t.caption_btn = gr.Button("Caption images", scale=1, elem_id="caption")
     t.summary = gr.Markdown("No images yet.", elem_id="ds-summary")
     gr.render(inputs=t.rev, triggers=[t.rev.change, demo.load])(lambda rev: gallery(ui, rev))
     gr.Markdown("### 2. Settings")
@@ -142,6 +151,15 @@ def wire(ui, t: SimpleNamespace) -> None:
         return [*with_defaults(rev, ds), trigger]
     t.example_btn.click(guarded(on_example), [t.example, t.rev, F["template"], F["resolution"]],
                         [t.rev, t.summary, *derived, F["trigger"]])
+
+    def on_caption(model, overwrite, trigger, rev):
+        report = ui.caption_images(model, overwrite, trigger)
+        failed = [f"Not captioned: {r.path.name}: {r.reason}" for r in report.of("failed")]
+        lines = [f"Captions: {len(report.of('written'))} written, {len(report.of('kept'))} kept"
+                 f"{', ' + str(len(failed)) + ' failed' if failed else ''}; check and edit them below.", *failed]
+        return rev + 1, ui.dataset.summary() + "\n\n" + "\n\n".join(html.escape(x, quote=False) for x in lines)
+    t.caption_btn.click(guarded(on_caption), [t.caption_model, t.caption_overwrite, F["trigger"], t.rev],
+                        [t.rev, t.summary])
 
     def on_rescan(rev, trigger, tpl, res):
         ds = ui.rescan(trigger, tpl, res)
