@@ -143,12 +143,18 @@ def test_gallery_shows_each_image_as_trained_with_problems_beside_it(ui, tmp_pat
     ds = ui.load_uploads(paths + [str(rgba), str(tmp_path / "in" / "turned.jpg"), str(tmp_path / "in" / "notes.png")],
                          "zqx", webui.TEMPLATES["style"], 64)
     rows = {r.name: r for r in ds.rows()}
+    buckets = {it.path.name: f.bucket for it, f in zip(ds.items, ds.fits)}
+    assert buckets["alpha.png"] == (64, 64) and buckets["turned.jpg"] == (48, 80)      # upright: a portrait
     for name in ("alpha.png", "turned.jpg"):
         shown = np.asarray(Image.open(rows[name].preview).convert("RGB"))
-        assert np.array_equal(shown, np.asarray(load_image(ds.folder / name, 64)))      # exactly what trains
+        want = np.asarray(load_image(ds.folder / name, 64, buckets[name]))
+        assert np.array_equal(shown, want)                                            # exactly what trains
     assert np.asarray(Image.open(rows["alpha.png"].preview))[0, 0].tolist()[:3] == [255, 255, 255]  # alpha on white
     turned = np.asarray(Image.open(rows["turned.jpg"].preview).convert("RGB")).astype(int)
-    assert turned[:, 32].sum() > turned[32, :].sum()         # the horizontal bar now stands upright
+    assert turned[:, 24].sum() > turned[40, :].sum()         # the horizontal bar now stands upright
+    assert "Buckets (each image trains at its own shape): 48x80: 1 image, 64x64: 4 images" in ds.summary()
+    squared = ui.rescan("zqx", webui.TEMPLATES["style"], 64, buckets=False)
+    assert {f.bucket for f in squared.fits} == {(64, 64)} and "cropped to a square: 64x64: 5 images" in squared.summary()
     bad = rows["notes.png"]
     assert not bad.usable and bad.preview is None and "not an image" in bad.notes[0]
     assert "5 images ready to train" in ds.summary() and "1 skipped" in ds.summary()
@@ -483,3 +489,17 @@ def test_native_resolution_and_durations():
     assert native_resolution("tiny-random") == 64
     assert native_resolution("/no/such/base") == 512
     assert [webui.duration(s) for s in (5, 65, 3725)] == ["5 s", "1 min 05 s", "1 h 02 min"]
+
+
+def test_every_caption_edited_at_once_is_saved_beside_its_image(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path, 4), "zqx", webui.TEMPLATES["style"], 64)
+    ui.set_caption("img 1.png", "zqx, a green ring")
+    summary = ui.edit_captions("ring", "circle outline", "zqx", "neon tubes")
+    captions = {r.name: r.caption for r in ui.dataset.rows()}
+    assert captions["img 1.png"] == "zqx, a green circle outline, neon tubes"
+    assert captions["img 0.png"] == "an image in zqx style, neon tubes"          # the trigger was in it already
+    assert (ui.dataset.folder / "img 0.txt").read_text(encoding="utf-8") == captions["img 0.png"]
+    assert "Edited 4 captions." in summary
+    assert ui.edit_captions("", "", "zqx", "neon tubes").endswith("Edited 0 captions.")   # nothing added twice
+    with pytest.raises(UserError, match="Upload images first"):
+        WebUI(tmp_path / "o2", base="tiny-random").edit_captions("a", "b", "", "")

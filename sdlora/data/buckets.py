@@ -62,6 +62,15 @@ def square(size: tuple[int, int], resolution: int) -> Fit:
     return fit(size, [(resolution, resolution)])
 
 
+def assign(sizes: list[tuple[int, int]], resolution: int, multiple: int, enabled: bool = True) -> list[Fit]:
+    """Each image's Fit: its bucket when buckets are `enabled`, else the square crop. The one rule the trainer
+    (training.plan) and the web UI's image cards both follow."""
+    if not enabled:
+        return [square(size, resolution) for size in sizes]
+    options = bucket_sizes(resolution, multiple)
+    return [fit(size, options) for size in sizes]
+
+
 def summary(fits: list[Fit]) -> str:
     """'64x64: 3 images, 48x80: 2 images' (tallest first)."""
     counts = Counter(f.bucket for f in fits)
@@ -69,4 +78,4 @@ def summary(fits: list[Fit]) -> str:
                      for (w, h), n in sorted(counts.items(), key=lambda kv: kv[0][0] / kv[0][1]))
 
 
-__all__ = ["Fit", "bucket_sizes", "cover", "fit", "square", "summary", "MAX_BUCKET_ASPECT"]
+__all__ = ["Fit", "bucket_sizes", "cover", "fit", "square", "assign", "summary", "MAX_BUCKET_ASPECT"]

@@ -76,11 +76,7 @@ def plan(data: DataConfig, cfg: TrainConfig, native: Geometry) -> Plan:
     items, problems = dataset.scan_dataset(folder, data.trigger, data.template, res, tokenizer=load_tokenizer())
     dataset.require_trainable(items, problems, folder)
     steps = cfg.steps or default_steps(len(items))
-    if data.buckets:
-        sizes = buckets.bucket_sizes(res, native.multiple)
-        fits = [buckets.fit(it.size, sizes) for it in items]
-    else:
-        fits = [buckets.square(it.size, res) for it in items]
+    fits = buckets.assign([it.size for it in items], res, native.multiple, data.buckets)
     return Plan(items, problems, steps, res, {it.path.name: it.caption for it in items}, fits)
 
 

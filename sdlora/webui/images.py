@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.bases.load import native_resolution
+from sdlora.bases.load import native_geometry, native_resolution
 from sdlora.config import ConfigError, DataConfig, default_steps
+from sdlora.data import buckets as bucketing
 from sdlora.data import scan as dataset
-from sdlora.data.captions import folder_defaults, readme_trigger
+from sdlora.data.captions import folder_defaults, has_trigger, readme_trigger
+from sdlora.safefiles import atomic_write_bytes
 from sdlora.webui.forms import TEMPLATES, UserError, safe_filename, whole, within
 
 MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
@@ -38,28 +40,32 @@ class Dataset:
     trigger: str
     template: str
     resolution: int
+    multiple: int = 64                                      # bucket sides are multiples of this (the base's)
+    buckets: bool = True                                    # aspect-ratio buckets, as DataConfig.buckets
     items: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    fits: list = field(default_factory=list)                # per item: its bucket and crop (data.buckets.Fit)
     upload_notes: list[str] = field(default_factory=list)   # files refused at upload (limits)
 
     def scan(self) -> None:
         self.items, self.problems = dataset.scan_dataset(self.folder, self.trigger, self.template, self.resolution)
+        self.fits = bucketing.assign([it.size for it in self.items], self.resolution, self.multiple, self.buckets)
 
     def rows(self) -> list[Row]:
         out = []
-        for it in self.items:
-            out.append(Row(it.path.name, str(self.preview(it.path)), it.caption, list(it.notes), True))
+        for it, fit in zip(self.items, self.fits):
+            out.append(Row(it.path.name, str(self.preview(it.path, fit.bucket)), it.caption, list(it.notes), True))
         for p in self.problems:
             if p.fatal and Path(p.path) != self.folder:
                 out.append(Row(Path(p.path).name, None, "", [p.reason], False))
         return out
 
-    def preview(self, path: Path) -> Path:
-        """The image as it will be trained (EXIF rotation, alpha on white, crop), cached per resolution."""
-        out = self.folder / ".preview" / f"{self.resolution}-{path.stem}.png"
+    def preview(self, path: Path, bucket: tuple[int, int]) -> Path:
+        """The image as it will be trained (EXIF rotation, alpha on white, its bucket's crop), cached per size."""
+        out = self.folder / ".preview" / f"{bucket[0]}x{bucket[1]}-{path.stem}.png"
         if not out.is_file() or out.stat().st_mtime < path.stat().st_mtime:
             out.parent.mkdir(exist_ok=True)
-            dataset.load_image(path, self.resolution).save(out)
+            dataset.load_image(path, self.resolution, bucket).save(out)
         return out
 
     def summary(self) -> str:
@@ -71,6 +77,9 @@ class Dataset:
         if skipped:
             parts.append(f"{skipped} skipped (see the reasons below)")
         lines = [", ".join(parts) + "."]
+        if self.fits:
+            lines.append(("Buckets (each image trains at its own shape): " if self.buckets else
+                          "No buckets, every image is cropped to a square: ") + bucketing.summary(self.fits))
         if n < dataset.MIN_IMAGES:
             lines.append(f"At least {dataset.MIN_IMAGES} usable images are needed before training can start.")
         elif n < 5:
@@ -154,13 +163,13 @@ class ImagesMixin:
             return []
         return sorted(d.name for d in self.datasets_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
-    def rescan(self, trigger: str, template: str, resolution=None) -> Dataset | None:
-        """Scan the current dataset again if trigger / template / resolution changed; None if nothing changed."""
+    def rescan(self, trigger: str, template: str, resolution=None, buckets: bool = True) -> Dataset | None:
+        """Scan the current dataset again if trigger / template / resolution / buckets changed; None if not."""
         ds = self.dataset
-        if ds is None or ((trigger or "").strip(), template, self._size(resolution)) == (ds.trigger, ds.template,
-                                                                                        ds.resolution):
+        now = ((trigger or "").strip(), template, self._size(resolution), bool(buckets))
+        if ds is None or now == (ds.trigger, ds.template, ds.resolution, ds.buckets):
             return None
-        return self._use(ds.folder, trigger, template, resolution, ds.upload_notes)
+        return self._use(ds.folder, trigger, template, resolution, ds.upload_notes, bool(buckets))
 
     def set_caption(self, name: str, text: str) -> Row:
         """Save an edited caption as the image's .txt file; returns the card as it trains now."""
@@ -193,16 +202,40 @@ class ImagesMixin:
         """The training size a field's value means: the number, or the base's own size when it is empty."""
         return whole(resolution) or native_resolution(self.base)
 
-    def _use(self, folder: Path, trigger: str, template: str, resolution, notes: list[str]) -> Dataset:
+    def _use(self, folder: Path, trigger: str, template: str, resolution, notes: list[str],
+             buckets: bool = True) -> Dataset:
         try:
             probe = DataConfig(folder=str(folder), trigger=trigger or "", template=template or TEMPLATES["style"],
-                               resolution=whole(resolution) or None)
+                               resolution=whole(resolution) or None, buckets=bool(buckets))
         except ConfigError as e:
             raise UserError(str(e)) from None
-        ds = Dataset(folder, probe.trigger, probe.template, self._size(probe.resolution), upload_notes=list(notes))
+        ds = Dataset(folder, probe.trigger, probe.template, self._size(probe.resolution),
+                     native_geometry(self.base).multiple, probe.buckets, upload_notes=list(notes))
         ds.scan()
         self.dataset = ds
         return ds
+
+    def edit_captions(self, find: str, replace: str, prefix: str, suffix: str) -> str:
+        """Edit every usable image's caption at once: replace `find` (literally, every time) with `replace`, then
+        put `prefix` in front and `suffix` at the end (joined with ', '; not where the caption has it already). Each changed
+        caption is saved as its image's .txt; returns the dataset summary with how many changed."""
+        ds = self.dataset
+        if ds is None:
+            raise UserError("Upload images first.")
+        find, prefix, suffix = find or "", (prefix or "").strip(), (suffix or "").strip()
+        changed = 0
+        for it in ds.items:
+            text = it.caption.replace(find, replace or "") if find else it.caption
+            text = " ".join(text.split()).strip(" ,")
+            if prefix and not has_trigger(text, prefix):          # as a word or phrase of its own, anywhere
+                text = f"{prefix}, {text}"
+            if suffix and not has_trigger(text, suffix):
+                text = f"{text}, {suffix}"
+            if text != it.caption:
+                atomic_write_bytes(it.path.with_suffix(".txt"), text.encode("utf-8"))
+                changed += 1
+        ds.scan()
+        return ds.summary() + f"\n\nEdited {changed} caption{'s' * (changed != 1)}."
 
     def caption_images(self, model: str, overwrite: bool, trigger: str):
         """Caption the dataset's images that have no caption (all of them if `overwrite`), the trigger word in

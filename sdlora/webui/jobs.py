@@ -116,7 +116,7 @@ class RunsMixin:
         try:
             data, spec, cfg = build_configs(form, str(ds.folder), self.base, str(self.outputs))
             ds.trigger, ds.template = data.trigger, data.template
-            ds.resolution = data.resolution or ds.resolution
+            ds.resolution, ds.buckets = data.resolution or ds.resolution, data.buckets
             ds.scan()
             dataset.require_trainable(ds.items, ds.problems, ds.folder.name)
         except (ConfigError, dataset.DatasetError) as e:

@@ -99,6 +99,14 @@ def layout(ui, demo) -> SimpleNamespace:
                                           elem_id="caption-overwrite")
         t.caption_btn = gr.Button("Caption images", scale=1, elem_id="caption")
     t.summary = gr.Markdown("No images yet.", elem_id="ds-summary")
+    with gr.Accordion("Edit all captions at once", open=False):
+        with gr.Row():
+            t.find = gr.Textbox(label="Find", elem_id="edit-find")
+            t.replace = gr.Textbox(label="Replace with", elem_id="edit-replace")
+            t.prefix = gr.Textbox(label="Add in front", info="joined with ', '; not added twice", elem_id="edit-prefix")
+            t.suffix = gr.Textbox(label="Add at the end", info="joined with ', '; not added twice",
+                                  elem_id="edit-suffix")
+        t.edit_btn = gr.Button("Apply to every caption", elem_id="edit-apply")
     gr.render(inputs=t.rev, triggers=[t.rev.change, demo.load])(lambda rev: gallery(ui, rev))
     gr.Markdown("### 2. Settings")
     t.kind = gr.Radio(["style", "subject"], value="style", label="What the images share",
@@ -161,13 +169,16 @@ def wire(ui, t: SimpleNamespace) -> None:
     t.caption_btn.click(guarded(on_caption), [t.caption_model, t.caption_overwrite, F["trigger"], t.rev],
                         [t.rev, t.summary])
 
-    def on_rescan(rev, trigger, tpl, res):
-        ds = ui.rescan(trigger, tpl, res)
+    def on_rescan(rev, trigger, tpl, res, buckets):
+        ds = ui.rescan(trigger, tpl, res, buckets)
         return (rev + 1, ds.summary()) if ds else (gr.skip(), gr.skip())
-    rescan_inputs = [t.rev, F["trigger"], F["template"], F["resolution"]]
+    rescan_inputs = [t.rev, F["trigger"], F["template"], F["resolution"], F["buckets"]]
     for comp in (F["trigger"], F["template"], F["resolution"]):
         comp.blur(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
         comp.submit(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
+    F["buckets"].change(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
+    t.edit_btn.click(guarded(lambda rev, *edit: (rev + 1, ui.edit_captions(*edit))),
+                     [t.rev, t.find, t.replace, t.prefix, t.suffix], [t.rev, t.summary])
     t.kind.change(lambda k: TEMPLATES[k], t.kind, F["template"]).then(guarded(on_rescan), rescan_inputs,
                                                                       [t.rev, t.summary])
     t.start.click(told(lambda *v: (ui.start(dict(zip(F, v, strict=True))), "Training started.")[1]),
