@@ -162,3 +162,15 @@ def test_caption_dropout_trains_that_share_on_the_empty_caption(tmp_path, style_
     result = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
                    cfg(tmp_path, caption_dropout=0.5, shuffle_tags=True, keep_tags=1, run_name="recipes"))
     assert result.lora_path.is_file()
+
+
+def test_the_cli_prints_the_buckets_before_training(tmp_path, capsys):
+    from sdlora.cli import main
+    folder = mixed_shapes(tmp_path / "d")
+    code = main(["train", "--data", str(folder), "--trigger", "zqx", "--base", "tiny-random", "--steps", "1",
+                 "--sample-every", "0", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    first = err.splitlines()[0]
+    assert first.startswith("5 images, 1 steps at 64px; buckets ") and "64x64: 1 image" in first, first
+    assert "48x80: 2 images" in first and "80x48: 2 images" in first

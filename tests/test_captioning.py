@@ -320,3 +320,37 @@ def test_train_tab_has_the_caption_button_wired_to_the_gallery(tmp_path, ui, mod
     import gradio as gr
     with pytest.raises(gr.Error, match="could not fetch"):
         dep.fn(OFFLINE_ID, True, "zqx", 5)
+
+
+def test_mixed_shape_uncaptioned_images_train_from_the_web_ui_after_one_click(tmp_path, ui, model_dir):
+    """The first-timer's path: portrait, landscape and square pictures with no captions are uploaded, captioned
+    by one click, shown in their buckets, and trained; the run records each image's model caption and bucket."""
+    import json
+    import time
+
+    from PIL import Image
+
+    from sdlora.webui.forms import default_form
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, size in {"tall": (60, 110), "wide": (120, 66), "square": (80, 80), "tall2": (64, 100)}.items():
+        Image.new("RGB", size, (20, 30, 200)).save(src / f"{name}.png")
+    ui.load_uploads([str(p) for p in sorted(src.glob("*.png"))], "zqx", "an image in {trigger} style", 64)
+    report = ui.caption_images(str(model_dir), False, "zqx")
+    assert len(report.of("written")) == 4
+    shown = ui.dataset.summary()
+    assert "Buckets (each image trains at its own shape): " in shown and "48x80" in shown and "80x48" in shown
+    form = default_form("tiny-random", len(ui.dataset.items))
+    form.update(trigger="zqx", steps=2, sample_every=0)
+    job = ui.start(form)
+    deadline = time.time() + 300                       # a hang guard, not a speed claim
+    while job.alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.state == "done", job.error
+    config = json.loads((job.run_dir / "config.json").read_text())
+    for name in ("tall.png", "wide.png", "square.png", "tall2.png"):
+        caption = (ui.dataset.folder / name).with_suffix(".txt").read_text(encoding="utf-8")
+        assert config["captions"][name] == caption and words_after(caption, "zqx")
+    buckets = {name: tuple(e["bucket"]) for name, e in config["images"].items()}
+    assert buckets["tall.png"][0] < buckets["tall.png"][1] and buckets["wide.png"][0] > buckets["wide.png"][1]
+    assert buckets["square.png"] == (64, 64)
