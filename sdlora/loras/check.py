@@ -45,8 +45,24 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
         sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need
     tools = compat_report(sd, **module_sets)
-    ok = all(not r["unmapped"] for r in tools.values()) and family in (families.UNKNOWN, base.family)
-    return {"format": fmt, "family": family, "base": base.name, "base_family": base.family, "tools": tools, "ok": ok}
+    sd_layout = is_sd_layout(base)
+    judged = tools if sd_layout else {"diffusers": tools["diffusers"]}   # A1111/ComfyUI cannot load this base
+    ok = all(not r["unmapped"] for r in judged.values()) and family in (families.UNKNOWN, base.family)
+    report = {"format": fmt, "family": family, "base": base.name, "base_family": base.family, "tools": tools,
+              "sd_layout": sd_layout, "ok": ok}
+    if not sd_layout:
+        report["base_note"] = (f"base '{base.name}' is not an SD checkpoint A1111 or ComfyUI can load (its U-Net is "
+                               "laid out differently), so its LoRAs are for trying sdlora, and for diffusers with "
+                               "this base. Train on an SD 1.x/2.x checkpoint (--base) for a file every tool uses")
+    return report
+
+
+def is_sd_layout(base: Base) -> bool:
+    """Whether the base's U-Net is laid out as SD's checkpoints are (two layers per block, a family's
+    cross-attention width): what A1111 and ComfyUI can load, and A1111's key rule assumes. The built-in `tiny`
+    base and the small test bases are not."""
+    cfg = base.unet.config
+    return cfg.layers_per_block == 2 and families.by_context_dim(cfg.cross_attention_dim) != families.UNKNOWN
 
 
 def check_file(path: str | Path, base: Base) -> dict:
@@ -64,8 +80,12 @@ def format_check(report: dict) -> str:
     if report["format"] != "kohya":
         lines.append("(A1111 and ComfyUI need the kohya naming; checked as the kohya file sdlora would write)")
     lines.append(format_report(report["tools"]))
-    lines.append("all keys map" if report["ok"] else "NOT every key maps: those keys would do nothing in that tool")
+    if report.get("sd_layout", True):
+        lines.append("all keys map" if report["ok"] else "NOT every key maps: those keys would do nothing in that tool")
+    else:
+        lines.append(("diffusers maps every key. " if report["ok"] else "NOT every key maps in diffusers. ") +
+                     report["base_note"])
     return "\n".join(lines)
 
 
-__all__ = ["check_file", "check_state_dict", "format_check", "base_module_sets"]
+__all__ = ["check_file", "check_state_dict", "format_check", "base_module_sets", "is_sd_layout"]

@@ -23,43 +23,48 @@ def lora_info(path: Path) -> dict:
     return info
 
 
-def _compat_tools(path: Path) -> dict | None:
-    """The per-tool part of a run's compat.json ({tool: {mapped, total, unmapped, note}}), None if absent."""
+def _compat(path: Path) -> tuple[dict | None, dict]:
+    """(the per-tool part of a run's compat.json ({tool: {mapped, total, unmapped, note}}), the whole report);
+    (None, {}) if absent, ({}, {}) if unreadable."""
     if not path.is_file():
-        return None
+        return None, {}
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
         tools = report.get("tools", report)
         if all(isinstance(r, dict) and {"mapped", "total"} <= set(r) for r in tools.values()):
-            return tools
+            return tools, report
     except (OSError, ValueError, AttributeError):
         pass
-    return {}
+    return {}, {}
 
 
 def compat_summary(path: Path) -> str:
     """'A1111 28/28 · ComfyUI 28/28 · diffusers 28/28' from a compat.json, or '' when there is none."""
     from sdlora.loras.tools import TOOLS
-    tools = _compat_tools(path)
+    tools, report = _compat(path)
     if tools is None:
         return ""
     if not tools:
         return "compat.json is not readable"
+    if report.get("sd_layout") is False:           # a base A1111 and ComfyUI cannot load: their counts mean nothing
+        r = tools["diffusers"]
+        return f"diffusers {r['mapped']}/{r['total']} (trained on sdlora's own base: for trying sdlora)"
     return " · ".join(f"{TOOLS.get(t, t)} {r['mapped']}/{r['total']}" for t, r in tools.items())
 
 
 def compat_details(path: Path) -> str:
     """One line per tool with the keys it would skip, from compat.json."""
     from sdlora.loras.tools import format_report
-    tools = _compat_tools(path)
+    tools, report = _compat(path)
     if tools is None:
         return "Not checked: this run folder has no compat.json."
     if not tools:
         return "compat.json is not readable."
     try:
-        return format_report(tools)
+        text = format_report(tools)
     except (KeyError, TypeError):
         return compat_summary(path)
+    return text + (f"\n{report['base_note']}" if report.get("base_note") else "")
 
 
 class LibraryMixin:
