@@ -250,5 +250,5 @@ def delete_lora(path: Path, outputs: Path) -> str:
 
 __all__ = ["RunError", "run_config", "read_run_config", "open_log", "read_log", "lora_files", "lora_with_sidecars",
            "lora_path", "sidecar_json_path", "preview_path", "compat_path", "sample_path", "sample_of",
-           "resumable_runs", "delete_lora", "safe_name", "new_run_dir", "library_versions", "write_json", "write_png", "now_iso",
-           "save_checkpoint", "latest_checkpoint", "load_checkpoint"]
+           "resumable_runs", "delete_lora", "safe_name", "new_run_dir", "library_versions", "write_json", "write_png",
+           "now_iso", "save_checkpoint", "latest_checkpoint", "load_checkpoint"]

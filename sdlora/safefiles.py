@@ -255,5 +255,5 @@ def read_pickle(path: Path, allow_pickle: bool, kind: str = "LoRA file") -> dict
     return obj
 
 
-__all__ = ["LoraFileError", "atomic_write", "atomic_write_bytes", "read_pickle", "save_lora_file", "read_lora_file", "read_header",
-           "PICKLE_SUFFIXES", "MAX_HEADER_BYTES"]
+__all__ = ["LoraFileError", "atomic_write", "atomic_write_bytes", "read_pickle", "save_lora_file", "read_lora_file",
+           "read_header", "PICKLE_SUFFIXES", "MAX_HEADER_BYTES"]

@@ -288,4 +288,5 @@ def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
                 scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
 
 
-__all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_tokenizer", "native_resolution", "native_geometry", "tiny_random_base", "random_base_from_configs"]
+__all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_tokenizer", "native_resolution", "native_geometry",
+           "tiny_random_base", "random_base_from_configs"]

@@ -138,5 +138,5 @@ def readme_trigger(folder: str | Path) -> str:
     return ""
 
 
-__all__ = ["has_trigger", "without_trigger", "drop_words", "shuffle_tags", "caption_variants", "caption_for", "folder_defaults",
-           "readme_trigger"]
+__all__ = ["has_trigger", "without_trigger", "drop_words", "shuffle_tags", "caption_variants", "caption_for",
+           "folder_defaults", "readme_trigger"]

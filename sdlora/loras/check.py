@@ -74,7 +74,8 @@ def check_file(path: str | Path, base: Base) -> dict:
 
 def format_check(report: dict) -> str:
     fam, base_fam = families.title(report["family"]), families.title(report["base_family"])
-    lines = [f"{report.get('file', 'LoRA')}: {report['format']} format, for {fam}; base '{report['base']}' is {base_fam}"]
+    lines = [f"{report.get('file', 'LoRA')}: {report['format']} format, for {fam}; "
+             f"base '{report['base']}' is {base_fam}"]
     if report["family"] not in (families.UNKNOWN, report["base_family"]):
         lines.append(f"wrong base: the file is for {fam}, the base is {base_fam}")
     if report["format"] != "kohya":

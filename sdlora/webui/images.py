@@ -217,8 +217,8 @@ class ImagesMixin:
 
     def edit_captions(self, find: str, replace: str, prefix: str, suffix: str) -> str:
         """Edit every usable image's caption at once: replace `find` (literally, every time) with `replace`, then
-        put `prefix` in front and `suffix` at the end (joined with ', '; not where the caption has it already). Each changed
-        caption is saved as its image's .txt; returns the dataset summary with how many changed."""
+        put `prefix` in front and `suffix` at the end (joined with ', '; not where the caption has it already).
+        Each changed caption is saved as its image's .txt; returns the dataset summary with how many changed."""
         ds = self.dataset
         if ds is None:
             raise UserError("Upload images first.")

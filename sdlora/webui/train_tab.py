@@ -150,7 +150,8 @@ def wire(ui, t: SimpleNamespace) -> None:
         s = ui.suggestions(len(ds.items))
         return [rev + 1, ds.summary(), *[s[name] for name in DERIVED]]
 
-    t.files.upload(guarded(lambda paths, rev, trig, tpl, res: with_defaults(rev, ui.load_uploads(paths, trig, tpl, res))),
+    t.files.upload(guarded(lambda paths, rev, trig, tpl, res:
+                           with_defaults(rev, ui.load_uploads(paths, trig, tpl, res))),
                    [t.files, t.rev, F["trigger"], F["template"], F["resolution"]], [t.rev, t.summary, *derived])
     t.files.clear(lambda rev: (ui.clear_dataset(), rev + 1, "No images yet.")[1:], t.rev, [t.rev, t.summary])
 
