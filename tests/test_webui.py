@@ -503,3 +503,30 @@ def test_every_caption_edited_at_once_is_saved_beside_its_image(ui, tmp_path):
     assert ui.edit_captions("", "", "zqx", "neon tubes").endswith("Edited 0 captions.")   # nothing added twice
     with pytest.raises(UserError, match="Upload images first"):
         WebUI(tmp_path / "o2", base="tiny-random").edit_captions("a", "b", "", "")
+
+
+def test_cards_say_when_an_image_has_no_caption_and_errors_name_files_not_server_folders(ui, tmp_path):
+    ui.load_uploads(_uploads(tmp_path, 3), "zqx", webui.TEMPLATES["style"], 64)
+    ui.set_caption("img 1.png", "zqx, a green ring")
+    rows = {r.name: r for r in ui.dataset.rows()}
+    assert rows["img 0.png"].notes[0].startswith("no caption file: it trains with the template caption")
+    assert not any("no caption file" in n for n in rows["img 1.png"].notes)
+    (tmp_path / "in" / "notes.png").write_bytes(b"plain text, not a picture")
+    ui.load_uploads([str(tmp_path / "in" / "img 0.png"), str(tmp_path / "in" / "notes.png")], "zqx",
+                    webui.TEMPLATES["style"], 64)
+    with pytest.raises(UserError) as e:
+        ui.start(form())
+    text = str(e.value)
+    assert text.startswith("Your images: only 1 usable image(s); at least 3 are needed") and "- notes.png: " in text
+    assert ".uploads" not in text and str(ui.outputs) not in text
+
+
+def test_number_fields_leave_the_range_check_to_the_setting_so_the_error_names_it(ui):
+    from sdlora.webui.page import build
+    demo = build(ui)
+    numbers = [b for b in demo.blocks.values() if (b.elem_id or "").startswith("f-") and type(b).__name__ == "Number"]
+    assert numbers and all(getattr(b, "minimum", None) is None for b in numbers)
+    with pytest.raises(UserError, match=r"steps=-5 is not allowed: use a whole number from 1"):
+        ui.dataset = None
+        ui.load_uploads(_uploads(Path(ui.outputs).parent, 3), "zqx", webui.TEMPLATES["style"], 64)
+        ui.start(form(steps=-5.0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sdlora.data.captions import read_caption, caption_file, caption_for, folder_defaults, without_trigger
 from sdlora.data.images import ImageError, decode, load_image, pixel_digest, sniff, to_tensor
@@ -157,15 +157,17 @@ def scan_dataset(folder: Path | str, trigger: str, template: str = "an image in 
     return items, problems
 
 
-def require_trainable(items: list[Item], problems: list[Problem], folder: Path | str) -> None:
-    """Raise DatasetError listing every fatal problem if fewer than MIN_IMAGES images are usable."""
+def require_trainable(items: list[Item], problems: list[Problem], folder: Path | str,
+                      show: Callable[[str], str] = str) -> None:
+    """Raise DatasetError listing every fatal problem if fewer than MIN_IMAGES images are usable; `show` turns
+    a problem's path into what the message names (the web UI names files, not its server folders)."""
     if len(items) >= MIN_IMAGES:
         return
     lines = [f"{folder}: only {len(items)} usable image(s); at least {MIN_IMAGES} are needed to train a style."]
     fatal = [p for p in problems if p.fatal]
     if fatal:
         lines.append(f"{len(fatal)} file(s) could not be used:")
-        lines += [f"  - {p.path}: {p.reason}" for p in fatal]
+        lines += [f"  - {show(p.path)}: {p.reason}" for p in fatal]
     else:
         lines.append("Add more images (PNG, JPEG or WebP) to the folder.")
     raise DatasetError("\n".join(lines))

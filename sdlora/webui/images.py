@@ -54,7 +54,10 @@ class Dataset:
     def rows(self) -> list[Row]:
         out = []
         for it, fit in zip(self.items, self.fits):
-            out.append(Row(it.path.name, str(self.preview(it.path, fit.bucket)), it.caption, list(it.notes), True))
+            notes = list(it.notes)
+            if it.caption_source == "template":         # no .txt: say so, so a missing caption is never silent
+                notes.insert(0, "no caption file: it trains with the template caption; edit it here to give it one")
+            out.append(Row(it.path.name, str(self.preview(it.path, fit.bucket)), it.caption, notes, True))
         for p in self.problems:
             if p.fatal and Path(p.path) != self.folder:
                 out.append(Row(Path(p.path).name, None, "", [p.reason], False))

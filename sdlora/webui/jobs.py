@@ -118,7 +118,7 @@ class RunsMixin:
             ds.trigger, ds.template = data.trigger, data.template
             ds.resolution, ds.buckets = data.resolution or ds.resolution, data.buckets
             ds.scan()
-            dataset.require_trainable(ds.items, ds.problems, ds.folder.name)
+            dataset.require_trainable(ds.items, ds.problems, "Your images", show=lambda p: Path(p).name)
         except (ConfigError, dataset.DatasetError) as e:
             raise UserError(str(e)) from None
         except (TypeError, ValueError) as e:        # an emptied number field arrives as None

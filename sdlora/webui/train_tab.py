@@ -30,7 +30,9 @@ def control(s: Setting, value):
         # a Number box cannot be left empty (the page sends 0), and "unset" is a value of these settings
         c = gr.Textbox("" if value is None else str(value), label=s.label, info=info, placeholder="unset")
     elif s.kind in (int, float):
-        c = gr.Number(value, label=s.label, info=info, precision=0 if s.kind is int else None, minimum=s.low)
+        # no minimum here: the page would refuse a value with a toast that names no field; the setting's own
+        # check names it (told() shows that message)
+        c = gr.Number(value, label=s.label, info=info, precision=0 if s.kind is int else None)
     else:
         c = gr.Textbox(value, label=s.label, info=info)
     c.elem_id = f"f-{s.name}"
