@@ -149,6 +149,7 @@ def read_run_config(run_dir: Path):
     if not path.is_file():
         raise RunError(f"{run_dir} is not an sdlora run folder (no config.json); pass the folder of a run")
     raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["data"].setdefault("buckets", False)     # runs started before buckets existed trained on square crops
     train_cfg = dict(raw["train"], steps=raw["steps"])
     return (from_dict(DataConfig, raw["data"]), from_dict(LoraSpec, raw["lora"]), from_dict(TrainConfig, train_cfg))
 

@@ -174,3 +174,22 @@ def test_the_cli_prints_the_buckets_before_training(tmp_path, capsys):
     first = err.splitlines()[0]
     assert first.startswith("5 images, 1 steps at 64px; buckets ") and "64x64: 1 image" in first, first
     assert "48x80: 2 images" in first and "80x48: 2 images" in first
+
+
+def test_a_run_started_before_buckets_resumes_on_square_crops(tmp_path):
+    """A config.json without the buckets setting is from a version that cropped every image to a square."""
+    from sdlora.runs import read_run_config
+    folder = mixed_shapes(tmp_path / "d")
+    cancel = threading.Event()
+
+    class StopAt1(Callbacks):
+        def on_step(self, info):
+            cancel.set()
+    stopped = train(DataConfig(folder=str(folder), trigger="zqx", buckets=False), LoraSpec(rank=2),
+                    cfg(tmp_path, run_name="old"), callbacks=StopAt1(), cancel=cancel)
+    path = stopped.run_dir / "config.json"
+    config = json.loads(path.read_text())
+    del config["data"]["buckets"]
+    path.write_text(json.dumps(config))
+    assert read_run_config(stopped.run_dir)[0].buckets is False
+    assert train(None, resume=stopped.run_dir).lora_path.is_file()
