@@ -8,7 +8,7 @@ Public API::
     gen = Generator("tiny")
     image = gen.generate(GenerateConfig(prompt="a red circle, neonstyle"), [LoraChoice(str(result.lora_path), 0.8)])
 """
-__version__ = "0.1.0"
+from sdlora.version import __version__  # noqa: E402
 
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps  # noqa: E402
 from sdlora.generate import Generator, LoraChoice, read_lora  # noqa: E402

@@ -64,7 +64,7 @@ def library_versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from sdlora import __version__
+    from sdlora.version import __version__
     return {"sdlora": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__}

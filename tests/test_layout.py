@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "sdlora"
 # Each home's layer; a module may import its own layer or lower ones. The built-in base's build (tinybase)
 # stands apart: it imports nothing of the rest, so the product never depends on how the toy base was made.
-LAYERS = {"config": 0, "setting": 0, "safefiles": 0, "bases": 0, "data": 0, "tinybase": 0,
+LAYERS = {"version": 0, "config": 0, "setting": 0, "safefiles": 0, "bases": 0, "data": 0, "tinybase": 0,
           "loras": 1, "runs": 1,
           "generate": 2,
           "training": 3,
@@ -27,9 +27,7 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("sdlora")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sdlora"):
-            # from the package itself only its version, set before it imports anything, may be taken
-            out |= {node.module if node.module != "sdlora" else "" if a.name == "__version__" else f"sdlora.{a.name}"
-                    for a in node.names}
+            out |= {node.module if node.module != "sdlora" else f"sdlora.{a.name}" for a in node.names}
     return out
 
 
