@@ -117,6 +117,7 @@ class Generator:
         self.stack, self.lock = self.base.lora_stack, self.base.lora_stack.lock
         self._files: dict[str, tuple[float, LoadedLora]] = {}
         self._choices: list[LoraChoice] = []
+        self._fused = False
 
     def load(self, path: str | Path) -> LoadedLora:
         p = Path(path)
@@ -130,20 +131,24 @@ class Generator:
         return hit[1]
 
     def set_loras(self, choices: list[LoraChoice], fused: bool = False) -> list[LoadedLora]:
-        self._choices = list(choices)
         loaded = [self.load(c.path) for c in choices]
         applied = [Applied(Path(c.path).stem, ld.loras, c.strength,
                            c.strength if c.te_strength is None else c.te_strength)
                    for c, ld in zip(choices, loaded)]
         with self.lock:
             self.stack.set(applied, fused=fused)
+            self.stack.owner, self._choices, self._fused = self, list(choices), fused
         return loaded
 
     def generate(self, cfg: GenerateConfig, choices: list[LoraChoice] | None = None,
                  fused: bool = False) -> Image.Image:
-        """One image with `choices` (None: the LoRAs this Generator set last) at their strengths."""
+        """One image with `choices` at their strengths; None keeps the LoRAs (and the fused mode) this
+        Generator set last, re-applied only if another Generator of the base has set the stack since."""
         with self.lock:
-            self.set_loras(self._choices if choices is None else choices, fused)
+            if choices is not None:
+                self.set_loras(choices, fused)
+            elif self.stack.owner is not self:
+                self.set_loras(self._choices, self._fused)
             return render(self.pipe, cfg, self.base.resolution)
 
     def sweep(self, cfg: GenerateConfig, choice: LoraChoice,

@@ -99,3 +99,21 @@ def test_our_weights_equal_diffusers_load_lora_weights_at_0_8(tiny_base, tmp_pat
         assert torch.allclose(v, theirs_te[k], atol=1e-5), k
     moved = [k for k in ours if not torch.allclose(ours[k], original[k], atol=1e-4)]
     assert len(moved) == 28 and all(".attn2." in k for k in moved)     # the LoRA really changed 28 weights
+
+
+def test_generators_of_one_base_keep_their_own_loras_and_fused_mode(tiny_base, tmp_path):
+    """Two Generators share a cached base's modules: each draws with the LoRAs it set, and one set as fused
+    stays fused (and is not re-applied) while no other Generator touches the base."""
+    path = write_lora(tiny_base, tmp_path / "l.safetensors")
+    cfg = GenerateConfig(prompt="a red circle", seed=1, steps=3)
+    a, b = Generator(tiny_base), Generator(tiny_base)
+    bare = pixels(b.generate(cfg, []))
+    a.set_loras([LoraChoice(str(path), 1.0)], fused=True)
+    calls = []
+    real_set = a.stack.set
+    a.stack.set = lambda *args, **kw: (calls.append(kw), real_set(*args, **kw))[1]
+    with_lora = pixels(a.generate(cfg))
+    assert calls == [] and a.stack.fused                          # nothing re-applied, still fused
+    assert not np.array_equal(with_lora, bare)
+    assert np.array_equal(pixels(b.generate(cfg)), bare)            # b re-applies its own (none)
+    assert np.array_equal(pixels(a.generate(cfg)), with_lora) and calls[-1] == {"fused": True}

@@ -210,11 +210,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def fit_square(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side is `resolution` (Lanczos), then center-crop to a square."""
-    return fit_bucket(img, (resolution, resolution))
-
-
 def fit_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Resize (Lanczos) just enough to cover the (width, height) bucket, then center-crop to it."""
     (nw, nh), (left, top) = cover(img.size, bucket)

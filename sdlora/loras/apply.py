@@ -64,6 +64,7 @@ class LoraStack:
     def __init__(self, components: dict[str, torch.nn.Module]):
         self.components = components            # {"unet": unet, "text_encoder": te}
         self.lock = threading.RLock()            # held while the modules are changed or run
+        self.owner: object = None                # who set the LoRAs last (Generators of one base share a stack)
         self.applied: list[Applied] = []
         self.fused = False
         self._orig: dict[str, torch.Tensor] = {}
