@@ -114,6 +114,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (checkpoints/step-000100) was saved at."""
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint written by ``save_checkpoint``, with the checks any file from elsewhere gets:
     the adapter through the safe safetensors reader (header, dtypes, NaN/Inf), the state with
@@ -229,11 +234,10 @@ def sample_of(path: Path) -> tuple[int, int] | None:
 
 def resumable_runs(outputs: Path) -> list[tuple[Path, int]]:
     """(run folder, step of its last checkpoint) of each run that stopped before its LoRA, newest first."""
-    runs = [d for d in outputs.iterdir() if d.is_dir() and not d.name.startswith(".")
-            and (d / "config.json").is_file() and not lora_path(d).exists()
-            and latest_checkpoint(d) is not None]
-    runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-    return [(d, int(latest_checkpoint(d).name.split("-")[1])) for d in runs]
+    stopped = [(d, latest_checkpoint(d)) for d in outputs.iterdir() if d.is_dir() and not d.name.startswith(".")
+               and (d / "config.json").is_file() and not lora_path(d).exists()]
+    stopped.sort(key=lambda dc: dc[0].stat().st_mtime, reverse=True)
+    return [(d, checkpoint_step(ckpt)) for d, ckpt in stopped if ckpt is not None]
 
 
 def delete_lora(path: Path, outputs: Path) -> str:
@@ -252,4 +256,4 @@ def delete_lora(path: Path, outputs: Path) -> str:
 __all__ = ["RunError", "run_config", "read_run_config", "open_log", "read_log", "lora_files", "lora_with_sidecars",
            "lora_path", "sidecar_json_path", "preview_path", "compat_path", "sample_path", "sample_of",
            "resumable_runs", "delete_lora", "safe_name", "new_run_dir", "library_versions", "write_json", "write_png",
-           "now_iso", "save_checkpoint", "latest_checkpoint", "load_checkpoint"]
+           "now_iso", "save_checkpoint", "latest_checkpoint", "checkpoint_step", "load_checkpoint"]

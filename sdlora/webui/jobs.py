@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sdlora.config import ConfigError
 from sdlora.data import scan as dataset
-from sdlora.runs import latest_checkpoint, lora_with_sidecars, read_log, resumable_runs, sample_of
+from sdlora.runs import checkpoint_step, latest_checkpoint, lora_with_sidecars, read_log, resumable_runs, sample_of
 from sdlora.training.events import Callbacks
 from sdlora.training.loop import train
 from sdlora.webui.forms import UserError, build_configs, within
@@ -128,10 +128,11 @@ class RunsMixin:
     def resume(self, run_dir: str) -> Job:
         self._refuse_if_busy()
         run = Path(run_dir or "")
-        if not run_dir or not within(run, self.outputs) or latest_checkpoint(run) is None:
+        ckpt = latest_checkpoint(run) if run_dir and within(run, self.outputs) else None
+        if ckpt is None:
             raise UserError("Pick a stopped run to resume (one with a checkpoint under outputs/).")
         job = Job(run)
-        job.step = int(latest_checkpoint(run).name.split("-")[1])
+        job.step = checkpoint_step(ckpt)
         return self._launch(job, (None, None, None, str(run)))
 
     def _refuse_if_busy(self) -> None:
