@@ -184,7 +184,7 @@ class ImagesMixin:
             raise UserError(f"{name!r} is not in the current dataset.")
         text = " ".join((text or "").split())
         if text != next((it.caption for it in ds.items if it.path.name == image.name), None):
-            image.with_suffix(".txt").write_text(text, encoding="utf-8")   # only real edits become caption files
+            atomic_write_bytes(image.with_suffix(".txt"), text.encode("utf-8"))   # only real edits become captions
             ds.scan()
         return next(r for r in ds.rows() if r.name == image.name)
 
