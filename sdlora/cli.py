@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from sdlora.config import DataConfig, GenerateConfig, LoraSpec, TrainConfig, configs_from_values, settings
+from sdlora.bases.precision import PRECISIONS
 from sdlora.training.events import Callbacks
 
 
@@ -112,6 +113,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--fused", action="store_true", help="merge LoRAs into the weights (faster per image)")
+    p.add_argument("--base-precision", default="fp32", choices=PRECISIONS,
+                   help="keep the base in this precision; int8/nf4 quantise its linear layers with bitsandbytes "
+                        "(LoRAs are then applied unfused)")
     p.add_argument("--out", required=True, help="PNG file to write")
 
 
@@ -123,7 +127,7 @@ def cmd_generate(a) -> int:
     out = Path(a.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {a.out}: use a file name ending in .png")
-    gen = Generator(a.base)
+    gen = Generator(a.base, precision=a.base_precision)
     choices = [LoraChoice.parse(x) for x in a.lora]
     for ld in gen.set_loras(choices, fused=a.fused):
         if ld.unused:

@@ -57,6 +57,18 @@ class LoraSpec:
     use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA)", label="DoRA", flag="--dora")
     use_rslora: bool = setting(False, "rank-stabilised LoRA: scale alpha / sqrt(rank)", label="rsLoRA",
                                flag="--rslora")
+    adapter: str = setting("lora", "lora: one rank for every module; adalora: AdaLoRA, ranks pruned per module "
+                           "during training to an average of rank (the file is an ordinary LoRA whose modules have "
+                           "their own ranks)", label="Adapter", choices=("lora", "adalora"))
+    adalora_init_rank: int | None = setting(
+        None, "AdaLoRA: each module's rank before pruning (default: 1.5 x rank)", label="AdaLoRA starting rank",
+        kind=int, low=1, high=1024, optional=True)
+    adalora_warmup: float = setting(0.1, "AdaLoRA: share of the steps trained before any rank is pruned",
+                                    label="AdaLoRA warm-up share", low=0.0, high=0.9)
+    adalora_final: float = setting(0.2, "AdaLoRA: share of the steps trained at the final ranks, after pruning "
+                                   "ends", label="AdaLoRA final share", low=0.0, high=0.9)
+    adalora_interval: int = setting(10, "AdaLoRA: steps between two rank re-allocations", label="AdaLoRA interval",
+                                    low=1, high=10000)
     extra_targets: tuple[str, ...] = setting(
         (), "more U-Net module suffixes to adapt, each one of " + ", ".join(KNOWN_TARGETS), ui="", flag="",
         kind=tuple)
@@ -68,6 +80,17 @@ class LoraSpec:
         if self.alpha is not None:
             self.alpha = float(self.alpha)
         self.extra_targets = tuple(self.extra_targets)
+        if self.adapter == "adalora":
+            for name in ("use_dora", "use_rslora"):
+                if getattr(self, name):
+                    raise refused(name, True, "AdaLoRA has its own parametrisation; use it with adapter 'lora', "
+                                  "or turn it off")
+            if self.adalora_warmup + self.adalora_final >= 0.95:
+                raise refused("adalora_final", self.adalora_final, "the warm-up and final shares together must "
+                              "leave steps for pruning: keep their sum under 0.95")
+            if self.rank is not None and self.adalora_init_rank is not None and self.adalora_init_rank < self.rank:
+                raise refused("adalora_init_rank", self.adalora_init_rank, f"start at least at the average rank "
+                              f"{self.rank}: pruning only lowers ranks")
         for t in self.extra_targets:
             if t not in KNOWN_TARGETS:
                 raise refused("extra_targets", t, "use one of " + ", ".join(KNOWN_TARGETS))
@@ -86,6 +109,14 @@ class LoraSpec:
         if self.rank is None:
             raise ConfigError("rank is not worked out yet: training.plan.suggested fills it from the data")
         return self.rank
+
+    @property
+    def init_rank(self) -> int:
+        """AdaLoRA's rank per module before pruning (plain LoRA: the rank)."""
+        rank = self._resolved_rank()
+        if self.adapter != "adalora":
+            return rank
+        return self.adalora_init_rank or max(rank + 1, round(1.5 * rank))
 
     def unet_targets(self) -> tuple[str, ...]:
         out = list(UNET_CROSS_ATTN)
@@ -153,6 +184,10 @@ class TrainConfig:
     warmup_steps: int = setting(0, "steps of linear learning-rate warmup", label="Warmup steps", low=0)
     weight_decay: float = setting(1e-2, "AdamW weight decay on the LoRA weights", label="Weight decay",
                                   low=0.0, high=1.0)
+    base_precision: str = setting(
+        "auto", "how the frozen base is kept: fp32, bf16, fp16, or its linear layers quantised with bitsandbytes "
+        "(int8, nf4: QLoRA; the adapters stay fp32); auto: the mixed-precision dtype", label="Base precision",
+        choices=("auto", "fp32", "bf16", "fp16", "int8", "nf4"))
     use_8bit_adam: bool = setting(True, "bitsandbytes' 8-bit AdamW where it and CUDA are present (the run says "
                                   "which optimizer it uses)", label="8-bit Adam (CUDA)", flag="--8bit-adam")
     mixed_precision: str = setting("no", "mixed precision: fp16 needs a CUDA GPU", label="Mixed precision",
@@ -213,8 +248,18 @@ class TrainConfig:
             raise refused("base", self.base, "use 'tiny', a folder, a .safetensors file or a hub id")
         self.sample_prompts = tuple(self.sample_prompts)
         self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
+        if self.base_precision == "fp16" and self.mixed_precision == "bf16":
+            raise refused("base_precision", self.base_precision, "with bf16 mixed precision keep the base in bf16, "
+                          "fp32, int8 or nf4")
         if self.run_name and (("/" in self.run_name) or ("\\" in self.run_name) or self.run_name.startswith(".")):
             raise refused("run_name", self.run_name, "use a plain name without '/', '\\' or a leading '.'")
+
+
+def base_precision(cfg: TrainConfig) -> str:
+    """The base precision a run uses: 'auto' is the mixed-precision dtype (fp32 with mixed precision off)."""
+    if cfg.base_precision != "auto":
+        return cfg.base_precision
+    return cfg.mixed_precision if cfg.mixed_precision in ("fp16", "bf16") else "fp32"
 
 
 def file_alpha(alpha: float, rank: int, rslora: bool) -> float:
@@ -305,6 +350,6 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 __all__ = [
     "ConfigError", "Setting", "LoraSpec", "DataConfig", "TrainConfig", "GenerateConfig", "default_steps",
-    "default_rank", "file_alpha", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
+    "default_rank", "file_alpha", "base_precision", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
     "UNET_SELF_ATTN", "TEXT_ENCODER_ATTN", "DEFAULT_LR",
 ]

@@ -109,8 +109,9 @@ class Generator:
     The stack and its lock belong to the base (load_base shares one copy of a base per process): every
     Generator of a base sets the whole stack, so one never draws with LoRAs another left applied."""
 
-    def __init__(self, base: Base | str = "tiny"):
-        self.base = load_base(base) if isinstance(base, str) else base
+    def __init__(self, base: Base | str = "tiny", precision: str | None = None):
+        """``precision`` (base named by a string): fp32 | bf16 | fp16 | int8 | nf4, see sdlora.bases.precision."""
+        self.base = load_base(base, precision=precision) if isinstance(base, str) else base
         self.pipe = make_pipeline(self.base)
         if self.base.lora_stack is None:
             self.base.lora_stack = LoraStack({"unet": self.base.unet, "text_encoder": self.base.text_encoder})

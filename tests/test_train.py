@@ -130,7 +130,7 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     assert cb.lines[0] == f"run folder {res.run_dir}"
     summary = next(line for line in cb.lines if line.startswith("device "))
     n = torch.get_num_threads()
-    assert f"({n} thread{'s' * (n != 1)})" in summary and "base weights float32" in summary
+    assert f"({n} thread{'s' * (n != 1)})" in summary and "base weights fp32," in summary
     assert "attention AttnProcessor2_0 (PyTorch scaled_dot_product_attention" in summary
     assert "optimizer torch.AdamW" in summary and "gradient checkpointing off" in summary
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

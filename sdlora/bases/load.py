@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.bases import families
+from sdlora.bases import precision as precision_mod
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 BUILTIN_DIR = PACKAGE_DIR / "base_model"
@@ -83,9 +84,18 @@ _cache_lock = threading.Lock()
 
 
 def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              fresh: bool = False) -> Base:
-    """Load (once per process, unless ``fresh``) and freeze a base model."""
-    key = (name, dtype, str(device))
+              fresh: bool = False, precision: str | None = None, quantize_text_encoder: bool = True) -> Base:
+    """Load (once per process, unless ``fresh``) and freeze a base model.
+
+    ``dtype`` is the compute dtype. ``precision`` (sdlora.bases.precision) keeps the weights in fp32 / bf16 /
+    fp16 instead, or quantises the U-Net's linear layers (and the text encoder's, if
+    ``quantize_text_encoder``) to int8 / nf4; the VAE always stays in the compute dtype.
+    """
+    precision = precision or {v: k for k, v in precision_mod.DTYPES.items()}.get(dtype, "fp32")
+    storage = precision_mod.storage_dtype(precision, dtype)
+    if precision in precision_mod.QUANTIZED:
+        precision_mod.bitsandbytes()          # a missing package is said before a multi-GB load
+    key = (name, storage, str(device), precision, quantize_text_encoder)
     with _cache_lock:
         if not fresh and key in _cache:
             return _cache[key]
@@ -93,8 +103,11 @@ def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device:
         for model in (base.unet, base.vae, base.text_encoder):
             model.requires_grad_(False)
             model.eval()
-            if model.dtype != dtype:
-                model.to(dtype=dtype)
+            want = dtype if model is base.vae and precision in precision_mod.QUANTIZED else storage
+            if model.dtype != want:
+                model.to(dtype=want)
+            if model is base.unet or (model is base.text_encoder and quantize_text_encoder):
+                precision_mod.quantize(model, precision, compute=storage, device=device)
             model.to(device)
         if not fresh:
             _cache[key] = base

@@ -11,6 +11,8 @@ Two modes:
   from a saved copy of the original ``W0``; unfusing copies ``W0`` back. So no
   number of fuse / change / unfuse cycles can drift the base.
 DoRA modules (``dora_scale``) are always applied to the weight, as ComfyUI does.
+On a quantised base (int8 / nf4 linear layers) there is no weight to rewrite: every LoRA
+is applied unfused, which gives the same images as fused up to the base's own rounding.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdlora.bases.precision import is_quantized, weight_shape
 from sdlora.loras.layouts import LoraSet, LoraWeights
 
 
@@ -88,12 +91,16 @@ class LoraStack:
     def check(self, a: Applied) -> None:
         for key, w in a.loras.items():
             try:
-                weight = self.module(key).weight
+                module = self.module(key)
+                shape = weight_shape(module)
             except (AttributeError, KeyError):
                 raise ValueError(f"LoRA '{a.name}': module {key} is not in this base model") from None
-            if w.up.shape[0] != weight.shape[0] or w.down.shape[1] != weight.shape[1]:
+            if w.up.shape[0] != shape[0] or w.down.shape[1] != shape[1]:
                 raise ValueError(f"LoRA '{a.name}': {key} is {w.down.shape[1]}->{w.up.shape[0]} but the base "
-                                 f"module is {weight.shape[1]}->{weight.shape[0]}; the file is for another base")
+                                 f"module is {shape[1]}->{shape[0]}; the file is for another base")
+            if w.dora_scale is not None and is_quantized(module):
+                raise ValueError(f"LoRA '{a.name}' is DoRA, which rewrites the weight of {key}; this base's "
+                                 "weights are quantised (int8/nf4). Load the base at fp32, bf16 or fp16 for it")
 
     def clear(self) -> None:
         self.set([])
@@ -116,6 +123,8 @@ class LoraStack:
 
     def _mode(self, key: str) -> str:
         dora = any(key in a.loras and a.loras[key].dora_scale is not None for a in self.applied)
+        if is_quantized(self.module(key)):
+            return "hook"
         return "fuse" if self.fused or dora else "hook"
 
     def _restore(self, key: str) -> None:

@@ -33,11 +33,12 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
     run_dir, name = Path(run_dir), Path(run_dir).name
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     spec, cfg, data = config["lora"], config["train"], config["data"]
-    alpha = file_alpha(spec["alpha"], spec["rank"], spec["use_rslora"])
+    adaptive = spec.get("adapter") == "adalora"          # modules have their own ranks and alphas
+    alpha = None if adaptive else file_alpha(spec["alpha"], spec["rank"], spec["use_rslora"])
     header = metadata.build_metadata(
         loras=loras, trigger=data["trigger"], steps=config["steps"], num_images=len(config["captions"]),
         resolution=config["resolution"], seed=cfg["seed"], lr=cfg["lr"], base_name=base.name, output_name=name,
-        rank=spec["rank"], alpha=alpha, text_encoder=spec["text_encoder"], family=base.family,
+        rank=None if adaptive else spec["rank"], alpha=alpha, text_encoder=spec["text_encoder"], family=base.family,
         prediction_type=base.prediction_type, training_started_at=config.get("started_at", ""),
         text_encoder_lr=cfg["text_encoder_lr"], tag_frequency=_tag_frequency(config["captions"].values()),
         extra={"sdlora_settings": json.dumps({k: config[k] for k in ("data", "lora", "train")}),
@@ -53,7 +54,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
     layouts.save_lora_file(path, sd, header)
     runs.write_json(runs.sidecar_json_path(path), metadata.sidecar_json(
         trigger=data["trigger"], family=base.family,
-        description=f"sdlora style LoRA, rank {spec['rank']}, alpha {alpha:g}, {config['steps']} steps on "
+        description=f"sdlora style LoRA, {_shape(loras, spec, alpha)}, {config['steps']} steps on "
                     f"{len(config['captions'])} images, base {base.name}"))
     if preview is not None:
         runs.write_png(runs.preview_path(path), preview)
@@ -62,6 +63,14 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
         report["note"] = DIFFUSERS_LAYOUT_NOTE
     runs.write_json(runs.compat_path(run_dir), report)
     return path, report
+
+
+def _shape(loras: layouts.LoraSet, spec: dict, alpha: float | None) -> str:
+    if alpha is not None:
+        return f"rank {spec['rank']}, alpha {alpha:g}"
+    ranks = [w.rank for w in loras.values()]
+    return (f"AdaLoRA ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}, target {spec['rank']}) "
+            f"over {len(ranks)} modules")
 
 
 def describe_export(report: dict) -> str:

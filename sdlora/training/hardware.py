@@ -43,10 +43,11 @@ def attention_kernel(unet: torch.nn.Module, device: torch.device) -> str:
     return text
 
 
-def runtime_summary(device: torch.device, unet: torch.nn.Module, weight_dtype: torch.dtype,
+def runtime_summary(device: torch.device, unet: torch.nn.Module, precision: str,
                     mixed_precision: str, optimizer: torch.optim.Optimizer, gradient_checkpointing: bool) -> str:
     opt = f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}"
-    return (f"device {device_name(device)}; base weights {str(weight_dtype).replace('torch.', '')}, "
+    quantized = " (linear layers quantised by bitsandbytes; adapters fp32)" if precision in ("int8", "nf4") else ""
+    return (f"device {device_name(device)}; base weights {precision}{quantized}, "
             f"mixed precision {mixed_precision}; attention {attention_kernel(unet, device)}; optimizer {opt}; "
             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
 
@@ -146,6 +147,8 @@ def out_of_memory_advice(cfg: TrainConfig, resolution: int, run_dir: Path) -> st
         tips.append("mixed_precision bf16 or fp16")
     if not cfg.use_8bit_adam or not torch.cuda.is_available():
         tips.append("8-bit Adam (install bitsandbytes; CUDA only)")
+    if cfg.base_precision not in ("int8", "nf4"):
+        tips.append("base_precision nf4 (the frozen base in 4 bits; needs bitsandbytes)")
     tips.append("keep the text encoder frozen so its embeddings stay cached")
     return (f"out of memory while training in {run_dir}. Settings that lower memory: " + "; ".join(tips) +
             ". Start a new run with them (the checkpoints already in the run folder stay)")

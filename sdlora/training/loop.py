@@ -18,7 +18,8 @@ import torch
 
 from sdlora import runs
 from sdlora.bases.load import Base, load_base, native_geometry
-from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig
+from sdlora.bases.precision import QUANTIZED, bitsandbytes, precision_of, storage_dtype
+from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, base_precision
 from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
 from sdlora.training import adapters, hardware
@@ -40,11 +41,19 @@ class _Trainer:
         self.cancel = cancel or threading.Event()
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
         self.main = self.acc.is_main_process
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.precision = base_precision(cfg)
+        if base is not None and cfg.base_precision != "auto" and precision_of(base.unet) != self.precision:
+            raise ConfigError(f"base_precision={cfg.base_precision!r} but the base given is "
+                              f"{precision_of(base.unet)}: load it with that precision, or leave base_precision auto")
+        if self.precision in QUANTIZED:
+            bitsandbytes()                       # a missing package is said before the images are read
+        weight_dtype = storage_dtype(self.precision, compute)
         self.weight_dtype = base.unet.dtype if base else weight_dtype   # read once: .dtype walks every module
         # The images are checked before the base is loaded: a bad folder costs no model load.
         self.plan = plan(data, cfg, base.geometry if base else native_geometry(cfg.base))
-        self.base = base or load_base(cfg.base, dtype=weight_dtype, device=self.acc.device, fresh=True)
+        self.base = base or load_base(cfg.base, dtype=compute, device=self.acc.device, fresh=True,
+                                      precision=self.precision, quantize_text_encoder=not spec.text_encoder)
         self.spec, self.cfg, sources = resolve(spec, cfg, len(self.plan.items), self.base)
         self.lr_source, self.plan.steps = sources["lr"], self.cfg.steps
         self.objective = Objective(self.base.noise_scheduler(), self.base.prediction_type, self.cfg,
@@ -71,7 +80,7 @@ class _Trainer:
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
         self.module_sets = base_module_sets(base)     # the base's own names, for the export's key check
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
-        adapters.inject(base.unet, base.text_encoder, spec)
+        self.adalora = adapters.inject(base.unet, base.text_encoder, spec, total_steps=self.plan.steps).adalora
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         groups = [{"params": adapters.lora_parameters(base.unet), "lr": cfg.lr}]
@@ -88,7 +97,7 @@ class _Trainer:
         start = self.restore(resume_from, opt, sched) if resume_from is not None else 0
         base.unet.train()
         if self.main:
-            self.cb.on_message(hardware.runtime_summary(self.acc.device, base.unet, self.weight_dtype,
+            self.cb.on_message(hardware.runtime_summary(self.acc.device, base.unet, self.precision,
                                                         cfg.mixed_precision, opt, cfg.gradient_checkpointing))
         self.unet, self.opt, self.lr_sched = self.acc.prepare(base.unet, opt, sched)
         self.bare_unet = self.acc.unwrap_model(self.unet)
@@ -101,6 +110,10 @@ class _Trainer:
         if self.spec.text_encoder:
             adapters.load_adapter_state(self.base.text_encoder, {k[13:]: v for k, v in tensors.items()
                                                                  if k.startswith("text_encoder.")})
+        if self.adalora is not None:
+            if "adalora" not in state:
+                raise TrainingError(f"{checkpoint} holds no AdaLoRA rank state; it was not written by an AdaLoRA run")
+            self.adalora.load_state(state["adalora"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         return int(state["step"])
@@ -182,9 +195,13 @@ class _Trainer:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     return value
+                if self.adalora is not None:
+                    loss = loss + self.adalora.penalty()
                 self.acc.backward(loss)
                 self.opt.step()
                 self.lr_sched.step() if self.acc.sync_gradients else None
+                if self.adalora is not None and self.acc.sync_gradients:
+                    self.adalora.after_step(step)         # reads the gradients: before they are zeroed
                 self.opt.zero_grad(set_to_none=True)
             total_loss += value / self.cfg.grad_accum
         return total_loss
@@ -203,6 +220,8 @@ class _Trainer:
         if self.spec.text_encoder:
             tensors.update({"text_encoder." + k: v for k, v in adapters.adapter_state(self.base.text_encoder).items()})
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.lr_sched.state_dict(), "step": step}
+        if self.adalora is not None:
+            state["adalora"] = self.adalora.state()
         path = runs.save_checkpoint(run_dir, step, tensors, state)
         self.cb.on_checkpoint(step, path)
         return path
