@@ -530,3 +530,16 @@ def test_number_fields_leave_the_range_check_to_the_setting_so_the_error_names_i
         ui.dataset = None
         ui.load_uploads(_uploads(Path(ui.outputs).parent, 3), "zqx", webui.TEMPLATES["style"], 64)
         ui.start(form(steps=-5.0))
+
+
+def test_generate_on_a_quantised_base_is_its_own_load(ui):
+    pytest.importorskip("bitsandbytes")
+    lora = str(_lora(ui.outputs / "demo" / "demo.safetensors"))
+    full, _ = ui.generate("tiny-random", [(lora, 1.0, False, 1.0)], GEN)
+    q, info = ui.generate("tiny-random", [(lora, 1.0, False, 1.0)], GEN, "nf4")
+    assert ui.base_loads == 2 and "at nf4" in info and "demo at 1" in info
+    a, b = np.asarray(full, dtype=np.float32), np.asarray(q, dtype=np.float32)
+    assert 0 < np.abs(a - b).mean() < 40                         # the same picture, through 4-bit weights
+    q0, _ = ui.generate("tiny-random", [(lora, 0.0, False, 1.0)], GEN, "nf4")
+    plain, _ = ui.generate("tiny-random", [], GEN, "nf4")
+    assert ui.base_loads == 2 and np.array_equal(np.asarray(q0), np.asarray(plain))

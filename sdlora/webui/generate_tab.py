@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from sdlora.bases.precision import PRECISIONS
 from sdlora.config import ConfigError, GenerateConfig
 from sdlora.data.captions import has_trigger
 from sdlora.runs import lora_files
@@ -20,19 +21,21 @@ SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 class GenerateMixin:
     """The WebUI's generation handlers (state: self._gen, self._gen_name, self.base_loads, self.uploaded_loras)."""
 
-    def generator(self, base: str):
-        """The Generator for `base`, loaded once and kept; another base replaces it."""
+    def generator(self, base: str, precision: str = "fp32"):
+        """The Generator for `base` at `precision`, loaded once and kept; another base or precision replaces it."""
         from sdlora.generate import Generator
         from sdlora.bases.load import BaseModelError
         base = (base or self.base).strip()
         with self._gen_lock:
-            if self._gen is None or self._gen_name != base:
+            if self._gen is None or self._gen_name != base or self._gen_precision != precision:
                 self._gen = None
                 try:
-                    self._gen = Generator(base)
+                    self._gen = Generator(base, precision=precision or "fp32")
                 except BaseModelError as e:
                     raise UserError(str(e)) from None
-                self._gen_name, self.base_loads = base, self.base_loads + 1
+                except ValueError as e:             # a precision this machine cannot do (no bitsandbytes)
+                    raise UserError(str(e)) from None
+                self._gen_name, self._gen_precision, self.base_loads = base, precision, self.base_loads + 1
             return self._gen
 
     def lora_choices(self) -> list[tuple[str, str]]:
@@ -66,26 +69,27 @@ class GenerateMixin:
             out.append(LoraChoice(str(path), float(strength), float(te) if separate else None))
         return out
 
-    def generate(self, base: str, slots, gen: dict):
+    def generate(self, base: str, slots, gen: dict, precision: str = "fp32"):
         """One image; moving a strength never reloads the base (the Generator is kept)."""
         from sdlora.loras.layouts import LoraFileError
         cfg, choices = self._gen_config(gen), self._choices(slots)
-        g = self.generator(base)
+        g = self.generator(base, precision)
         try:
             image = g.generate(cfg, choices)
         except (LoraFileError, ValueError) as e:
             raise UserError(str(e)) from None
         used = ", ".join(f"{Path(c.path).stem} at {c.strength:g}" for c in choices) or "no LoRA"
-        return image, f"Base '{self._gen_name}' (loaded once), {used}, seed {cfg.seed}."
+        where = "" if precision in ("fp32", None, "") else f" at {precision}"
+        return image, f"Base '{self._gen_name}'{where} (loaded once), {used}, seed {cfg.seed}."
 
-    def sweep(self, base: str, slots, gen: dict) -> list[tuple]:
+    def sweep(self, base: str, slots, gen: dict, precision: str = "fp32") -> list[tuple]:
         """The first LoRA at strengths 0 to 1 with the same seed: one row of images."""
         from sdlora.loras.layouts import LoraFileError
         cfg, choices = self._gen_config(gen), self._choices(slots)
         if not choices:
             raise UserError("Pick a LoRA first: the sweep shows it at strengths 0, 0.25, 0.5, 0.75 and 1.")
         try:
-            images = self.generator(base).sweep(cfg, choices[0], SWEEP)
+            images = self.generator(base, precision).sweep(cfg, choices[0], SWEEP)
         except (LoraFileError, ValueError) as e:
             raise UserError(str(e)) from None
         return [(im, f"{s:g}") for im, s in zip(images, SWEEP)]
@@ -124,7 +128,11 @@ def layout(ui):
     g = SimpleNamespace(slots=[])
     gr.Markdown("Pick a LoRA (train one in **Train**, or upload a `.safetensors`), check the prompt, press "
                 "**Generate**. Moving a strength slider never reloads the base model.")
-    g.base = gr.Textbox(ui.base, label="Base model", info=BASE_INFO)
+    with gr.Row():
+        g.base = gr.Textbox(ui.base, label="Base model", info=BASE_INFO, scale=3)
+        g.precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Base precision", scale=1,
+                                  info="int8 / nf4 quantise the base with bitsandbytes (less memory)",
+                                  elem_id="g-precision")
     for i in range(SLOTS):
         with gr.Accordion(f"LoRA {i + 1}", open=i == 0):
             with gr.Row():
@@ -175,12 +183,12 @@ def wire(ui, g, tabs) -> None:
     first.change(ui.prompt_for, [first, g.prompt], g.prompt)
     g.upload.upload(guarded(lambda f, text: open_in_generate(ui, ui.add_lora_upload(f), text)[1:]),
                     [g.upload, g.prompt], [first, g.prompt])
-    inputs = [g.base, g.prompt, g.negative, *g.G.values(), *[c for slot in g.slots for c in slot]]
+    inputs = [g.base, g.precision, g.prompt, g.negative, *g.G.values(), *[c for slot in g.slots for c in slot]]
 
-    def unpack(base, pr, neg, *rest):
+    def unpack(base, precision, pr, neg, *rest):
         gen = dict(zip(["prompt", "negative_prompt", *g.G], [pr, neg, *rest[:len(g.G)]]))
         vals = rest[len(g.G):]
-        return base, [tuple(vals[i:i + 4]) for i in range(0, len(vals), 4)], gen
+        return base, [tuple(vals[i:i + 4]) for i in range(0, len(vals), 4)], gen, precision
     g.gen_btn.click(guarded(lambda *v: ui.generate(*unpack(*v))), inputs, [g.image, g.info])
     g.sweep_btn.click(guarded(lambda *v: ui.sweep(*unpack(*v))), inputs, g.sweep)
     tabs.select(lambda: lora_lists(ui, g), None, [s[0] for s in g.slots])

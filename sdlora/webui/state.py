@@ -34,7 +34,7 @@ class WebUI(ImagesMixin, RunsMixin, GenerateMixin, LibraryMixin):
         self.dataset: Dataset | None = None
         self.job: Job | None = None
         self.uploaded_loras: list[Path] = []
-        self._gen, self._gen_name, self.base_loads = None, "", 0
+        self._gen, self._gen_name, self._gen_precision, self.base_loads = None, "", "fp32", 0
         self._lock, self._gen_lock = threading.Lock(), threading.Lock()
 
     def suggestions(self, n_images: int) -> dict:
