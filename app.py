@@ -1,6 +1,7 @@
 """sdlora web UI: train a style LoRA, try it, keep a library of them.
 
-    python app.py [--host H] [--port P] [--share] [--base tiny] [--outputs outputs] [--auth user:pass]
+    python app.py [--host H] [--port P] [--share] [--base tiny] [--models-dir DIR ...] [--outputs outputs]
+                  [--auth user:pass]
 
 Arguments, login and launch only: the page is `sdlora.webui.page`, its logic `sdlora.webui.state`
 (plain methods, tested without a browser).
@@ -25,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="make a public gradio.live link (prints a warning)")
     p.add_argument("--base", default="tiny", help="base model: 'tiny' (built in), a diffusers folder, a "
                    ".safetensors checkpoint path, or a hub id")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of checkpoints to pick bases from (repeatable; also $SDLORA_MODELS, and models/ "
+                        "here), e.g. A1111's models/Stable-diffusion or ComfyUI's models/checkpoints")
     p.add_argument("--outputs", default="outputs", help="folder for runs and LoRA files")
     p.add_argument("--auth", default=None, help="require a login, user:pass (or set SDLORA_AUTH)")
     return p.parse_args(argv)
@@ -53,7 +57,12 @@ def main(argv=None) -> None:
     from sdlora.webui.state import MAX_LORA_BYTES, WebUI
     from sdlora.webui.widgets import CSS
 
-    ui = WebUI(args.outputs, args.base, REPO / "datasets", upload_dir)
+    from sdlora.bases.catalog import models_dirs
+    dirs = models_dirs(args.models_dir, root=REPO)
+    for d in dirs:
+        if not d.is_dir() and str(d) in args.models_dir:
+            raise SystemExit(f"app.py: error: --models-dir {d}: no such folder")
+    ui = WebUI(args.outputs, args.base, REPO / "datasets", upload_dir, models_dirs=dirs)
     if args.base == "tiny" and not (REPO / "sdlora" / "base_model" / "model_index.json").is_file():
         print("WARNING: the built-in base 'tiny' is not built yet (python -m sdlora.tinybase build); "
               "training and generation will say so. Use --base tiny-random to try the UI meanwhile.", file=sys.stderr)

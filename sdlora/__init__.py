@@ -8,6 +8,12 @@ Public API::
     gen = Generator("tiny")
     image = gen.generate(GenerateConfig(prompt="a red circle, neonstyle"), [LoraChoice(str(result.lora_path), 0.8)])
 """
+import logging
+
+# bitsandbytes (imported by PEFT when installed) warns on every start on CPUs with AVX512-bf16 that an optional
+# inference kernel from the model hub is missing; sdlora does not use that kernel (sdlora.bases.precision).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from sdlora.version import __version__  # noqa: E402
 
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, default_steps  # noqa: E402

@@ -166,7 +166,7 @@ class DataConfig:
 class TrainConfig:
     """The training recipe. Steps are the one unit of length."""
     base: str = setting("tiny", "base model: 'tiny' (built in), a diffusers folder, a single-file .safetensors "
-                        "checkpoint or a hub id", label="Base model")
+                        "checkpoint or a hub id", label="Base model", ui="basic")
     steps: int | None = setting(None, "optimizer steps, the one unit of length (default: 100 per image, "
                                 "400 to 2,000)", label="Steps", ui="basic", kind=int, low=1, high=1_000_000,
                                 optional=True, derived=True)

@@ -117,7 +117,7 @@ def choose_variant(path: Path, detected: str, family: str | None, prediction_typ
         raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
     if family is not None and family not in families.FAMILIES:
         return families.variant(family)                   # a variant name: nothing left to guess
-    pred = prediction_type or _prediction_evidence(path, meta)
+    pred = prediction_type or prediction_evidence(path, meta)
     if pred is not None:
         found = families.variant_for(detected, pred)
         if found is not None:
@@ -132,7 +132,7 @@ def choose_variant(path: Path, detected: str, family: str | None, prediction_typ
     return chosen
 
 
-def _prediction_evidence(path: Path, meta: Mapping[str, str]) -> str | None:
+def prediction_evidence(path: Path, meta: Mapping[str, str]) -> str | None:
     """What the file says it predicts: its ModelSpec header, then an A1111 `<name>.yaml` beside it."""
     pred = str(meta.get("modelspec.prediction_type", ""))
     if pred in ("epsilon", "v", "v_prediction"):

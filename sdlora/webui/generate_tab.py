@@ -124,12 +124,13 @@ def layout(ui):
     import gradio as gr
 
     from sdlora.bases.load import native_resolution
-    from sdlora.webui.widgets import BASE_INFO
+    from sdlora.webui.widgets import base_picker
     g = SimpleNamespace(slots=[])
     gr.Markdown("Pick a LoRA (train one in **Train**, or upload a `.safetensors`), check the prompt, press "
                 "**Generate**. Moving a strength slider never reloads the base model.")
     with gr.Row():
-        g.base = gr.Textbox(ui.base, label="Base model", info=BASE_INFO, scale=3)
+        g.base = base_picker(ui, ui.base, "g-base")
+        g.base.scale = 3
         g.precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Base precision", scale=1,
                                   info="int8 / nf4 quantise the base with bitsandbytes (less memory)",
                                   elem_id="g-precision")
@@ -192,6 +193,12 @@ def wire(ui, g, tabs) -> None:
     g.gen_btn.click(guarded(lambda *v: ui.generate(*unpack(*v))), inputs, [g.image, g.info])
     g.sweep_btn.click(guarded(lambda *v: ui.sweep(*unpack(*v))), inputs, g.sweep)
     tabs.select(lambda: lora_lists(ui, g), None, [s[0] for s in g.slots])
+
+    def on_base(base):
+        from sdlora.bases.load import native_resolution
+        size = native_resolution((base or "").strip() or ui.base)
+        return size, size
+    g.base.change(on_base, g.base, [g.G["width"], g.G["height"]])
 
 
 def lora_lists(ui, g) -> list:

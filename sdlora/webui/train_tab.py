@@ -13,7 +13,7 @@ from sdlora.config import Setting
 from sdlora.data.captioning import EXAMPLE_MODEL
 from sdlora.webui.forms import TEMPLATES, default_form, train_controls
 from sdlora.webui.images import notes_html
-from sdlora.webui.widgets import BASE_INFO, guarded, told
+from sdlora.webui.widgets import base_picker, guarded, told
 
 PER_ROW = 5                  # advanced controls per row
 
@@ -21,7 +21,7 @@ PER_ROW = 5                  # advanced controls per row
 def control(s: Setting, value):
     """The Gradio control of one declared setting, labelled and explained as declared."""
     import gradio as gr
-    info = BASE_INFO if s.name == "base" else s.help
+    info = s.help
     if s.kind is bool:
         c = gr.Checkbox(bool(value), label=s.label, info=info)
     elif s.choices:
@@ -39,13 +39,17 @@ def control(s: Setting, value):
     return c
 
 
-def settings_controls(base: str) -> dict:
-    """{setting name: control}: the basic settings in a row, the advanced ones in a closed accordion."""
+def settings_controls(ui) -> tuple[dict, object]:
+    """({setting name: control}, the base's note): the base picker, the basic settings in a row, the advanced ones
+    in a closed accordion."""
     import gradio as gr
-    values, controls = default_form(base), {}
+    values, controls = default_form(ui.base), {}
     shown = train_controls()
     with gr.Row():
-        for s in (s for s in shown if s.ui == "basic"):
+        controls["base"] = base_picker(ui, ui.base, "f-base")
+        note = gr.Markdown(ui.base_note(ui.base), elem_id="base-note")
+    with gr.Row():
+        for s in (s for s in shown if s.ui == "basic" and s.name != "base"):
             controls[s.name] = control(s, values[s.name])
     advanced = [s for s in shown if s.ui == "advanced"]
     with gr.Accordion("Advanced settings", open=False):
@@ -53,7 +57,7 @@ def settings_controls(base: str) -> dict:
             with gr.Row():
                 for s in advanced[i:i + PER_ROW]:
                     controls[s.name] = control(s, values[s.name])
-    return controls
+    return controls, note
 
 
 def gallery(ui, rev):
@@ -113,7 +117,7 @@ def layout(ui, demo) -> SimpleNamespace:
     gr.Markdown("### 2. Settings")
     t.kind = gr.Radio(["style", "subject"], value="style", label="What the images share",
                       info="style: a look (colours, strokes); subject: one person or object")
-    t.F = settings_controls(ui.base)
+    t.F, t.base_note = settings_controls(ui)
     gr.Markdown("### 3. Train")
     with gr.Row():
         t.start = gr.Button("Start training", variant="primary", elem_id="start")
@@ -152,6 +156,11 @@ def wire(ui, t: SimpleNamespace) -> None:
         s = ui.suggestions(len(ds.items))
         return [rev + 1, ds.summary(), *[s[name] for name in DERIVED]]
 
+    def on_base(base):
+        base = ui.pick_base(base)
+        s = ui.suggestions(len(ui.dataset.items) if ui.dataset else 0, base)
+        return [*[s[name] for name in DERIVED], s["resolution"], ui.base_note(base)]
+
     t.files.upload(guarded(lambda paths, rev, trig, tpl, res:
                            with_defaults(rev, ui.load_uploads(paths, trig, tpl, res))),
                    [t.files, t.rev, F["trigger"], F["template"], F["resolution"]], [t.rev, t.summary, *derived])
@@ -180,6 +189,8 @@ def wire(ui, t: SimpleNamespace) -> None:
         comp.blur(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
         comp.submit(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
     F["buckets"].change(guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
+    F["base"].change(guarded(on_base), F["base"], [*derived, F["resolution"], t.base_note]).then(
+        guarded(on_rescan), rescan_inputs, [t.rev, t.summary])
     t.edit_btn.click(guarded(lambda rev, *edit: (rev + 1, ui.edit_captions(*edit))),
                      [t.rev, t.find, t.replace, t.prefix, t.suffix], [t.rev, t.summary])
     t.kind.change(lambda k: TEMPLATES[k], t.kind, F["template"]).then(guarded(on_rescan), rescan_inputs,

@@ -19,10 +19,17 @@ CSS = """
                                                  object-fit: contain}
 .sdl-skipped {font-weight: 600; margin: 4px 0}
 """
-BASE_INFO = "'tiny' (built in), a diffusers folder, a .safetensors checkpoint path, or a hub id"
 INTRO = ("Train a **style LoRA** from 5-20 images: **1.** add images and check each caption, "
          "**2.** pick a trigger word, **3.** press Start. Then try it in **Generate**; every LoRA you made "
          "is in **Library**.")
+
+
+def base_picker(ui, value: str, elem_id: str):
+    """The base picker of the Train and Generate tabs: every base found, and a path or hub id may be typed."""
+    import gradio as gr
+    return gr.Dropdown(ui.base_choices(), value=value, label="Base model", allow_custom_value=True,
+                       info="The built-in base and the checkpoints in the models folders (app.py --models-dir); "
+                            "or type a .safetensors path, a diffusers folder or a hub id", elem_id=elem_id)
 
 
 def guarded(fn):
@@ -56,4 +63,4 @@ def told(fn):
     return wrapper
 
 
-__all__ = ["CSS", "BASE_INFO", "INTRO", "guarded", "told"]
+__all__ = ["CSS", "INTRO", "base_picker", "guarded", "told"]
