@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, TrainingError, train
 
+from sdlora.bases.load import tiny_random_base
 from sdlora.training.loop import _Trainer
 
 
@@ -35,6 +38,12 @@ def test_train_writes_run_folder_with_lora_config_and_sidecars(tmp_path, style_d
     assert sidecar["activation text"] == "zqx" and sidecar["sd version"] == "SD1"
     assert (run / "zqx.preview.png").is_file()
     assert len((run / "log.csv").read_text().splitlines()) == 6
+    from safetensors import safe_open
+    with safe_open(str(res.lora_path), "pt") as f:
+        header = json.dumps(f.metadata())
+    settings = json.loads(json.loads(header)["sdlora_settings"])
+    assert str(tmp_path) not in header                                 # no folder of this machine in a shared file
+    assert settings["data"]["folder"] == style_dir.name and settings["train"]["output_dir"] == "out"
 
 
 def test_trained_lora_changes_only_lora_parameters(tmp_path, style_dir, tiny_base):
@@ -103,8 +112,16 @@ def test_samples_written_every_n_steps_with_and_without_trigger(tmp_path, style_
             seen.append((step, [p.name for p in paths]))
     train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
           cfg(tmp_path, steps=4, sample_every=2, sample_seeds=(7,)), callbacks=Rec())
-    assert [s for s, _ in seen] == [2, 4]
-    assert seen[0][1] == ["step-000002-seed7-0.png", "step-000002-seed7-1.png"]
+    assert [s for s, _ in seen] == [0, 2, 4]                 # step 0: the base itself, to compare with
+    assert seen[1][1] == ["step-000002-seed7-0.png", "step-000002-seed7-1.png"]
+    run = tmp_path / "out" / "zqx"
+    first_caption = next(iter(json.loads((run / "config.json").read_text())["captions"].values()))
+    base0 = np.asarray(Image.open(run / "samples" / "step-000000-seed7-0.png"))
+    from sdlora.config import GenerateConfig
+    from sdlora.generate import Generator
+    alone = np.asarray(Generator(tiny_random_base()).generate(GenerateConfig(prompt=first_caption, seed=7)))
+    assert np.array_equal(base0, alone)                        # step 0 is the base's own image
+    assert not np.array_equal(base0, np.asarray(Image.open(run / "samples" / "step-000004-seed7-0.png")))
 
 
 def test_prior_preservation_generates_class_images(tmp_path, style_dir):

@@ -1,7 +1,9 @@
 """The web UI's handlers (sdlora.webui), called as plain functions: no browser, no server."""
 from __future__ import annotations
 
+import html
 import importlib.util
+import os
 import json
 import threading
 import time
@@ -13,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from sdlora.webui import library_tab as webui_library
 from sdlora.webui import images as webui_images
 from sdlora.webui import state as webui
 from sdlora.data.scan import load_image
@@ -290,23 +293,56 @@ def test_train_in_background_one_at_a_time_stop_and_resume(ui, tmp_path):
 
 
 def test_progress_view_reports_steps_samples_and_messages(tmp_path):
+    from PIL import Image
+
     from sdlora.training.events import StepInfo
     job = webui.Job()
     revs = [job.rev]
     job.on_plan(type("Plan", (), {"steps": 10})())
-    job.on_step(StepInfo(3, 10, 0.25, 1e-4, 6.0, 14.0))
+    job.on_step(StepInfo(1, 10, 0.5, 1e-4, 9.0, 81.0))                 # the first step includes the warm-up
+    assert "Step 1 / 10 · loss 0.5000 · learning rate 1.0e-04 · estimating time left" in job.status_html()
+    for step in (2, 3, 4):
+        job.on_step(StepInfo(step, 10, 0.25, 1e-4, 9.0 + 2 * (step - 1), 0.0))
     revs.append(job.rev)
-    assert "Step 3 / 10 · loss 0.2500 · 14 s left" in job.status_html() and 'style="width:30.0%"' in job.status_html()
+    # three 2-second steps timed: 6 steps left at 2 s each, not the mean with the 9-second first step
+    assert "Step 4 / 10 · loss 0.2500 · learning rate 1.0e-04 · 12 s left" in job.status_html()
+    assert 'style="width:40.0%"' in job.status_html()
     run = tmp_path / "run"
-    job.on_sample(3, [run / "samples" / f"step-000003-seed{s}-{i}.png" for i in (0, 1) for s in (1, 2)])
-    assert [c for _, c in job.samples] == ["step 3, with trigger, seed 1", "step 3, with trigger, seed 2",
-                                           "step 3, no trigger, seed 1", "step 3, no trigger, seed 2"]
-    job.on_sample(6, [run / "samples" / "step-000006-seed1-0.png"])
-    assert job.samples[0][1].startswith("step 6") and job.run_dir == run      # newest first
+    (run / "samples").mkdir(parents=True)
+    colours = {0: (200, 0, 0), 1: (0, 0, 200)}
+
+    def sample(step, seed, i, shade=0):
+        path = run / "samples" / f"step-{step:06d}-seed{seed}-{i}.png"
+        Image.new("RGB", (64, 64), tuple(min(255, c + shade) for c in colours[i])).save(path)
+        return path
+    job.prompts = ["zqx, a red circle", "a red circle"]
+    job.on_sample(0, [sample(0, s, i) for i in (0, 1) for s in (1, 2)])
+    job.on_sample(3, [sample(3, s, i, 50) for i in (0, 1) for s in (1, 2)])
+    assert [c.split(" · ")[0] for _, c in job.samples] == ["step 3", "before training: what the base draws"]
+    assert "with trigger: “zqx, a red circle”" in job.samples[0][1] and "without trigger: “a red circle”" in \
+        job.samples[0][1]
+    grid = np.asarray(Image.open(job.samples[0][0]))
+    # 64 px samples enlarged 3x (nearest neighbour): 3 columns (base, with, without) x 2 seeds, beside titles
+    assert grid.shape == (22 + 2 * 192, 64 + 3 * 192, 3)
+    cell = lambda r, c: grid[22 + r * 192 + 96, 64 + c * 192 + 96]          # noqa: E731
+    assert list(cell(0, 0)) == [200, 0, 0] and list(cell(1, 0)) == [200, 0, 0]      # the base (step 0, prompt 0)
+    assert list(cell(0, 1)) == [250, 50, 50] and list(cell(0, 2)) == [50, 50, 250]  # step 3, with / without
+    assert job.run_dir == run
     job.on_message("resuming <run> at step 3")
     revs.append(job.rev)
     assert "resuming &lt;run&gt; at step 3" in job.status_html()
     assert revs == sorted(set(revs))                                          # every update is seen by the pages
+
+
+def test_loss_chart_has_the_raw_points_and_a_smoothed_curve():
+    from sdlora.webui.results import loss_rows, smoothed
+    losses = [(1, 0.8), (2, 0.01), (3, 0.5), (4, float("nan")), (5, 0.02)]
+    rows = loss_rows(losses)
+    raw = [(s, v) for s, v, k in rows if k == "raw"]
+    smooth = [v for _, v, k in rows if k == "smoothed"]
+    assert raw == [(1, 0.8), (2, 0.01), (3, 0.5), (5, 0.02)]
+    assert smooth[0] == pytest.approx(0.8) and smooth == pytest.approx(smoothed([0.8, 0.01, 0.5, 0.02]))
+    assert max(smooth) - min(smooth) < max(v for _, v in raw) - min(v for _, v in raw)     # calmer than the raw
 
 
 def test_a_failed_start_shows_its_reason_escaped(ui, tmp_path):
@@ -400,7 +436,7 @@ def test_prompt_is_prefilled_with_the_trigger(ui):
 
 # ---- library -------------------------------------------------------------------------------------
 
-def test_library_lists_every_lora_with_metadata_as_plain_text(ui):
+def test_library_lists_every_lora_with_metadata_as_escaped_text_and_no_server_paths(ui):
     a = _lora(ui.outputs / "run" / "run.safetensors", title=XSS)
     Image.new("RGB", (8, 8)).save(ui.outputs / "run" / "run.preview.png")
     (ui.outputs / "run" / "compat.json").write_text(json.dumps({"tools": {
@@ -409,26 +445,73 @@ def test_library_lists_every_lora_with_metadata_as_plain_text(ui):
     _lora(ui.outputs / "loose.safetensors")
     _lora(ui.outputs / "run" / "checkpoints" / "step-000001" / "adapter.safetensors")   # not a LoRA to list
     _lora(ui.outputs / ".uploads" / "hidden.safetensors")
-    gallery, table, choices = ui.library_view()
-    assert sorted(r[0] for r in table) == ["loose.safetensors", "run/run.safetensors"]
-    row = next(r for r in table if r[0] == "run/run.safetensors")
-    assert row[1] == XSS                                     # raw text; the table component renders it as text
-    assert row[2] == "SD 1.x" and row[3] == "2" and row[5] == "zqx" and row[6] == "10" and row[7] == "5"
-    assert row[9] == "A1111 8/8 · ComfyUI 7/8"
-    assert gallery == [(str(ui.outputs / "run" / "run.preview.png"), "run")]
-    d = ui.details(str(a))
+    cards, choices, empty = ui.library_view()
+    assert sorted(key for _, key in choices) == ["loose.safetensors", "run/run.safetensors"] and empty == ""
+    assert XSS not in cards and html.escape(XSS) in cards                # the title, as text
+    assert "A1111 8/8 · ComfyUI 7/8" in cards and "SD 1.x" in cards and "trigger <code>zqx</code>" in cards
+    assert str(ui.outputs) not in cards and "data:image/png;base64," in cards   # the preview inlined, no path
+    d = ui.details("run/run.safetensors")
     assert d["metadata"]["title"] == XSS and "ComfyUI: 7/8 mapped; not mapped: lora_unet_x" in d["compat"]
+    assert d["metadata"]["file"] == "run/run.safetensors" and str(ui.outputs) not in json.dumps(d["metadata"])
     assert [Path(f).name for f in d["files"]] == ["run.safetensors", "run.preview.png"]
-    assert ui.details(str(ui.outputs / "run" / "checkpoints" / "step-000001" / "adapter.safetensors"))["files"] == []
-    assert "no compat.json" in ui.details(str(ui.outputs / "loose.safetensors"))["compat"]
+    assert ui.details(str(a))["lora"] == str(a)
+    assert ui.details("run/checkpoints/step-000001/adapter.safetensors")["files"] == []
+    assert "no compat.json" in ui.details("loose.safetensors")["compat"]
+
+
+def test_library_has_stopped_runs_filters_sorts_and_an_empty_state(ui):
+    assert ui.library_view()[2] == webui_library.EMPTY
+    _lora(ui.outputs / "done" / "done.safetensors")
+    (ui.outputs / "done" / "config.json").write_text(json.dumps({"train": {"base": "tiny-random"}}))
+    stopped = ui.outputs / "half"
+    (stopped / "checkpoints" / "step-000003").mkdir(parents=True)
+    for f in ("state.pt", "adapter.safetensors"):
+        (stopped / "checkpoints" / "step-000003" / f).write_bytes(b"")
+    (stopped / "config.json").write_text(json.dumps({"train": {"base": "tiny-random"}, "data": {"trigger": "qq"},
+                                                     "lora": {"rank": 4}, "steps": 8, "captions": {"a.png": "x"},
+                                                     "started_at": "2026-11-30T10:00:00"}))
+    os.utime(stopped, (1, 1))                                          # the oldest
+    runs = ui.library_runs()
+    assert [(r["key"], r["state"]) for r in runs] == [("done/done.safetensors", "finished"), ("half/", "stopped")]
+    assert runs[1]["step"] == 3 and runs[1]["total"] == 8 and runs[1]["base"] == "SD 1.x"
+    assert [r["key"] for r in ui.library_runs(order="Oldest first")] == ["half/", "done/done.safetensors"]
+    assert ui.library_runs(family="SD 2.x") == []
+    cards, choices, empty = ui.library_view(family="SD 2.x")
+    assert choices == [] and "choose *All bases*" in empty
+    cards, choices, _ = ui.library_view()
+    assert ("half/ · stopped at step 3 of 8", "half/") in choices and "stopped at step 3 of 8" in cards
+    d = ui.details("half/")
+    assert d["stopped"] and "Stopped at step 3 of 8" in d["state"] and d["lora"] is None
+    assert "run folder" in ui.delete("half/") and not stopped.exists() and (ui.outputs / "done").exists()
+
+
+def test_library_compares_two_loras_on_one_prompt_and_seed(ui):
+    a = _lora(ui.outputs / "a" / "a.safetensors", scale=0.5)
+    b = _lora(ui.outputs / "b" / "b.safetensors", scale=0.9)
+    for run in ("a", "b"):
+        (ui.outputs / run / "config.json").write_text(json.dumps({"train": {"base": "tiny-random"}}))
+    (ui.outputs / "c").mkdir()
+    c = _lora(ui.outputs / "c" / "c.safetensors")
+    (ui.outputs / "c" / "config.json").write_text(json.dumps({"train": {"base": "tiny"}}))
+    images = ui.compare("a/a.safetensors", "b/b.safetensors", "zqx, a red circle", 3)
+    assert [cap for _, cap in images] == ["a/a.safetensors at 1, seed 3", "b/b.safetensors at 1, seed 3"]
+    pa, pb = (np.asarray(im) for im, _ in images)
+    assert pa.shape == pb.shape and not np.array_equal(pa, pb)
+    again = ui.compare("a/a.safetensors", "a/a.safetensors", "zqx, a red circle", 3)
+    assert np.array_equal(np.asarray(again[0][0]), np.asarray(again[1][0])) and np.array_equal(pa, np.asarray(again[0][0]))
+    with pytest.raises(UserError, match="compare LoRAs of one base"):
+        ui.compare("a/a.safetensors", "c/c.safetensors", "x", 1)
+    with pytest.raises(UserError, match="Pick two finished LoRAs"):
+        ui.compare("a/a.safetensors", "", "x", 1)
+    assert a.exists() and b.exists() and c.exists()
 
 
 def test_unreadable_lora_does_not_break_the_library(ui):
     bad = ui.outputs / "bad" / "bad.safetensors"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"garbage")
-    _, table, _ = ui.library_view()
-    assert table[0][0] == "bad/bad.safetensors" and table[0][1].startswith("unreadable")
+    cards, choices, _ = ui.library_view()
+    assert choices[0][1] == "bad/bad.safetensors" and "unreadable" in cards
 
 
 def test_delete_removes_the_run_and_nothing_else(ui, tmp_path):
@@ -437,7 +520,7 @@ def test_delete_removes_the_run_and_nothing_else(ui, tmp_path):
     loose = _lora(ui.outputs / "loose.safetensors")
     (ui.outputs / "loose.json").write_text("{}")
     outside = _lora(tmp_path / "keep" / "keep.safetensors")
-    for bad in (str(outside), str(ui.outputs), "", str(ui.outputs / "run" / "config.json")):
+    for bad in (str(outside), str(ui.outputs), "", str(ui.outputs / "run" / "config.json"), "..", "../keep/"):
         with pytest.raises(UserError):
             ui.delete(bad)
     assert "run folder" in ui.delete(str(lora)) and not (ui.outputs / "run").exists()
@@ -564,3 +647,38 @@ def test_base_picker_lists_the_models_folders_and_the_defaults_follow_the_pick(t
     assert ui.suggestions(10, str(sd1))["resolution"] == 512           # an SD 1.x file without configs: SD's size
     ui.pick_base(str(sd1))
     assert ui.base == str(sd1) and "sd15-style" in ui.base_note(ui.base)
+
+
+def test_a_page_opened_during_training_shows_the_jobs_settings_read_only(ui, tmp_path, monkeypatch):
+    from sdlora.webui import train_tab
+    from sdlora.webui.forms import train_controls
+    names = ["base"] + [s.name for s in train_controls() if s.name != "base"]      # the page's order
+    release = threading.Event()
+    real_step = webui.Job.on_step
+
+    def slow_step(self, info):                        # hold the run at step 1 until the page has looked
+        real_step(self, info)
+        release.wait(60)
+    monkeypatch.setattr(webui.Job, "on_step", slow_step)
+    ui.load_uploads(_uploads(tmp_path, 3), "zqx", webui.TEMPLATES["style"], 64)
+    job = ui.start(form(steps=7.0, rank=3.0, lr=2e-3, seed=11.0, word_dropout=0.1))
+    try:
+        _wait(lambda: job.step >= 1 or not job.alive())
+        out = train_tab.on_tick(ui, [-2, ""], names)          # a freshly loaded page's first tick
+        start, stop, resume, note, *fields = out[8:]
+        assert start["visible"] is False and stop["visible"] is True and resume["interactive"] is False
+        assert "settings below are that run's" in note
+        shown = {n: f["value"] for n, f in zip(names, fields)}
+        assert all(f["interactive"] is False for f in fields)
+        assert (shown["steps"], shown["rank"], shown["lr"], shown["seed"], shown["word_dropout"]) == \
+            (7, 3, 2e-3, 11, 0.1)
+        assert shown["trigger"] == "zqx" and shown["base"] == "tiny-random"
+        import gradio as gr
+        again = train_tab.on_tick(ui, out[0], names)      # the run is held: nothing new is sent
+        assert again == [gr.skip()] * len(again)
+    finally:
+        release.set()
+        job.thread.join(300)
+    done = train_tab.on_tick(ui, out[0], names)
+    assert done[8]["visible"] is True and done[9]["visible"] is False
+    assert all(f["interactive"] is True for f in done[12:])

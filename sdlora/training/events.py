@@ -21,6 +21,7 @@ class StepInfo:
 
 class Callbacks:
     """Override what you need; every method is called on the main process only."""
+    def on_run(self, run_dir: Path) -> None: ...    # the run folder (its config.json holds the resolved settings)
     def on_plan(self, plan) -> None: ...            # a training.plan.Plan
     def on_step(self, info: StepInfo) -> None: ...
     def on_sample(self, step: int, paths: list[Path]) -> None: ...

@@ -41,7 +41,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
         rank=None if adaptive else spec["rank"], alpha=alpha, text_encoder=spec["text_encoder"], family=base.family,
         prediction_type=base.prediction_type, training_started_at=config.get("started_at", ""),
         text_encoder_lr=cfg["text_encoder_lr"], tag_frequency=_tag_frequency(config["captions"].values()),
-        extra={"sdlora_settings": json.dumps({k: config[k] for k in ("data", "lora", "train")}),
+        extra={"sdlora_settings": json.dumps(shareable_settings(config)),
                "sdlora_versions": json.dumps(config["versions"])})
     dtype = DTYPES[cfg["save_dtype"]]
     if cfg["save_format"] == "kohya":
@@ -71,6 +71,21 @@ def _shape(loras: layouts.LoraSet, spec: dict, alpha: float | None) -> str:
     ranks = [w.rank for w in loras.values()]
     return (f"AdaLoRA ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}, target {spec['rank']}) "
             f"over {len(ranks)} modules")
+
+
+PATH_SETTINGS = {"data": ("folder", "class_folder"), "train": ("output_dir", "base")}
+
+
+def shareable_settings(config: dict) -> dict:
+    """The run's settings for a file people share: folders and checkpoint paths cut to their last part, so a
+    LoRA never carries the trainer's home folder or user name."""
+    out = {k: dict(config[k]) for k in ("data", "lora", "train")}
+    for part, names in PATH_SETTINGS.items():
+        for name in names:
+            value = out[part].get(name)
+            if isinstance(value, str) and ("/" in value or "\\" in value):
+                out[part][name] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return out
 
 
 def describe_export(report: dict) -> str:

@@ -146,6 +146,8 @@ class _Trainer:
         total, cfg = self.plan.steps, self.cfg
         t0, done, loss_value, last_ckpt = time.time(), 0, float("nan"), runs.latest_checkpoint(run_dir)
         log = runs.open_log(run_dir, start) if self.main else None
+        if cfg.sample_every and start == 0:
+            self.samples(run_dir, 0)              # the base's own images (B = 0): what each sample is compared with
         try:
             for step in range(start, total):
                 if self.cancel.is_set():
@@ -295,6 +297,7 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         if t.main:
             runs.write_json(run_dir / "config.json", runs.run_config(data, t.spec, t.cfg, t.plan, t.acc.num_processes))
     if t.main:
+        cb.on_run(run_dir)
         cb.on_plan(t.plan)
         if resume is None:
             cb.on_message(f"run folder {run_dir}")

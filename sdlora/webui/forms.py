@@ -58,6 +58,12 @@ def default_form(base: str = "tiny", n_images: int = 0) -> dict:
     return form
 
 
+def form_of(data: DataConfig, spec: LoraSpec, cfg: TrainConfig) -> dict:
+    """The Train tab's fields holding a run's settings (what a page shows for a job it did not start)."""
+    objects = {"data": data, "lora": spec, "train": cfg}
+    return {s.name: getattr(objects[s.owner], s.name) for s in train_controls()}
+
+
 def whole(v):
     """Gradio numbers arrive as floats; whole ones become ints, anything else is left for validation."""
     return int(v) if isinstance(v, float) and v.is_integer() else v

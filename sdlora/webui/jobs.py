@@ -3,6 +3,7 @@ shows it, and the handlers that start, stop and resume it (`RunsMixin`)."""
 from __future__ import annotations
 
 import html
+import json
 import math
 import threading
 import traceback
@@ -10,10 +11,13 @@ from pathlib import Path
 
 from sdlora.config import ConfigError
 from sdlora.data import scan as dataset
-from sdlora.runs import checkpoint_step, latest_checkpoint, lora_with_sidecars, read_log, resumable_runs, sample_of
+from sdlora.data.captions import without_trigger
+from sdlora.runs import (RunError, checkpoint_step, latest_checkpoint, lora_with_sidecars, read_log, read_run_config,
+                         resumable_runs, sample_of)
 from sdlora.training.events import Callbacks
 from sdlora.training.loop import train
-from sdlora.webui.forms import UserError, build_configs, within
+from sdlora.webui.forms import UserError, build_configs, form_of, within
+from sdlora.webui.results import TimeLeft, base_samples, column_title, write_grid
 
 
 def duration(seconds: float) -> str:
@@ -33,13 +37,37 @@ class Job(Callbacks):
         self.cancel = threading.Event()
         self.run_dir = run_dir
         self.step = self.total = 0
-        self.loss, self.eta = math.nan, 0.0
+        self.loss = math.nan
         self.losses: list[tuple[int, float]] = read_log(run_dir) if run_dir else []
         self.samples: list[tuple[str, str]] = []       # (path, caption), newest first
         self.message, self.error = "", ""
         self.lora_path: Path | None = None
         self.thread: threading.Thread | None = None
         self.rev = 0
+        self.settings: dict | None = None                # the run's settings as the Train tab's fields
+        self.prompts: list[str] = []                     # the sample prompts
+        self.default_prompts = True                      # prompt 0 with the trigger, prompt 1 the same without
+        self.lr = math.nan
+        self.time_left, self.eta = TimeLeft(), None
+        self.base_paths: dict[int, Path] = {}
+
+    def on_run(self, run_dir: Path) -> None:
+        """The run folder is known: read the settings it runs with, and what a resumed run already has."""
+        self.run_dir = Path(run_dir)
+        try:
+            data, spec, cfg = read_run_config(self.run_dir)
+        except (RunError, ValueError, OSError):
+            return
+        self.settings = form_of(data, spec, cfg)
+        captions = json.loads((self.run_dir / "config.json").read_text(encoding="utf-8")).get("captions", {})
+        first = next(iter(captions.values()), "")
+        self.default_prompts = not cfg.sample_prompts
+        self.prompts = list(cfg.sample_prompts) or [first, without_trigger(first, data.trigger)]
+        self.base_paths = base_samples(self.run_dir)
+        if not self.samples:
+            self.samples = [(str(p), self.grid_caption(int(p.stem.rsplit("-", 1)[1])))
+                            for p in sorted((self.run_dir / "samples").glob("grid-step-*.png"), reverse=True)]
+        self.rev += 1
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -50,19 +78,25 @@ class Job(Callbacks):
             self.state = "running"
 
     def on_step(self, info) -> None:
-        self.step, self.total, self.loss, self.eta = info.step, info.total, info.loss, info.eta
+        self.step, self.total, self.loss, self.lr = info.step, info.total, info.loss, info.lr
+        self.eta = self.time_left.step(info.elapsed, info.step, info.total)
         self.losses.append((info.step, info.loss))
         self.rev += 1
 
     def on_sample(self, step: int, paths: list[Path]) -> None:
+        """One grid per sample step: a row per seed; the base (step 0) beside each prompt's image now."""
         self.run_dir = self.run_dir or paths[0].parent.parent
-        new = []
-        for p in paths:
-            seed, idx = sample_of(p) or ("?", 0)
-            which = "with trigger" if idx == 0 else "no trigger" if idx == 1 else f"prompt {idx + 1}"
-            new.append((str(p), f"step {step}, {which}, seed {seed}"))
-        self.samples = new + self.samples
+        if step == 0:
+            self.base_paths = {sample_of(p)[0]: p for p in paths if sample_of(p) and sample_of(p)[1] == 0}
+        base = {} if step == 0 else self.base_paths
+        grid = write_grid(self.run_dir, step, paths, base, self.default_prompts)
+        self.samples = [(str(grid), self.grid_caption(step))] + self.samples
         self.rev += 1
+
+    def grid_caption(self, step: int) -> str:
+        when = "before training: what the base draws" if step == 0 else f"step {step}"
+        prompts = " · ".join(f"{column_title(i, self.default_prompts)}: “{p}”" for i, p in enumerate(self.prompts))
+        return f"{when} · {prompts}" if prompts else when
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.run_dir = self.run_dir or path.parent.parent
@@ -83,9 +117,11 @@ class Job(Callbacks):
     def status_html(self) -> str:
         pct = 100.0 * self.step / self.total if self.total else 0.0
         loss = f" · loss {self.loss:.4f}" if math.isfinite(self.loss) else ""
+        lr = f" · learning rate {self.lr:.1e}" if math.isfinite(self.lr) else ""
         text = {
             "starting": "Starting: loading the base model and caching the images…",
-            "running": f"Step {self.step} / {self.total}{loss} · {duration(self.eta)} left",
+            "running": f"Step {self.step} / {self.total}{loss}{lr} · " +
+                       ("estimating time left" if self.eta is None else f"{duration(self.eta)} left"),
             "stopping": f"Stopping at step {self.step} / {self.total}: writing a checkpoint…",
             "stopped": f"Stopped at step {self.step} / {self.total}. Press Resume to continue from there.",
             "done": f"Done: {self.step} / {self.total} steps{loss}. Download the LoRA below or open it in Generate.",
@@ -163,10 +199,11 @@ class RunsMixin:
         job = self.job
         if job is None:
             return {"rev": -1, "html": progress_html(0, "Not started. Add images, check the captions, press Start."),
-                    "losses": [], "samples": [], "files": [], "lora": None}
+                    "losses": [], "samples": [], "files": [], "lora": None, "settings": None, "alive": False}
         files = [str(p) for p in lora_with_sidecars(job.lora_path)] if job.lora_path is not None else []
         return {"rev": job.rev, "html": job.status_html(), "losses": list(job.losses), "samples": list(job.samples),
-                "files": files, "lora": str(job.lora_path) if job.lora_path else None}
+                "files": files, "lora": str(job.lora_path) if job.lora_path else None,
+                "settings": dict(job.settings) if job.settings else None, "alive": job.alive()}
 
     def resumable_runs(self) -> list[tuple[str, str]]:
         """(label, run folder) of each stopped run of outputs/, newest first; not the one training now."""

@@ -27,7 +27,8 @@ def build(ui):
         targets = [tabs, g.slots[0][0], g.prompt]
         t.open_gen.click(lambda text: generate_tab.open_in_generate(ui, ui.progress()["lora"], text), g.prompt,
                          targets)
-        lib.open.click(lambda path, text: generate_tab.open_in_generate(ui, path, text), [lib.pick, g.prompt],
+        lib.open.click(lambda key, text: generate_tab.open_in_generate(ui, str(ui.library_path(key)), text),
+                       [lib.pick, g.prompt],
                        targets)
 
         def on_load():

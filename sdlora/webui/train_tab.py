@@ -13,6 +13,7 @@ from sdlora.config import Setting
 from sdlora.data.captioning import EXAMPLE_MODEL
 from sdlora.webui.forms import TEMPLATES, default_form, train_controls
 from sdlora.webui.images import notes_html
+from sdlora.webui.results import loss_rows
 from sdlora.webui.widgets import base_picker, guarded, told
 
 PER_ROW = 5                  # advanced controls per row
@@ -26,9 +27,9 @@ def control(s: Setting, value):
         c = gr.Checkbox(bool(value), label=s.label, info=info)
     elif s.choices:
         c = gr.Dropdown(list(s.choices), value=value, label=s.label, info=info)
-    elif s.kind in (int, float) and s.optional and not s.derived:
+    elif as_text(s):
         # a Number box cannot be left empty (the page sends 0), and "unset" is a value of these settings
-        c = gr.Textbox("" if value is None else str(value), label=s.label, info=info, placeholder="unset")
+        c = gr.Textbox(shown_value(s, value), label=s.label, info=info, placeholder="unset")
     elif s.kind in (int, float):
         # no minimum here: the page would refuse a value with a toast that names no field; the setting's own
         # check names it (told() shows that message)
@@ -37,6 +38,15 @@ def control(s: Setting, value):
         c = gr.Textbox(value, label=s.label, info=info)
     c.elem_id = f"f-{s.name}"
     return c
+
+
+def as_text(s: Setting) -> bool:
+    return s.kind in (int, float) and s.optional and not s.derived
+
+
+def shown_value(s: Setting, value):
+    """A setting's value as its control holds it (the optional numbers are text boxes: None is empty)."""
+    return ("" if value is None else str(value)) if as_text(s) else value
 
 
 def settings_controls(ui) -> tuple[dict, object]:
@@ -119,18 +129,21 @@ def layout(ui, demo) -> SimpleNamespace:
                       info="style: a look (colours, strokes); subject: one person or object")
     t.F, t.base_note = settings_controls(ui)
     gr.Markdown("### 3. Train")
-    with gr.Row():
+    t.job_note = gr.Markdown(elem_id="job-note")
+    with gr.Row(elem_id="train-actions"):
         t.start = gr.Button("Start training", variant="primary", elem_id="start")
-        t.stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        t.stop = gr.Button("Stop", variant="stop", elem_id="stop", visible=False)
         t.resume_run = gr.Dropdown([], label="Stopped run to resume", allow_custom_value=True, scale=2,
                                    info="Runs you stopped appear here; Resume continues at the exact step")
         t.resume = gr.Button("Resume", elem_id="resume")
     t.msg = gr.Markdown(elem_id="train-msg")
     t.progress = gr.HTML(elem_id="progress")
-    with gr.Row():
-        t.loss = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=260)
-        t.samples = gr.Gallery(label="Samples at fixed seeds, with and without the trigger (newest first)",
-                               columns=2, height=300, fit_columns=False, elem_id="samples")
+    t.loss = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Training loss",
+                         y_title="loss", color_map={"raw": "#cbd5e1", "smoothed": "#4338ca"}, height=280,
+                         elem_id="loss-plot")
+    t.samples = gr.Gallery(label="Samples: a row per seed; the base before training, then with and without the "
+                           "trigger at that step (newest first)", columns=1, height=480, object_fit="contain",
+                           elem_id="samples")
     t.result = gr.File(label="Your LoRA and its sidecar files", file_count="multiple", interactive=False,
                        visible=False, elem_id="result")
     t.open_gen = gr.Button("Open it in the Generate tab", visible=False, elem_id="open-gen")
@@ -139,9 +152,12 @@ def layout(ui, demo) -> SimpleNamespace:
 
 
 def loss_frame(losses):
+    """The chart's rows: every raw loss (faint) and the smoothed curve over them."""
     import pandas as pd
-    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
-                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+    rows = loss_rows(losses)
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="str")})
 
 
 DERIVED = ("steps", "rank", "lr", "sample_every")     # refilled when images arrive (training.plan.suggested)
@@ -199,24 +215,41 @@ def wire(ui, t: SimpleNamespace) -> None:
                   list(F.values()), t.msg)
     t.stop.click(ui.stop, None, t.msg)
     t.resume.click(told(lambda run: (ui.resume(run), "Resuming from the last checkpoint.")[1]), t.resume_run, t.msg)
-    t.timer.tick(lambda seen: on_tick(ui, seen), t.seen,
-                 [t.seen, t.progress, t.loss, t.samples, t.result, t.open_gen, t.resume_run, t.msg],
-                 show_progress="hidden")
+    t.timer.tick(lambda seen: on_tick(ui, seen, list(F)), t.seen,
+                 [t.seen, t.progress, t.loss, t.samples, t.result, t.open_gen, t.resume_run, t.msg, t.start,
+                  t.stop, t.resume, t.job_note, *F.values()], show_progress="hidden")
 
 
-def on_tick(ui, seen):
-    """The progress, loss plot, samples and result as they are now; nothing is sent when nothing changed."""
+JOB_NOTE = ("**A training is running**: the settings below are that run's (read-only). They can be changed "
+            "again when it stops or ends.")
+
+
+def on_tick(ui, seen, names: list[str]):
+    """The progress, loss plot, samples and result as they are now; nothing is sent when nothing changed.
+
+    The job is the source of truth: while one runs, every page (a reloaded one, a second tab) shows its settings,
+    read-only, and Stop in place of Start."""
     import gradio as gr
     p = ui.progress()
     state = ui.job.state if ui.job else ""
+    declared = {s.name: s for s in train_controls()}
+    n_fields = len(names)
     if [p["rev"], state] == seen:
-        return [gr.skip()] * 8
+        return [gr.skip()] * (12 + n_fields)
     runs, changed = ui.resumable_runs(), state != seen[1]
     resumable = gr.update(choices=runs, value=runs[0][1] if runs else None) if changed else gr.skip()
     finished = changed and state in ("done", "stopped", "failed")          # the old message is stale
     files = gr.update(value=p["files"] or None, visible=bool(p["files"]))
+    alive, settings = p["alive"], p["settings"]
+    if changed:
+        buttons = [gr.update(visible=not alive), gr.update(visible=alive), gr.update(interactive=not alive),
+                   JOB_NOTE if alive else ""]
+        fields = [gr.update(value=shown_value(declared[n], settings[n]), interactive=False) if alive and settings
+                  else gr.update(interactive=True) for n in names]
+    else:
+        buttons, fields = [gr.skip()] * 4, [gr.skip()] * n_fields
     return [[p["rev"], state], p["html"], loss_frame(p["losses"]), p["samples"], files,
-            gr.update(visible=bool(p["lora"])), resumable, "" if finished else gr.skip()]
+            gr.update(visible=bool(p["lora"])), resumable, "" if finished else gr.skip(), *buttons, *fields]
 
 
 __all__ = ["layout", "wire", "settings_controls", "control"]

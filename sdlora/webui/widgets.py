@@ -18,6 +18,21 @@ CSS = """
 .sdl-card img, #gen-image img, #lib-preview img {image-rendering: pixelated; width: 100%; height: 100%;
                                                  object-fit: contain}
 .sdl-skipped {font-weight: 600; margin: 4px 0}
+.sdl-lib-cards {display: flex; flex-wrap: wrap; gap: 10px}
+.sdl-lib-card {display: flex; gap: 10px; flex: 1 1 300px; max-width: 520px; min-width: 0; padding: 8px;
+               border: 1px solid var(--border-color-primary); border-radius: 8px}
+.sdl-thumb {width: 96px; height: 96px; flex: none; object-fit: contain; image-rendering: pixelated}
+.sdl-nothumb {display: flex; align-items: center; justify-content: center; font-size: 0.8em;
+              background: var(--neutral-100); color: var(--body-text-color-subdued)}
+.sdl-lib-body {min-width: 0; overflow-wrap: anywhere; font-size: 0.9em; line-height: 1.45}
+.sdl-key {color: var(--body-text-color-subdued); font-size: 0.9em}
+.sdl-done {color: #15803d; font-weight: 600}
+#samples img {image-rendering: pixelated}
+@media (max-width: 640px) {
+  #train-actions {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
+                  padding: 6px 0; box-shadow: 0 -2px 6px rgba(0, 0, 0, .08)}
+  #upload .wrap {font-size: 0.85em}
+}
 """
 INTRO = ("Train a **style LoRA** from 5-20 images: **1.** add images and check each caption, "
          "**2.** pick a trigger word, **3.** press Start. Then try it in **Generate**; every LoRA you made "
