@@ -109,7 +109,7 @@ def test_every_kind_of_base_end_to_end(kind, world, tmp_path, style_dir, capsys)
     if sd_layout:
         assert "all keys map" in printed
     else:
-        assert f"A1111: 16/{modules} mapped; not mapped: lora_unet_down_blocks_1_attentions_0" in printed
+        assert "A1111:" not in printed and "A1111:" not in err    # no key count for a base A1111 cannot load
         assert "diffusers maps every key. base 'tiny' is not an SD checkpoint A1111 or ComfyUI can load" in printed
         assert "NOT every key maps" not in printed + err
     code, printed, _ = run_cli(capsys, "inspect", lora, "--json")

@@ -28,7 +28,8 @@ CHROMIUM = os.environ.get("SDLORA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 XSS_TITLE = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>"
-STEPS = 6
+STEPS = 200          # long enough to reload the page while it runs (about 15 s on the built-in base)
+PHONE = {"width": 390, "height": 844}
 
 pytestmark = pytest.mark.slow
 
@@ -123,11 +124,15 @@ def _stop(proc, log) -> None:
 
 @pytest.fixture(scope="module")
 def app_server(tmp_path_factory):
+    import sdkit
     tmp_path = tmp_path_factory.mktemp("app")
     outputs = tmp_path / "outputs"
     _xss_lora(outputs)
+    models = tmp_path / "models"
+    sdkit.single_file(models / "Stable-diffusion" / "my-sd15-style.safetensors", "sd1")
     base = "tiny" if (REPO / "sdlora" / "base_model" / "model_index.json").is_file() else "tiny-random"
-    proc, url, port, log = _start_app(tmp_path, "--base", base, "--outputs", str(outputs))
+    proc, url, port, log = _start_app(tmp_path, "--base", base, "--outputs", str(outputs), "--models-dir",
+                                      str(models))
     try:
         yield {"url": url, "port": port, "outputs": outputs, "tmp": tmp_path, "base": base, "log": log}
     finally:
@@ -233,15 +238,37 @@ def test_browser_train_generate_library(app_server, tmp_path):
         assert caption is not None and caption.read_text(encoding="utf-8") == "zqx, a red ring edited"
         _shot(page, "1-train-dataset")
 
+        picker = page.locator("#f-base")                                # the base picker lists the models folder
+        picker.locator("input").click()
+        expect(page.get_by_role("option", name=re.compile(r"my-sd15-style\.safetensors · SD 1\.x · "))).to_be_visible()
+        page.keyboard.press("Escape")
+        expect(page.locator("#base-note")).to_contain_text("tiny")
+
         page.locator("#f-steps input").fill(str(STEPS))
-        page.locator("#f-lr input").fill("0.01")
+        page.locator("#f-lr input").fill("0.002")
         page.get_by_text("Advanced settings").click()
-        page.locator("#f-sample_every input").fill(str(STEPS))
+        page.locator("#f-sample_every input").fill(str(STEPS // 2))
+        page.locator("#f-seed input").fill("17")
         t0 = time.time()
         page.locator("#start").click()
         expect(page.locator("#train-msg")).to_contain_text("Training started")
-        page.locator("#start").click()                                      # a second Start while one runs
-        expect(page.get_by_text("already running").first).to_be_visible()
+        expect(page.locator("#stop")).to_be_visible()                       # Start becomes Stop while it runs
+        expect(page.locator("#start")).to_be_hidden()
+        expect(page.locator("#progress")).to_contain_text("Step", timeout=120_000)
+
+        reloaded = browser.new_page(viewport={"width": 1280, "height": 900})  # a reload while it trains
+        reloaded.goto(srv["url"])
+        expect(reloaded.locator("#job-note")).to_contain_text("that run's (read-only)", timeout=30_000)
+        expect(reloaded.locator("#f-steps input")).to_have_value(str(STEPS))    # the job's settings, not defaults
+        expect(reloaded.locator("#f-steps input")).to_be_disabled()
+        reloaded.get_by_text("Advanced settings").click()
+        expect(reloaded.locator("#f-seed input")).to_have_value("17")
+        expect(reloaded.locator("#f-trigger textarea, #f-trigger input").first).to_have_value("zqx")
+        expect(reloaded.locator("#stop")).to_be_visible()
+        expect(reloaded.locator("#start")).to_be_hidden()
+        expect(reloaded.locator("#progress")).to_contain_text(re.compile(r"estimating time left|\d+ (s|min).* left"))
+        _shot(reloaded, "2a-train-reloaded-while-running")
+        reloaded.close()
         seen = set()
         while "Done" not in (text := _text(page, "#progress")):
             assert "failed" not in text, text
@@ -252,7 +279,18 @@ def test_browser_train_generate_library(app_server, tmp_path):
         assert any(s.startswith("Step") for s in seen) or "Starting" in " ".join(seen), seen
         assert f"{STEPS} / {STEPS}" in text
         expect(page.locator("#samples img").first).to_be_visible()
+        expect(page.locator("#sample-caption")).to_contain_text(f"step {STEPS} · with trigger: “zqx")
+        expect(page.locator("#sample-history img")).to_have_count(3)       # steps 0, 100 and 200
         expect(page.locator("#result a[href$='/zqx.safetensors']")).to_have_count(1)
+        removes = page.locator("#result button[aria-label='Remove this file']")
+        assert removes.count() == 3 and not any(removes.nth(i).is_visible() for i in range(3))   # read-only list
+        expect(page.locator("#start")).to_be_visible()                      # the form is the user's again
+        expect(page.locator("#f-steps input")).to_be_enabled()
+        plot = np.asarray(Image.open(io.BytesIO(page.locator("#loss-plot").screenshot())).convert("RGB")).astype(int)
+        smoothed_line = (np.abs(plot - np.array([67, 56, 202])).sum(axis=-1) < 60).sum()
+        assert smoothed_line > 200, smoothed_line                           # the smoothed curve is drawn
+        grid = _image_pixels(page, "#samples")                              # base | with | without, per seed
+        assert grid.shape[1] >= 3 * 192 and grid.shape[0] >= 2 * 192, grid.shape
         _shot(page, "2-train-done")
 
         again = browser.new_page(viewport={"width": 1280, "height": 900})   # a reopened tab sees the run
@@ -287,20 +325,41 @@ def test_browser_train_generate_library(app_server, tmp_path):
         _shot(page, "3-generate")
 
         page.get_by_role("tab", name="Library").click()
-        table = page.locator("#lib-table")
-        expect(table).to_contain_text("zqx")
-        expect(table).to_contain_text("<script>window.__xss=1</script>")      # shown as text, not run
+        cards = page.locator("#lib-cards")
+        expect(cards).to_contain_text("zqx")
+        expect(cards).to_contain_text("<script>window.__xss=1</script>")      # shown as text, not run
+        expect(cards).not_to_contain_text(str(srv["outputs"]))               # no server paths
         assert page.evaluate("window.__xss") is None and not dialogs
         _shot(page, "4-library")
-        table.get_by_text("xss/xss.safetensors").first.click()
+        pick = page.locator("#lib-pick input")
+        pick.click()
+        page.get_by_role("option", name="xss/xss.safetensors · finished").click()
         expect(page.locator("#lib-files a[href$='/xss.safetensors']")).to_have_count(1)
         page.locator("#lib-delete").click()
-        page.locator("#lib-confirm").click()
-        expect(table).not_to_contain_text("xss/xss.safetensors", timeout=30_000)
+        confirm = page.locator("#lib-confirm")
+        box, delete_box = confirm.bounding_box(), page.locator("#lib-delete").bounding_box()
+        assert 0 <= box["y"] - delete_box["y"] < 200, (box, delete_box)         # right under the button
+        confirm.click()
+        expect(cards).not_to_contain_text("xss/xss.safetensors", timeout=30_000)
         assert not (srv["outputs"] / "xss" / "xss.safetensors").exists()
         assert page.evaluate("window.__xss") is None and not dialogs
+
+        phone = browser.new_page(viewport=PHONE, is_mobile=True, has_touch=True)
+        phone.goto(srv["url"])
+        expect(phone.locator("#progress")).to_contain_text("Done", timeout=30_000)
+        actions = phone.locator("#train-actions").bounding_box()           # Start is in reach without scrolling
+        assert actions["y"] + actions["height"] <= PHONE["height"] + 1, actions
+        _shot(phone, "5-phone-train")
+        phone.get_by_role("tab", name="Library").click()
+        card = phone.locator(".sdl-lib-card").first
+        expect(card).to_contain_text("zqx")
+        width = card.bounding_box()["width"]
+        assert width >= 0.8 * (PHONE["width"] - 40), width                  # a card spans the screen, no 1-char column
+        assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"] + 1   # nothing sideways
+        _shot(phone, "6-phone-library")
+        phone.close()
         browser.close()
     written = {p.name for p in srv["tmp"].iterdir()}                 # the app's working folder: only outputs/ grew
-    assert written <= {"outputs", "app.log", "secret.txt"}, written
+    assert written <= {"outputs", "app.log", "secret.txt", "models"}, written
     timings["total"] = time.time() - t_start
     print("e2e timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

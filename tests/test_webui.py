@@ -665,7 +665,7 @@ def test_a_page_opened_during_training_shows_the_jobs_settings_read_only(ui, tmp
     try:
         _wait(lambda: job.step >= 1 or not job.alive())
         out = train_tab.on_tick(ui, [-2, ""], names)          # a freshly loaded page's first tick
-        start, stop, resume, note, *fields = out[8:]
+        start, stop, resume, note, *fields = out[10:]
         assert start["visible"] is False and stop["visible"] is True and resume["interactive"] is False
         assert "settings below are that run's" in note
         shown = {n: f["value"] for n, f in zip(names, fields)}
@@ -680,5 +680,5 @@ def test_a_page_opened_during_training_shows_the_jobs_settings_read_only(ui, tmp
         release.set()
         job.thread.join(300)
     done = train_tab.on_tick(ui, out[0], names)
-    assert done[8]["visible"] is True and done[9]["visible"] is False
-    assert all(f["interactive"] is True for f in done[12:])
+    assert done[10]["visible"] is True and done[11]["visible"] is False
+    assert all(f["interactive"] is True for f in done[14:])

@@ -89,10 +89,10 @@ def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device:
 
     ``dtype`` is the compute dtype. ``precision`` (sdlora.bases.precision) keeps the weights in fp32 / bf16 /
     fp16 instead, or quantises the U-Net's linear layers (and the text encoder's, if
-    ``quantize_text_encoder``) to int8 / nf4; the VAE always stays in the compute dtype.
+    ``quantize_text_encoder``) to int8 / nf4 with the rest of all three models in 16 bits.
     """
     precision = precision or {v: k for k, v in precision_mod.DTYPES.items()}.get(dtype, "fp32")
-    storage = precision_mod.storage_dtype(precision, dtype)
+    storage = precision_mod.storage_dtype(precision, dtype, device)
     if precision in precision_mod.QUANTIZED:
         precision_mod.bitsandbytes()          # a missing package is said before a multi-GB load
     key = (name, storage, str(device), precision, quantize_text_encoder)
@@ -103,9 +103,8 @@ def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device:
         for model in (base.unet, base.vae, base.text_encoder):
             model.requires_grad_(False)
             model.eval()
-            want = dtype if model is base.vae and precision in precision_mod.QUANTIZED else storage
-            if model.dtype != want:
-                model.to(dtype=want)
+            if model.dtype != storage:
+                model.to(dtype=storage)
             if model is base.unet or (model is base.text_encoder and quantize_text_encoder):
                 precision_mod.quantize(model, precision, compute=storage, device=device)
             model.to(device)

@@ -3,8 +3,8 @@
 QLoRA (Dettmers et al. 2023) keeps the frozen weights in 4-bit NormalFloat and trains full-precision
 LoRA adapters on top; the adapters see the dequantised weight, so the update they learn is the same
 kind of file. Here every ``nn.Linear`` of a model is swapped for bitsandbytes' ``Linear8bitLt`` (int8)
-or ``Linear4bit`` (nf4) holding the same weights; convolutions, norms and embeddings stay in the
-compute dtype. bitsandbytes does the quantised arithmetic (on CUDA, and on CPU for these layers);
+or ``Linear4bit`` (nf4) holding the same weights; convolutions, norms and embeddings are kept in a
+16-bit dtype (``storage_dtype``), as QLoRA keeps what it does not quantise. bitsandbytes does the quantised arithmetic (on CUDA, and on CPU for these layers);
 PEFT wraps the quantised layers with its own bitsandbytes LoRA layers when ``mark_quantized`` has
 flagged the model (PEFT reads ``is_loaded_in_8bit`` / ``is_loaded_in_4bit`` on the model it adapts).
 """
@@ -32,10 +32,20 @@ def bitsandbytes():
     return bnb
 
 
-def storage_dtype(precision: str, compute: torch.dtype) -> torch.dtype:
-    """The dtype the base's unquantised weights are kept in: the precision's own, or the compute dtype."""
+def storage_dtype(precision: str, compute: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype the base's unquantised weights are kept in: fp32 / bf16 / fp16 as named; for int8 / nf4 a
+    16-bit dtype, as QLoRA keeps everything it does not quantise: the compute dtype when that is 16-bit, else
+    bf16 (fp16 on a GPU without bf16). SD's U-Net is 69% convolutions, which bitsandbytes does not quantise:
+    in fp32 they would keep most of the memory a 4-bit base is for."""
     check(precision)
-    return DTYPES.get(precision, compute)
+    if precision in DTYPES:
+        return DTYPES[precision]
+    if compute in (torch.float16, torch.bfloat16):
+        return compute
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def check(precision: str) -> None:

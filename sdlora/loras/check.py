@@ -80,10 +80,11 @@ def format_check(report: dict) -> str:
         lines.append(f"wrong base: the file is for {fam}, the base is {base_fam}")
     if report["format"] != "kohya":
         lines.append("(A1111 and ComfyUI need the kohya naming; checked as the kohya file sdlora would write)")
-    lines.append(format_report(report["tools"]))
     if report.get("sd_layout", True):
+        lines.append(format_report(report["tools"]))
         lines.append("all keys map" if report["ok"] else "NOT every key maps: those keys would do nothing in that tool")
-    else:
+    else:                   # A1111 cannot load such a base at all: counting its keys answers no one's question
+        lines.append(format_report({t: r for t, r in report["tools"].items() if t != "a1111"}))
         lines.append(("diffusers maps every key. " if report["ok"] else "NOT every key maps in diffusers. ") +
                      report["base_note"])
     return "\n".join(lines)

@@ -44,9 +44,13 @@ def attention_kernel(unet: torch.nn.Module, device: torch.device) -> str:
 
 
 def runtime_summary(device: torch.device, unet: torch.nn.Module, precision: str,
-                    mixed_precision: str, optimizer: torch.optim.Optimizer, gradient_checkpointing: bool) -> str:
+                    mixed_precision: str, optimizer: torch.optim.Optimizer, gradient_checkpointing: bool,
+                    rest: torch.dtype | None = None) -> str:
     opt = f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}"
-    quantized = " (linear layers quantised by bitsandbytes; adapters fp32)" if precision in ("int8", "nf4") else ""
+    quantized = ""
+    if precision in ("int8", "nf4"):
+        quantized = (f" (linear layers quantised by bitsandbytes, the rest "
+                     f"{str(rest or torch.bfloat16).replace('torch.', '')}; adapters fp32)")
     return (f"device {device_name(device)}; base weights {precision}{quantized}, "
             f"mixed precision {mixed_precision}; attention {attention_kernel(unet, device)}; optimizer {opt}; "
             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}")

@@ -48,7 +48,7 @@ class _Trainer:
                               f"{precision_of(base.unet)}: load it with that precision, or leave base_precision auto")
         if self.precision in QUANTIZED:
             bitsandbytes()                       # a missing package is said before the images are read
-        weight_dtype = storage_dtype(self.precision, compute)
+        weight_dtype = storage_dtype(self.precision, compute, self.acc.device)
         self.weight_dtype = base.unet.dtype if base else weight_dtype   # read once: .dtype walks every module
         # The images are checked before the base is loaded: a bad folder costs no model load.
         self.plan = plan(data, cfg, base.geometry if base else native_geometry(cfg.base))
@@ -98,7 +98,8 @@ class _Trainer:
         base.unet.train()
         if self.main:
             self.cb.on_message(hardware.runtime_summary(self.acc.device, base.unet, self.precision,
-                                                        cfg.mixed_precision, opt, cfg.gradient_checkpointing))
+                                                        cfg.mixed_precision, opt, cfg.gradient_checkpointing,
+                                                        rest=self.weight_dtype))
         self.unet, self.opt, self.lr_sched = self.acc.prepare(base.unet, opt, sched)
         self.bare_unet = self.acc.unwrap_model(self.unet)
         return start

@@ -130,9 +130,10 @@ def layout(ui, demo) -> SimpleNamespace:
     t.F, t.base_note = settings_controls(ui)
     gr.Markdown("### 3. Train")
     t.job_note = gr.Markdown(elem_id="job-note")
-    with gr.Row(elem_id="train-actions"):
+    with gr.Row(elem_id="train-actions"):          # on a phone: a bar at the bottom of the screen
         t.start = gr.Button("Start training", variant="primary", elem_id="start")
         t.stop = gr.Button("Stop", variant="stop", elem_id="stop", visible=False)
+    with gr.Row():
         t.resume_run = gr.Dropdown([], label="Stopped run to resume", allow_custom_value=True, scale=2,
                                    info="Runs you stopped appear here; Resume continues at the exact step")
         t.resume = gr.Button("Resume", elem_id="resume")
@@ -141,9 +142,11 @@ def layout(ui, demo) -> SimpleNamespace:
     t.loss = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Training loss",
                          y_title="loss", color_map={"raw": "#cbd5e1", "smoothed": "#4338ca"}, height=280,
                          elem_id="loss-plot")
-    t.samples = gr.Gallery(label="Samples: a row per seed; the base before training, then with and without the "
-                           "trigger at that step (newest first)", columns=1, height=480, object_fit="contain",
-                           elem_id="samples")
+    t.sample = gr.Image(label="Samples: a row per seed; the base before training, then with and without the trigger "
+                        "at the latest sample step", interactive=False, elem_id="samples", height="auto")
+    t.sample_caption = gr.Markdown(elem_id="sample-caption")
+    t.samples = gr.Gallery(label="Every sample step, newest first (click one to enlarge it)", columns=4, height=260,
+                           object_fit="contain", elem_id="sample-history")
     t.result = gr.File(label="Your LoRA and its sidecar files", file_count="multiple", interactive=False,
                        visible=False, elem_id="result")
     t.open_gen = gr.Button("Open it in the Generate tab", visible=False, elem_id="open-gen")
@@ -152,9 +155,12 @@ def layout(ui, demo) -> SimpleNamespace:
 
 
 def loss_frame(losses):
-    """The chart's rows: every raw loss (faint) and the smoothed curve over them."""
+    """The chart's rows: every raw loss (faint) and the smoothed curve over them; None before the first step
+    (a chart first drawn from an empty frame draws no lines when rows arrive later)."""
     import pandas as pd
     rows = loss_rows(losses)
+    if not rows:
+        return None
     return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
                          "loss": pd.Series([r[1] for r in rows], dtype="float64"),
                          "series": pd.Series([r[2] for r in rows], dtype="str")})
@@ -216,8 +222,8 @@ def wire(ui, t: SimpleNamespace) -> None:
     t.stop.click(ui.stop, None, t.msg)
     t.resume.click(told(lambda run: (ui.resume(run), "Resuming from the last checkpoint.")[1]), t.resume_run, t.msg)
     t.timer.tick(lambda seen: on_tick(ui, seen, list(F)), t.seen,
-                 [t.seen, t.progress, t.loss, t.samples, t.result, t.open_gen, t.resume_run, t.msg, t.start,
-                  t.stop, t.resume, t.job_note, *F.values()], show_progress="hidden")
+                 [t.seen, t.progress, t.loss, t.sample, t.sample_caption, t.samples, t.result, t.open_gen,
+                  t.resume_run, t.msg, t.start, t.stop, t.resume, t.job_note, *F.values()], show_progress="hidden")
 
 
 JOB_NOTE = ("**A training is running**: the settings below are that run's (read-only). They can be changed "
@@ -235,7 +241,7 @@ def on_tick(ui, seen, names: list[str]):
     declared = {s.name: s for s in train_controls()}
     n_fields = len(names)
     if [p["rev"], state] == seen:
-        return [gr.skip()] * (12 + n_fields)
+        return [gr.skip()] * (14 + n_fields)
     runs, changed = ui.resumable_runs(), state != seen[1]
     resumable = gr.update(choices=runs, value=runs[0][1] if runs else None) if changed else gr.skip()
     finished = changed and state in ("done", "stopped", "failed")          # the old message is stale
@@ -248,7 +254,9 @@ def on_tick(ui, seen, names: list[str]):
                   else gr.update(interactive=True) for n in names]
     else:
         buttons, fields = [gr.skip()] * 4, [gr.skip()] * n_fields
-    return [[p["rev"], state], p["html"], loss_frame(p["losses"]), p["samples"], files,
+    newest, caption = p["samples"][0] if p["samples"] else (None, "")
+    return [[p["rev"], state], p["html"], loss_frame(p["losses"]), newest, html.escape(caption, quote=False),
+            p["samples"], files,
             gr.update(visible=bool(p["lora"])), resumable, "" if finished else gr.skip(), *buttons, *fields]
 
 

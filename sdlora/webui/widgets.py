@@ -28,9 +28,11 @@ CSS = """
 .sdl-key {color: var(--body-text-color-subdued); font-size: 0.9em}
 .sdl-done {color: #15803d; font-weight: 600}
 #samples img {image-rendering: pixelated}
+#result button[aria-label="Remove this file"], #lib-files button[aria-label="Remove this file"] {display: none}
 @media (max-width: 640px) {
-  #train-actions {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
-                  padding: 6px 0; box-shadow: 0 -2px 6px rgba(0, 0, 0, .08)}
+  #train-actions {position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0; padding: 8px 12px;
+                  background: var(--background-fill-primary); box-shadow: 0 -2px 8px rgba(0, 0, 0, .12)}
+  .gradio-container {padding-bottom: 72px !important}
   #upload .wrap {font-size: 0.85em}
 }
 """
