@@ -55,9 +55,9 @@ class BareStep:
 
     def __call__(self, step: int) -> None:
         torch = self.torch
-        noisy, t, enc, target = self.batches[step]
+        noisy, t, cond, target = self.batches[step]
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            pred = self.unet(noisy, t, enc).sample
+            pred = self.unet(noisy, t, **cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -77,9 +77,9 @@ def drawn_batches(trainer, n: int) -> list:
     dtype, out = trainer.base.unet.dtype, []
     for i in range(n):
         g = trainer.step_generator(i, 0)
-        lat, enc, _ = trainer.batches.draw(g, trainer.examples)  # (1, 4, px/8, px/8), (1, 77, 768)
+        lat, cond, _ = trainer.batches.draw(g, trainer.examples)  # (1, 4, px/8, px/8), text (and SDXL's sizes)
         noisy, t, target = trainer.objective.noisy(lat, g)
-        out.append((noisy.to(dtype), t, enc.to(dtype), target))
+        out.append((noisy.to(dtype), t, cond.unet_kwargs(dtype), target))
     return out
 
 

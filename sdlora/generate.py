@@ -20,6 +20,7 @@ from sdlora.loras import layouts as formats
 from sdlora.config import GenerateConfig
 from sdlora.bases.load import Base, load_base
 from sdlora.loras.apply import Applied, LoraStack
+from sdlora.loras.naming import naming_for
 
 
 @dataclass
@@ -65,7 +66,7 @@ def read_lora(path: str | Path, base: Base, allow_pickle: bool = False) -> Loade
             f"{families.title(base.family)}; load it on a {families.title(family)} base")
     fmt = detect.detect_format(sd)
     if fmt == "kohya":
-        loras, unused = formats.from_kohya(sd, base.module_names())
+        loras, unused = formats.from_kohya(sd, base.module_names(), naming_for(base))
     elif fmt in ("diffusers", "peft"):
         loras, unused = diffusers_layout.from_diffusers(sd, meta, module_names=base.module_names())
     elif fmt == "comfyui":
@@ -95,10 +96,16 @@ def render(pipe, cfg: GenerateConfig, resolution: int) -> Image.Image:
 
 
 def make_pipeline(base: Base):
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                         text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+                                         tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,7 +121,7 @@ class Generator:
         self.base = load_base(base, precision=precision) if isinstance(base, str) else base
         self.pipe = make_pipeline(self.base)
         if self.base.lora_stack is None:
-            self.base.lora_stack = LoraStack({"unet": self.base.unet, "text_encoder": self.base.text_encoder})
+            self.base.lora_stack = LoraStack({"unet": self.base.unet, **self.base.text_encoders})
         self.stack, self.lock = self.base.lora_stack, self.base.lora_stack.lock
         self._files: dict[str, tuple[float, LoadedLora]] = {}
         self._choices: list[LoraChoice] = []
@@ -168,7 +175,8 @@ def merge(generator: Generator, out: str | Path, dtype: torch.dtype = torch.floa
     with generator.lock:
         generator.stack.set(generator.stack.applied, fused=True)
         return save_single_file(out, base.unet, base.vae, base.text_encoder, base.family, dtype=dtype,
-                                metadata=metadata, prediction_type=base.prediction_type)
+                                metadata=metadata, prediction_type=base.prediction_type,
+                                text_encoder_2=base.text_encoder_2)
 
 
 __all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "make_pipeline", "merge"]

@@ -21,7 +21,13 @@ from sdlora.bases import single_file as ldm
 
 def tiny_models(variant: str, seed: int = 0) -> dict[str, torch.nn.Module]:
     """unet, vae, text_encoder of a 64 px base with the variant's family widths; two layers per U-Net block
-    as SD has, since A1111 maps U-Net keys by SD's block numbering (INTEROP.md section 1)."""
+    as SD has, since A1111 maps U-Net keys by SD's block numbering (INTEROP.md section 1). SDXL: the small SDXL
+    architecture of `tiny_random_xl_base` (its family shows in its keys, not its widths), both text encoders."""
+    if families.family(variant).name == "sdxl":
+        from sdlora.bases.load import tiny_random_xl_base
+        base = tiny_random_xl_base(seed)
+        return {"unet": base.unet.eval(), "vae": base.vae.eval(), "text_encoder": base.text_encoder.eval(),
+                "text_encoder_2": base.text_encoder_2.eval()}
     width = families.family(variant).context_dim
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -48,6 +54,8 @@ def config_root(root: Path) -> Path:
         models["unet"].save_config(folder / "unet")
         models["vae"].save_config(folder / "vae")
         models["text_encoder"].config.to_json_file(folder / "text_encoder" / "config.json")
+        if "text_encoder_2" in models:
+            models["text_encoder_2"].config.to_json_file(folder / "text_encoder_2" / "config.json")
     return root
 
 
@@ -57,6 +65,18 @@ def single_file(path: Path, variant: str, seed: int = 0, say_variant: bool = Fal
     models = tiny_models(variant, seed)
     family = variant if say_variant else families.family(variant).name
     return ldm.save_single_file(path, **models, family=family, dtype=torch.float32, embed_configs=False)
+
+
+def diffusers_xl_folder(path: Path, seed: int = 0) -> Path:
+    """An SDXL diffusers pipeline folder (model_index.json, both text encoders and tokenizers)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora.bases.load import tiny_random_xl_base
+    base = tiny_random_xl_base(seed)
+    StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                              tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                              scheduler=base.scheduler, add_watermarker=False).save_pretrained(path)
+    return path
 
 
 def diffusers_folder(path: Path, variant: str = "sd1", seed: int = 0) -> Path:

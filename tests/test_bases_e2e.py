@@ -32,16 +32,20 @@ from sdlora.bases import families
 from sdlora.bases import single_file as ldm
 from sdlora.bases.load import load_base
 from sdlora.cli import main
+from sdlora.loras.naming import naming_for
 from sdlora.webui.forms import default_form
 from sdlora.webui.state import WebUI
 
-KINDS = ["tiny", "diffusers-folder", "sd1-file", "sd2-v-file", "sd2-base-file"]
+KINDS = ["tiny", "diffusers-folder", "sd1-file", "sd2-v-file", "sd2-base-file", "sdxl-file", "sdxl-folder"]
 FAMILY = {"tiny": ("sd1", "epsilon"), "diffusers-folder": ("sd1", "epsilon"), "sd1-file": ("sd1", "epsilon"),
-          "sd2-v-file": ("sd2", "v_prediction"), "sd2-base-file": ("sd2", "epsilon")}
+          "sd2-v-file": ("sd2", "v_prediction"), "sd2-base-file": ("sd2", "epsilon"),
+          "sdxl-file": ("sdxl", "epsilon"), "sdxl-folder": ("sdxl", "epsilon")}
 # A1111 maps U-Net keys by SD's block numbering (two layers per block); the built-in base has one layer per
 # block, so A1111 could not place all its keys. But neither A1111 nor ComfyUI can load that base at all, so the
 # check says the LoRA is for trying sdlora (and diffusers with that base) instead of raising a false alarm.
-SD_LAYOUT = {"tiny": False}
+# The SDXL bases here are SDXL's architecture at a few channels (tiny_random_xl_base): its keys, not its sizes,
+# so no tool but diffusers could load them either; tests/test_sdxl.py checks the full-size names.
+SD_LAYOUT = {"tiny": False, "sdxl-file": False, "sdxl-folder": False}
 STEPS = 3
 TRAIN_ARGS = ["--trigger", "zqx", "--steps", str(STEPS), "--rank", "4", "--lr", "1e-2", "--sample-every", "0",
               "--seed", "5"]
@@ -60,7 +64,9 @@ def world(tmp_path_factory):
                  "diffusers-folder": str(sdkit.diffusers_folder(root / "folder", "sd1", seed=1)),
                  "sd1-file": str(sdkit.single_file(root / "sd1.safetensors", "sd1", seed=2)),
                  "sd2-v-file": str(sdkit.single_file(root / "sd2-v.safetensors", "sd2-v", seed=4)),
-                 "sd2-base-file": str(sd2_base)}
+                 "sd2-base-file": str(sd2_base),
+                 "sdxl-file": str(sdkit.single_file(root / "sdxl.safetensors", "sdxl", seed=6)),
+                 "sdxl-folder": str(sdkit.diffusers_xl_folder(root / "xl-folder", seed=7))}
         yield bases
 
 
@@ -110,7 +116,7 @@ def test_every_kind_of_base_end_to_end(kind, world, tmp_path, style_dir, capsys)
         assert "all keys map" in printed
     else:
         assert "A1111:" not in printed and "A1111:" not in err    # no key count for a base A1111 cannot load
-        assert "diffusers maps every key. base 'tiny' is not an SD checkpoint A1111 or ComfyUI can load" in printed
+        assert "diffusers maps every key. base '" in printed and "is not an SD checkpoint A1111 or ComfyUI can load" in printed
         assert "NOT every key maps" not in printed + err
     code, printed, _ = run_cli(capsys, "inspect", lora, "--json")
     info = json.loads(printed)
@@ -164,7 +170,9 @@ def assert_merged_base(base: str, merged: Path, lora: Path, family: str, predict
     original = load_base(base, fresh=True)
     sd = load_file(str(lora))
     name = next(k for k in sd if k.endswith(".lora_down.weight") and "attn2_to_k" in k).split(".")[0]
-    path = next(p for p, _ in original.unet.named_modules() if "lora_unet_" + p.replace(".", "_") == name)
+    naming = naming_for(original)
+    path = next(p for p, m in original.unet.named_modules()
+                if isinstance(m, torch.nn.Linear) and naming.name("unet." + p) == name)
     up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
     alpha = float(sd[f"{name}.alpha"])
     want = original.unet.get_submodule(path).weight.float() + alpha / down.shape[0] * up @ down

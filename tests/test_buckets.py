@@ -152,13 +152,14 @@ def test_caption_dropout_trains_that_share_on_the_empty_caption(tmp_path, style_
                  cfg(tmp_path, caption_dropout=0.5, batch_size=64), Callbacks(), None, None)
     t.setup(tmp_path / "run", None)
     g = torch.Generator().manual_seed(0)
-    _, enc, _ = t.batches.draw(g, t.examples)
-    dropped = t.untriggered.drop_captions(g, enc, 0.5)
-    empty = t.untriggered.embeds[-1]
+    _, cond, _ = t.batches.draw(g, t.examples)
+    dropped = t.untriggered.drop_captions(g, cond, 0.5).hidden
+    enc = cond.hidden
+    empty = t.untriggered.embeds.hidden[-1]
     is_empty = torch.tensor([torch.equal(row, empty) for row in dropped])
     assert 16 <= int(is_empty.sum()) <= 48                       # about half of 64
     assert all(torch.equal(d, e) for d, e, gone in zip(dropped, enc, is_empty) if not gone)
-    assert torch.equal(t.untriggered.drop_captions(g, enc, 0.0), enc)
+    assert torch.equal(t.untriggered.drop_captions(g, cond, 0.0).hidden, enc)
     result = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
                    cfg(tmp_path, caption_dropout=0.5, shuffle_tags=True, keep_tags=1, run_name="recipes"))
     assert result.lora_path.is_file()

@@ -37,6 +37,9 @@ def test_find_bases_lists_each_kind_with_its_family_and_leaves_out_non_bases(tmp
     _header_only(models / "checkpoints" / "xl.safetensors", {
         "conditioner.embedders.1.model.ln_final.weight": (8,),
         UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048)})
+    _header_only(models / "checkpoints" / "refiner.safetensors", {
+        "conditioner.embedders.0.model.ln_final.weight": (8,),
+        UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 1280)})
     _header_only(models / "checkpoints" / "inpaint.safetensors", {
         "cond_stage_model.transformer.text_model.final_layer_norm.weight": (8,),
         UNET + "input_blocks.0.0.weight": (8, 9, 3, 3),
@@ -55,6 +58,7 @@ def test_find_bases_lists_each_kind_with_its_family_and_leaves_out_non_bases(tmp
     assert set(by_name) == {"tiny (built in)", "Stable-diffusion/sd15-style.safetensors",
                             "Stable-diffusion/sd21.safetensors", "Stable-diffusion/sd21-unsaid.safetensors",
                             "diffusers/my-sd15", "checkpoints/xl.safetensors", "checkpoints/inpaint.safetensors",
+                            "checkpoints/refiner.safetensors",
                             "checkpoints/old.ckpt"}                      # no LoRA, no text file
     sd15 = by_name["Stable-diffusion/sd15-style.safetensors"]
     assert (sd15.family, sd15.detail, sd15.problem) == ("sd1", "SD 1.x", "")
@@ -64,8 +68,10 @@ def test_find_bases_lists_each_kind_with_its_family_and_leaves_out_non_bases(tmp
     assert "assumed" in by_name["Stable-diffusion/sd21-unsaid.safetensors"].detail
     folder = by_name["diffusers/my-sd15"]
     assert folder.family == "sd1" and "diffusers folder" in folder.detail and folder.size > 0 and not folder.problem
-    assert by_name["checkpoints/xl.safetensors"].family == "sdxl"
-    assert "not supported yet" in by_name["checkpoints/xl.safetensors"].problem
+    xl = by_name["checkpoints/xl.safetensors"]
+    assert (xl.family, xl.detail, xl.problem) == ("sdxl", "SDXL", "")
+    refiner = by_name["checkpoints/refiner.safetensors"]
+    assert refiner.family == "sdxl" and "refiner" in refiner.problem
     assert "inpainting" in by_name["checkpoints/inpaint.safetensors"].problem
     assert ".safetensors" in by_name["checkpoints/old.ckpt"].problem
 

@@ -375,11 +375,13 @@ def test_detect_checkpoint_family():
     assert ldm.detect_checkpoint_family({"foo": t}) == "unknown"
 
 
-def test_sdxl_file_refused_by_name(tmp_path):
+def test_an_sdxl_file_without_its_second_text_encoder_is_named(tmp_path):
     path = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(2),
-               UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048)}, path)
-    with pytest.raises(CheckpointError, match=r"xl\.safetensors.*SDXL.*not supported"):
+               UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048),
+               "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 4, 3, 3)}, path)
+    with pytest.raises(CheckpointError, match=r"xl\.safetensors: no weights for the second text encoder "
+                                              r"\(conditioner\.embedders\.1\.\*\)"):
         ldm.load_single_file(path)
 
 

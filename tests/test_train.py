@@ -229,7 +229,7 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
                  cfg(tmp_path, word_dropout=0.5, caption_variants=4), Callbacks(), None, None)
     t.setup(tmp_path / "run", None)
     n = len(t.plan.items)
-    assert len(t.captions) == 4 * n and t.examples.ids.shape[0] == 4 * n and t.examples.embeds.shape[0] == 4 * n
+    assert len(t.captions) == 4 * n and t.examples.ids.shape[0] == 4 * n and t.examples.embeds.hidden.shape[0] == 4 * n
     assert t.untriggered.ids.shape[0] == 4 * n + 1                        # + the empty caption
     assert all(c.startswith("zqx") for c in t.captions)
     assert [t.captions[4 * i] for i in range(n)] == [it.caption for it in t.plan.items]
@@ -240,7 +240,7 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
         lat, enc, idx = t.batches.draw(g, t.examples)
         i = int(idx[0])
         assert torch.equal(lat[0], t.examples.latents[i // 4][0]) or torch.equal(lat[0], t.examples.latents[i // 4][-1])
-        assert torch.equal(enc[0], t.examples.embeds[i])
+        assert torch.equal(enc.hidden[0], t.examples.embeds.hidden[i])
         seen.add(i % 4)
     assert seen == {0, 1, 2, 3}
     off = _Trainer(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path), Callbacks(), None, None)

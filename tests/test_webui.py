@@ -637,12 +637,16 @@ def test_base_picker_lists_the_models_folders_and_the_defaults_follow_the_pick(t
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(8),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)},
               str(models / "checkpoints" / "xl.safetensors"))
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(8),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)},
+              str(models / "checkpoints" / "refiner.safetensors"))
     ui = WebUI(tmp_path / "outputs", base="tiny-random", datasets_dir=tmp_path / "datasets", models_dirs=[models])
     choices = dict((v, label) for label, v in ui.base_choices())
     assert list(choices)[:2] == ["tiny", "tiny-random"]                 # built in, then the server's --base
     assert "SD 1.x" in choices[str(sd1)] and "MB" in choices[str(sd1)]
     assert "SDXL" in choices[str(models / "checkpoints" / "xl.safetensors")]
-    assert "Cannot be used" in ui.base_note(str(models / "checkpoints" / "xl.safetensors"))
+    assert "Cannot be used" not in ui.base_note(str(models / "checkpoints" / "xl.safetensors"))
+    assert "Cannot be used" in ui.base_note(str(models / "checkpoints" / "refiner.safetensors"))
     assert ui.suggestions(10, "tiny-random")["resolution"] == 64
     assert ui.suggestions(10, str(sd1))["resolution"] == 512           # an SD 1.x file without configs: SD's size
     ui.pick_base(str(sd1))

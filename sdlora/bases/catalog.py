@@ -4,7 +4,7 @@ People keep checkpoints where their other tools look (AUTOMATIC1111's ``models/S
 ``models/checkpoints``). ``find_bases`` lists each with its family, variant and size, read from safetensors
 headers and config files only (no tensor is loaded), so a folder of 7 GB files is listed in well under a
 second. Files that are not SD checkpoints (LoRAs, VAEs, embeddings in the same tree) are left out; checkpoints
-sdlora cannot train on (SDXL for now, inpainting, refiners, pickle files) are listed with the reason, so the
+sdlora cannot train on (inpainting models, the SDXL refiner, pickle files) are listed with the reason, so the
 picker says why instead of hiding a file the user knows is there.
 """
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 
 from sdlora.bases import families
 from sdlora.bases.ldm_keys import LDM_UNET_PREFIX, CheckpointError
-from sdlora.bases.variants import (SDXL_REFINER_WIDTH, context_width, detect_family_from_shapes, prediction_evidence,
-                                   read_header)
+from sdlora.bases.variants import detect_family_from_shapes, prediction_evidence, read_header, sdxl_kind
 
 ENV = "SDLORA_MODELS"                  # more models folders, separated like PATH
 MAX_DEPTH = 3                          # how deep below a models folder files are looked for
@@ -108,9 +107,10 @@ def describe_base(path: Path, root: Path | None = None) -> BaseEntry | None:
     size = _file_size(path)
     inputs = shapes.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1]
     if family == "sdxl":
-        refiner = context_width(shapes, LDM_UNET_PREFIX) == SDXL_REFINER_WIDTH
-        return BaseEntry(str(path), name, "sdxl", "SDXL refiner" if refiner else "SDXL", size,
-                         "refiners are not trained on" if refiner else "SDXL is not supported yet")
+        kind = sdxl_kind(shapes)
+        problem = {"refiner": "the SDXL refiner is not trained on: use an SDXL base",
+                   "inpaint": "an inpainting model: not a text-to-image base"}.get(kind, "")
+        return BaseEntry(str(path), name, "sdxl", {"base": "SDXL"}.get(kind, f"SDXL {kind}"), size, problem)
     detail = families.title(family)
     if family == "sd2":
         pred = prediction_evidence(path, meta)
@@ -130,8 +130,10 @@ def _describe_folder(path: Path, name: str) -> BaseEntry | None:
             return {}
     unet, te = config("unet"), config("text_encoder")
     size = sum(_file_size(p) for p in path.rglob("*") if p.is_file())
+    kind = config("", "model_index.json").get("_class_name", "")
     if (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time":
-        return BaseEntry(str(path), name, "sdxl", "SDXL (diffusers folder)", size, "SDXL is not supported yet")
+        problem = "" if kind == "StableDiffusionXLPipeline" else f"a {kind or 'pipeline'}, not an SDXL text-to-image base"
+        return BaseEntry(str(path), name, "sdxl", "SDXL (diffusers folder)", size, problem)
     family = families.by_text_width(te.get("hidden_size"))
     if family == families.UNKNOWN:
         family = families.by_context_dim(unet.get("cross_attention_dim"))

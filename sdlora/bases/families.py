@@ -15,7 +15,9 @@ Sources of the strings: kohya-ss ``library/sai_model_spec.py`` and
 ``train_network.py`` (ModelSpec architecture, ``ss_base_model_version``);
 A1111 ``extensions-builtin/Lora/network.py`` (``ss_v2``, the sidecar's
 "sd version"); the diffusers configs of runwayml/stable-diffusion-v1-5,
-stabilityai/stable-diffusion-2-1 (768, v) and -2-1-base (512, epsilon).
+stabilityai/stable-diffusion-2-1 (768, v) and -2-1-base (512, epsilon); SDXL's from kohya-ss
+``library/sdxl_model_util.py`` and Stability-AI/generative-models ``configs/inference/sd_xl_base.yaml``
+(docs/SDXL.md).
 """
 from __future__ import annotations
 
@@ -54,18 +56,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "SD 1.x", 768, 768, "sd_v1", "sd_v1", "False", "SD1", "diffusers", "stable-diffusion-v1", True),
     Family("sd2", "SD 2.x", 1024, 1024, "sd_v2", "sd_v2", "True", "SD2", "diffusers", "stable-diffusion-v2", True),
     Family("sdxl", "SDXL", 2048, None, "sdxl_base_v1-0", "sdxl_", "False", "SDXL",
-           "https://github.com/Stability-AI/generative-models", "stable-diffusion-xl", False),
+           "https://github.com/Stability-AI/generative-models", "stable-diffusion-xl", True),
 )}
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("sd1", "sd1", "sd15", "epsilon", 512, "stable-diffusion-v1", ("sd15",)),
     Variant("sd2-v", "sd2", "sd21", "v_prediction", 768, "stable-diffusion-v2-768-v", ("sd21",)),
     Variant("sd2-base", "sd2", "sd21-base", "epsilon", 512, "stable-diffusion-v2-512", ("sd21-base",)),
+    Variant("sdxl", "sdxl", "sdxl", "epsilon", 1024, "stable-diffusion-xl-v1-base", ("sdxl-base",)),
 )}
 
 # The variant a family name stands for when nothing else is known (SD 2.x: the 768 v model, as
 # diffusers' single-file loader also assumes).
-DEFAULT_VARIANT = {"sd1": "sd1", "sd2": "sd2-v"}
+DEFAULT_VARIANT = {"sd1": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}
 UNKNOWN = "unknown"
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 

@@ -253,3 +253,43 @@ def _text_key_from_ldm(p: list[str], t: torch.Tensor, keep: int | None) -> State
     n = 2 if ".".join(p[:2]) in _OPENCLIP_LAYER_INV else 1
     name = _OPENCLIP_LAYER_INV.get(".".join(p[:n]))
     return None if name is None else {".".join(["encoder.layers", layer, name] + p[n:]): t}
+
+
+# ---------------------------------------------------------------- SDXL's two text encoders
+# Stability-AI/generative-models sd_xl_base.yaml: conditioner.embedders.0 = CLIP ViT-L (transformers layout,
+# as SD 1.x's), conditioner.embedders.1 = OpenCLIP ViT-bigG (open_clip layout, as SD 2.x's, plus the
+# text_projection SDXL's pooled vector goes through). open_clip computes pooled @ text_projection, a
+# transformers Linear x @ W.T: the tensor is transposed between the two (diffusers' convert_open_clip_checkpoint
+# and ComfyUI's clip_text_transformers_convert do the same; docs/SDXL.md).
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.")
+_OPENCLIP_PROJECTION = "model.text_projection"
+
+
+def sdxl_text_encoders_to_ldm(te1: StateDict, te2: StateDict) -> StateDict:
+    """transformers CLIPTextModel (CLIP-L) + CLIPTextModelWithProjection (bigG) -> SGM keys, prefixes included."""
+    te2 = strip_prefix(te2, "text_model.")
+    projection = te2.pop("text_projection.weight", None)
+    if projection is None:
+        raise CheckpointError("SDXL's second text encoder has no text_projection.weight (a CLIPTextModelWithProjection "
+                              "is needed)")
+    out = {SDXL_TEXT_PREFIXES[0] + k: v for k, v in text_encoder_to_ldm(te1, "sd1").items()}
+    out.update({SDXL_TEXT_PREFIXES[1] + k: v for k, v in text_encoder_to_ldm(te2, "sd2").items()})
+    out[SDXL_TEXT_PREFIXES[1] + _OPENCLIP_PROJECTION] = projection.T.contiguous()
+    return out
+
+
+def sdxl_text_encoders_from_ldm(te1: StateDict, te2: StateDict, config2: Mapping | None = None, *,
+                                text_model_prefix: str = "") -> tuple[StateDict, StateDict]:
+    """SGM text-encoder keys (with their `conditioner.embedders.N.` prefixes) -> (CLIPTextModel keys,
+    CLIPTextModelWithProjection keys); `text_model_prefix` as in text_encoder_from_ldm, for the first one."""
+    one = text_encoder_from_ldm({"cond_stage_model." + k: v for k, v in strip_prefix(te1, SDXL_TEXT_PREFIXES[0]).items()},
+                                text_model_prefix=text_model_prefix)
+    rest = strip_prefix(te2, SDXL_TEXT_PREFIXES[1])
+    projection = rest.pop(_OPENCLIP_PROJECTION, None)
+    if projection is None:
+        raise CheckpointError(f"no {SDXL_TEXT_PREFIXES[1]}{_OPENCLIP_PROJECTION}: not an SDXL base's text encoder")
+    two = text_encoder_from_ldm({"cond_stage_model." + k: v for k, v in rest.items()}, config2,
+                                text_model_prefix="text_model.")
+    two["text_projection.weight"] = projection.T.contiguous()
+    return one, two
+

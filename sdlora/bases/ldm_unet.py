@@ -13,7 +13,8 @@ The LDM UNet numbers its blocks flat (source: CompVis `openaimodel.py`):
   output_blocks.{b*(L+1)+j}      up block b, layer j (L+1 layers): .0 resnet,
                                  .1 attention, then the upsampler (.1 or .2 .conv)
   time_embed.{0,2} / out.{0,2} / label_emb.0.{0,2}
-where L = layers_per_block (2 for SD 1.x/2.x).
+where L = layers_per_block (2 for SD 1.x/2.x and SDXL). SDXL's first level has no attention and its last
+up level none either; `UnetLayout.up_attention` says which up blocks have them (the upsampler's slot).
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ _RESNET_INV = {v: k for k, v in _RESNET.items()}
 _TOP = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
         "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
-        "class_embedding": "label_emb"}  # nn.Embedding when num_class_embeds is set
-_TOP_INV = {v: k for k, v in _TOP.items()}
+        "class_embedding": "label_emb",  # nn.Embedding when num_class_embeds is set
+        # SDXL's pooled-text-and-size embedding (diffusers add_embedding, SGM label_emb.0)
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_TOP_INV = {v: k for k, v in _TOP.items() if not k.startswith("add_embedding.")}
+_TOP_INV_XL = {**_TOP_INV, "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 _MID = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
 _MID_INV = {v: k for k, v in _MID.items()}
 
@@ -99,13 +103,15 @@ def unet_path_to_ldm(path: str, layout: UnetLayout = UnetLayout()) -> str | None
     return None if rest is None else ".".join([block, "0" if kind == "resnets" else "1"] + rest)
 
 
-def unet_path_from_ldm(path: str, layers_per_block: int = 2) -> str | None:
-    """LDM path (no prefix) -> diffusers path; None if not an LDM UNet path."""
+def unet_path_from_ldm(path: str, layers_per_block: int = 2, text_time: bool = False) -> str | None:
+    """LDM path (no prefix) -> diffusers path; None if not an LDM UNet path. `text_time`: SDXL's U-Net, whose
+    `label_emb.0` is diffusers' `add_embedding` (not `class_embedding`)."""
     p = path.split(".")
     step = layers_per_block + 1
+    top = _TOP_INV_XL if text_time else _TOP_INV
     for n in (3, 2, 1):
-        if ".".join(p[:n]) in _TOP_INV:
-            return ".".join([_TOP_INV[".".join(p[:n])]] + p[n:])
+        if ".".join(p[:n]) in top:
+            return ".".join([top[".".join(p[:n])]] + p[n:])
     if p[0] == "middle_block" and len(p) > 1:
         mid = _MID_INV.get(".".join(p[:2]))
         rest = p[2:] if p[1] == "1" else _rename_child(p[2:], _RESNET_INV)
@@ -148,12 +154,13 @@ def unet_to_ldm(sd: StateDict) -> StateDict:
 def unet_from_ldm(sd: StateDict, config: Mapping | None = None) -> StateDict:
     """LDM UNet keys (with or without `model.diffusion_model.`) -> diffusers UNet keys.
 
-    `config` is the diffusers UNet config; only `layers_per_block` is read (default 2).
+    `config` is the diffusers UNet config; `layers_per_block` (default 2) and `addition_embed_type` are read.
     """
     lpb = UnetLayout.from_config(config or {}).layers_per_block
+    text_time = (config or {}).get("addition_embed_type") == "text_time"
     rest, out = strip_prefix(sd, LDM_UNET_PREFIX), {}
     for key in list(rest):
-        new = unet_path_from_ldm(key, lpb)
+        new = unet_path_from_ldm(key, lpb, text_time)
         if new is not None:
             out[new] = rest.pop(key)
     leftovers_error("original-SD UNet", rest)

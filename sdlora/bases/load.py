@@ -4,7 +4,8 @@ A base is named by a string:
 - ``tiny``: the built-in base that ships with sdlora (``sdlora/base_model``);
 - ``tiny-random``: the same SD architecture, small, with random weights from a
   fixed seed (tests and benchmarks; it draws noise);
-- ``sd15-random``: the full SD 1.5 architecture with random weights (benchmarks);
+- ``tiny-random-xl``: a small SDXL architecture (both text encoders, the size embedding), random weights (tests);
+- ``sd15-random`` / ``sdxl-random``: the full SD 1.5 / SDXL architecture with random weights (benchmarks);
 - a local diffusers folder (has ``model_index.json``);
 - a single-file checkpoint in original-SD layout (``.safetensors``);
 - anything else is taken as a hub id for ``from_pretrained``.
@@ -44,17 +45,31 @@ class BaseModelError(ValueError):
 
 @dataclass
 class Base:
-    """The frozen components of a Stable Diffusion 1.x/2.x pipeline."""
+    """The frozen components of a Stable Diffusion 1.x/2.x or SDXL pipeline."""
     name: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: object                  # the sampling scheduler generation uses
-    family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2
+    family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2 | sdxl
     resolution: int = 512              # native image size in px
     lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
     lora_stack: object = field(default=None, repr=False)  # generation's LoRAs on this base, one for all its Generators
+    text_encoder_2: object = None      # SDXL: OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
+    tokenizer_2: object = None         # SDXL: its tokenizer (pads with "!")
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """{"text_encoder": CLIP, and for SDXL "text_encoder_2": bigG}: the component names LoRA keys use."""
+        out = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders.values()]
 
     @property
     def prediction_type(self) -> str:
@@ -76,7 +91,7 @@ class Base:
         """Dotted paths of every Linear/Conv2d module, per component (LoRA file matching)."""
         def names(model: torch.nn.Module) -> set[str]:
             return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-        return {"unet": names(self.unet), "text_encoder": names(self.text_encoder)}
+        return {"unet": names(self.unet), **{c: names(m) for c, m in self.text_encoders.items()}}
 
 
 _cache: dict[tuple, Base] = {}
@@ -100,12 +115,13 @@ def load_base(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device:
         if not fresh and key in _cache:
             return _cache[key]
         base = _load(name)
-        for model in (base.unet, base.vae, base.text_encoder):
+        for model in base.models:
             model.requires_grad_(False)
             model.eval()
             if model.dtype != storage:
                 model.to(dtype=storage)
-            if model is base.unet or (model is base.text_encoder and quantize_text_encoder):
+            text = model is not base.unet and model is not base.vae
+            if model is base.unet or (text and quantize_text_encoder):
                 precision_mod.quantize(model, precision, compute=storage, device=device)
             model.to(device)
         if not fresh:
@@ -121,8 +137,10 @@ def _load(name: str) -> Base:
         return _from_folder(BUILTIN_DIR, "tiny")
     if name == "tiny-random":
         return tiny_random_base()
-    if name == "sd15-random":
-        return random_base_from_configs(CONFIGS_DIR / families.variant("sd1").config_folder, "sd15-random")
+    if name == "tiny-random-xl":
+        return tiny_random_xl_base()
+    if name in RANDOM_BASES:
+        return random_base_from_configs(CONFIGS_DIR / families.variant(RANDOM_BASES[name]).config_folder, name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -137,11 +155,20 @@ def _load(name: str) -> Base:
 
 
 def _from_folder(path: Path, name: str) -> Base:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+        kind = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+        if kind == "StableDiffusionXLPipeline":
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
+        elif kind.startswith("StableDiffusionXL"):
+            raise BaseModelError(f"{path} is a {kind} (an SDXL refiner, inpainting or image-to-image pipeline); "
+                                 "use an SDXL text-to-image base")
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, BaseModelError):
+            raise
         raise BaseModelError(f"could not load the diffusers pipeline in {path}: {e}") from e
     base = _from_pipeline(pipe, name)
     base.lora_lr = recommended_lora_lr(path)
@@ -163,10 +190,12 @@ def recommended_lora_lr(folder: Path) -> float | None:
 
 
 def _from_pipeline(pipe, name: str) -> Base:
-    family = _family_of(pipe.text_encoder.config.hidden_size, name)
+    te2 = getattr(pipe, "text_encoder_2", None)
+    family = "sdxl" if te2 is not None else _family_of(pipe.text_encoder.config.hidden_size, name)
     res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return Base(name=name, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, family=family, resolution=res)
+                tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, family=family, resolution=res,
+                text_encoder_2=te2, tokenizer_2=getattr(pipe, "tokenizer_2", None))
 
 
 def _family_of(text_width: int, name: str) -> str:
@@ -177,14 +206,16 @@ def _family_of(text_width: int, name: str) -> str:
 
 
 def _from_hub(name: str) -> Base:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(name)          # the pipeline class its model_index.json names
     except Exception as e:  # hub errors come in many classes (OSError, HTTP, offline mode)
         raise BaseModelError(
             f"could not get base model '{name}' from the model hub ({type(e).__name__}). "
             "Without network access, pass a local diffusers folder or a .safetensors checkpoint file, "
             "or use the built-in base 'tiny'") from e
+    if type(pipe).__name__ not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise BaseModelError(f"'{name}' is a {type(pipe).__name__}, not an SD 1.x/2.x or SDXL text-to-image base")
     return _from_pipeline(pipe, name)
 
 
@@ -195,13 +226,15 @@ def _from_single_file(path: Path) -> Base:
     res = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return Base(name=str(path), unet=unet, vae=vae, text_encoder=parts["text_encoder"],
                 tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
-                family=parts["family"], resolution=res)
+                family=parts["family"], resolution=res, text_encoder_2=parts.get("text_encoder_2"),
+                tokenizer_2=parts.get("tokenizer_2"))
 
 
 def _config_folder(name: str) -> Path:
     """The folder holding base `name`'s configs (the built-in ones, or the path given); it may not exist."""
-    sd15 = CONFIGS_DIR / families.variant("sd1").config_folder
-    return {"tiny": BUILTIN_DIR, "sd15-random": sd15}.get(name, Path(name).expanduser())
+    if name in RANDOM_BASES:
+        return CONFIGS_DIR / families.variant(RANDOM_BASES[name]).config_folder
+    return {"tiny": BUILTIN_DIR}.get(name, Path(name).expanduser())
 
 
 @dataclass(frozen=True)
@@ -229,6 +262,8 @@ def native_geometry(name: str) -> Geometry:
     """
     if name == "tiny-random":
         return Geometry(64, 16)                  # tiny_random_base: 8 latent px, 8x VAE, two U-Net levels
+    if name == "tiny-random-xl":
+        return Geometry(64, 32)                  # tiny_random_xl_base: 8 latent px, 8x VAE, three U-Net levels
     path = Path(name).expanduser()
     if path.suffix.lower() == ".safetensors" and path.is_file():
         from sdlora.bases import single_file
@@ -283,22 +318,69 @@ def tiny_random_base(seed: int = 0, sample_size: int = 8) -> Base:
 
 
 def random_base_from_configs(folder: Path, name: str, seed: int = 0) -> Base:
-    """A full-size architecture with random weights, built from bundled diffusers configs."""
-    from diffusers import PNDMScheduler
+    """A full-size architecture with random weights, built from bundled diffusers configs (SD 1.5, SDXL)."""
+    import diffusers
+    from transformers import CLIPTextModelWithProjection
+
+    from sdlora.bases.single_file import load_tokenizer as folder_tokenizer
     if not (folder / "unet" / "config.json").is_file():
         raise BaseModelError(f"bundled configs missing in {folder}")
     torch.manual_seed(seed)
     read = lambda sub, f="config.json": json.loads((folder / sub / f).read_text())  # noqa: E731
+    clip = lambda sub: CLIPTextConfig(**{k: v for k, v in read(sub).items() if not k.startswith("_")})  # noqa: E731
     unet = UNet2DConditionModel.from_config(read("unet"))
     vae = AutoencoderKL.from_config(read("vae"))
-    te_cfg = read("text_encoder")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if not k.startswith("_")}))
-    scheduler = PNDMScheduler.from_config(read("scheduler", "scheduler_config.json"))
-    tok_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else TOKENIZER_DIR
-    family = _family_of(te_cfg.get("hidden_size"), name)
-    return Base(name=name, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tok_dir),
-                scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8)
+    text_encoder = CLIPTextModel(clip("text_encoder"))
+    sched_cfg = read("scheduler", "scheduler_config.json")
+    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    xl = (folder / "text_encoder_2").is_dir()
+    family = "sdxl" if xl else _family_of(text_encoder.config.hidden_size, name)
+    return Base(name=name, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=folder_tokenizer(folder),
+                scheduler=scheduler, family=family, resolution=unet.config.sample_size * 8,
+                text_encoder_2=CLIPTextModelWithProjection(clip("text_encoder_2")) if xl else None,
+                tokenizer_2=folder_tokenizer(folder, "tokenizer_2") if xl else None)
+
+
+RANDOM_BASES = {"sd15-random": "sd1", "sdxl-random": "sdxl"}   # full-size architectures, random weights
+
+
+def tiny_random_xl_base(seed: int = 0, sample_size: int = 8) -> Base:
+    """A very small SDXL-architecture pipeline with random weights (tests): both text encoders (CLIP-L-like and
+    bigG-like with a projection, each 32 wide, so cross-attention reads 64), the text-and-size embedding, and
+    SDXL's U-Net layout (three levels, no attention in the first, two layers per block, deeper transformers below),
+    so its original-layout keys are SDXL's (input_blocks.4.1..., label_emb.0...)."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    from sdlora.bases.single_file import load_tokenizer as folder_tokenizer
+    torch.manual_seed(seed)
+    time_dim, width = 8, 32
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=2 * width,
+        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width + 6 * time_dim)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8, scaling_factor=0.13025)
+    config = dict(vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, projection_dim=width)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
+                                                pad_token_id=1))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_act="gelu", bos_token_id=0,
+                                                                eos_token_id=2, pad_token_id=1))
+    folder = CONFIGS_DIR / families.variant("sdxl").config_folder
+    scheduler = EulerDiscreteScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json")
+                                                              .read_text()))
+    return Base(name="tiny-random-xl", unet=unet, vae=vae, text_encoder=text_encoder,
+                tokenizer=folder_tokenizer(folder), scheduler=scheduler, family="sdxl",
+                resolution=sample_size * 8, text_encoder_2=text_encoder_2,
+                tokenizer_2=folder_tokenizer(folder, "tokenizer_2"))
 
 
 __all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_tokenizer", "native_resolution", "native_geometry",
-           "tiny_random_base", "random_base_from_configs"]
+           "tiny_random_base", "tiny_random_xl_base", "random_base_from_configs", "RANDOM_BASES"]

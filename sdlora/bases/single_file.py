@@ -5,8 +5,10 @@ One file holds three models under three prefixes:
   first_stage_model.*      VAE            (key rules: `sdlora.bases.ldm_keys`)
   cond_stage_model.*       text encoder:  SD 1.x `transformer.text_model.*` (transformers CLIP),
                                           SD 2.x `model.*` (open_clip, fused q/k/v `in_proj`)
+  conditioner.embedders.{0,1}.*  SDXL's two: CLIP ViT-L as SD 1.x's, OpenCLIP bigG as SD 2.x's plus
+                                 its text_projection (`sdlora.bases.ldm_keys`; docs/SDXL.md)
 This module splits and joins the prefixes, and builds the diffusers/transformers
-modules offline from the bundled configs in `sdlora/configs/<sd15|sd21|sd21-base>/`
+modules offline from the bundled configs in `sdlora/configs/<sd15|sd21|sd21-base|sdxl>/`
 (or the configs an sdlora file carries) and the CLIP BPE files in
 `sdlora/assets/clip_tokenizer/` (SD 2 uses the same vocabulary with pad "!").
 Which family and variant a file is comes from `sdlora.bases.variants`.
@@ -25,12 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.bases import families
 from sdlora.safefiles import LoraFileError, atomic_write, read_pickle
-from sdlora.bases.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, StateDict,
-                             normalize_family, text_encoder_from_ldm, text_encoder_to_ldm, vae_from_ldm,
-                             vae_to_ldm)
+from sdlora.bases.ldm_keys import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, SDXL_TEXT_PREFIXES,
+                                   CheckpointError, StateDict, normalize_family, sdxl_text_encoders_from_ldm,
+                                   sdxl_text_encoders_to_ldm, text_encoder_from_ldm, text_encoder_to_ldm,
+                                   vae_from_ldm, vae_to_ldm)
 from sdlora.bases.variants import (EMBEDDED_CONFIGS_KEY, choose_variant, context_width, detect_checkpoint_family,
                                     detect_family_from_shapes, embedded_configs, header_metadata, model_configs,
-                                    read_header, variant_metadata)
+                                    read_header, refuse_unsupported, variant_metadata)
 from sdlora.bases.ldm_unet import ldm_module_names, unet_from_ldm, unet_to_ldm
 
 __all__ = ["CheckpointError", "detect_checkpoint_family", "ldm_module_names", "load_single_file",
@@ -47,7 +50,7 @@ _IGNORED = frozenset({"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_al
                       "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
                       "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
                       "logvar", "scale_factor", "lvlb_weights"})
-_IGNORED_PREFIXES = ("model_ema.",)
+_IGNORED_PREFIXES = ("model_ema.", "denoiser.")     # SGM files may carry their denoiser's sigma table
 
 
 def config_dir(family: str) -> Path:
@@ -70,14 +73,24 @@ def pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te_sd: StateDict, fam
     return out
 
 
-def split_pipeline(sd: StateDict, source: str = "state dict") -> tuple[StateDict, StateDict, StateDict]:
-    """Original-SD state dict -> (unet, vae, text) parts, prefixes kept; unknown keys raise."""
-    parts: tuple[StateDict, StateDict, StateDict] = ({}, {}, {})
+def sdxl_pipeline_to_ldm(unet_sd: StateDict, vae_sd: StateDict, te1_sd: StateDict, te2_sd: StateDict) -> StateDict:
+    """SDXL's four diffusers/transformers state dicts -> one SGM single-file state dict."""
+    out = {LDM_UNET_PREFIX + k: v for k, v in unet_to_ldm(unet_sd).items()}
+    out.update((LDM_VAE_PREFIX + k, v) for k, v in vae_to_ldm(vae_sd).items())
+    out.update(sdxl_text_encoders_to_ldm(te1_sd, te2_sd))
+    return out
+
+
+def split_pipeline(sd: StateDict, source: str = "state dict", family: str = "sd1") -> tuple[StateDict, ...]:
+    """Original-SD state dict -> (unet, vae, text) parts, prefixes kept; for SDXL (unet, vae, text 1, text 2).
+    Unknown keys raise."""
+    prefixes = (LDM_UNET_PREFIX, LDM_VAE_PREFIX) + (SDXL_TEXT_PREFIXES if family == "sdxl" else (LDM_TEXT_PREFIX,))
+    parts: tuple[StateDict, ...] = tuple({} for _ in prefixes)
     unknown = []
     for k, v in sd.items():
         if k in _IGNORED or k.startswith(_IGNORED_PREFIXES):
             continue
-        for part, prefix in zip(parts, (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)):
+        for part, prefix in zip(parts, prefixes):
             if k.startswith(prefix):
                 part[k] = v
                 break
@@ -85,8 +98,8 @@ def split_pipeline(sd: StateDict, source: str = "state dict") -> tuple[StateDict
             unknown.append(k)
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} key(s) belong to no known part: {sorted(unknown)[:12]}")
-    empty = [n for n, p in zip(("UNet (model.diffusion_model.*)", "VAE (first_stage_model.*)",
-                                "text encoder (cond_stage_model.*)"), parts) if not p]
+    names = ("UNet", "VAE") + (("first text encoder", "second text encoder") if family == "sdxl" else ("text encoder",))
+    empty = [f"{n} ({p}*)" for n, p, part in zip(names, prefixes, parts) if not part]
     if empty:
         raise CheckpointError(f"{source}: no weights for the {', '.join(empty)}; a full SD checkpoint is needed")
     return parts
@@ -97,6 +110,7 @@ def native_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     ones; read from its header, no tensor loaded."""
     path = Path(path)
     shapes, meta = read_header(path)
+    refuse_unsupported(path, shapes)
     var = choose_variant(path, detect_family_from_shapes(shapes), None, None, meta)
     own = embedded_configs(path, meta)
     folder = CONFIG_ROOT / var.config_folder
@@ -126,10 +140,10 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
 def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtype: torch.dtype = torch.float32,
                      prediction_type: str | None = None, allow_pickle: bool = False,
                      config: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Build diffusers/transformers modules from an original-SD SD 1.x/2.x file, offline.
+    """Build diffusers/transformers modules from an original-SD SD 1.x/2.x or SGM SDXL file, offline.
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "variant",
-    "prediction_type"}: "family" is the family table's name ("sd1" / "sd2"), "variant" the bundled
+    "prediction_type"}, and for SDXL "text_encoder_2" and "tokenizer_2": "family" is the family table's name ("sd1" / "sd2"), "variant" the bundled
     config used ("sd1", "sd2-v", "sd2-base"; see `single_file_variant`). `config` replaces the bundled
     config folder with another diffusers-layout one. `prediction_type` ("epsilon" / "v_prediction")
     picks the SD 2.x variant and overrides the scheduler config's.
@@ -141,12 +155,13 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
     path = Path(path)
     sd = read_state_dict(path, allow_pickle=allow_pickle)
     header = header_metadata(path)
+    refuse_unsupported(path, {k: tuple(v.shape) for k, v in sd.items()})
     var = choose_variant(path, detect_checkpoint_family(sd), family, prediction_type, header)
     folder = Path(config) if config is not None else CONFIG_ROOT / var.config_folder
     # sdlora's own files carry their models' configs: a merged built-in base loads back as itself
     own = {} if config is not None else embedded_configs(path, header)
     name = var.name if not own else f"{var.name}, configs from the file"
-    unet_sd, vae_sd, te_sd = split_pipeline(sd, str(path))
+    unet_sd, vae_sd, *te_sds = split_pipeline(sd, str(path), var.family)
     del sd
     unet_cfg = dict(own.get("unet") or UNet2DConditionModel.load_config(folder / "unet"))
     conv_in, conv_out = (unet_sd.get(LDM_UNET_PREFIX + k) for k in ("input_blocks.0.0.weight", "out.2.weight"))
@@ -158,23 +173,49 @@ def load_single_file(path: str | os.PathLike, *, family: str | None = None, dtyp
     vae_cfg = own.get("vae") or AutoencoderKL.load_config(folder / "vae")
     vae = _build(lambda: AutoencoderKL.from_config(vae_cfg), vae_from_ldm(vae_sd, vae_cfg),
                  dtype, f"{path}: VAE ({name} config)")
-    text_encoder = _build_text_encoder(own.get("text_encoder") or folder / "text_encoder" / "config.json", te_sd,
-                                       dtype, f"{path}: text encoder ({name} config)")
+    te_config = own.get("text_encoder") or folder / "text_encoder" / "config.json"
     scheduler = _build_scheduler(folder, prediction_type)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(folder),
-            "scheduler": scheduler, "family": var.family, "variant": var.name,
-            "prediction_type": scheduler.config.prediction_type}
+    out = {"tokenizer": load_tokenizer(folder), "scheduler": scheduler, "family": var.family, "variant": var.name,
+           "prediction_type": scheduler.config.prediction_type, "unet": unet, "vae": vae}
+    if var.family != "sdxl":
+        out["text_encoder"] = _build_text_encoder(te_config, te_sds[0], dtype, f"{path}: text encoder ({name} config)")
+        return out
+    te2_config = own.get("text_encoder_2") or folder / "text_encoder_2" / "config.json"
+    prefix = _text_model_prefix(_clip_config(te_config))
+    one, two = sdxl_text_encoders_from_ldm(te_sds[0], te_sds[1], _clip_config(te2_config).to_dict(),
+                                           text_model_prefix=prefix)
+    out["text_encoder"] = _build_text_encoder(te_config, one, dtype, f"{path}: first text encoder ({name} config)",
+                                              converted=True)
+    out["text_encoder_2"] = _build_text_encoder(te2_config, two, dtype, f"{path}: second text encoder ({name} config)",
+                                                converted=True, projection=True)
+    out["tokenizer_2"] = load_tokenizer(folder, "tokenizer_2")
+    return out
 
 
-def _build_text_encoder(config: dict | Path, te_sd: StateDict, dtype: torch.dtype, what: str) -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_config(config: dict | Path):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(**config) if isinstance(config, dict) else CLIPTextConfig.from_json_file(config)
 
-    cfg = CLIPTextConfig(**config) if isinstance(config, dict) else CLIPTextConfig.from_json_file(config)
-    with torch.device("meta"):  # transformers < 5 names the weights text_model.*, 5 does not
+
+def _text_model_prefix(cfg) -> str:
+    """'text_model.' when this transformers names CLIPTextModel weights text_model.* (< 5), else ''."""
+    from transformers import CLIPTextModel
+    with torch.device("meta"):
         first_key = next(iter(CLIPTextModel(cfg).state_dict()))
-    prefix = "text_model." if first_key.startswith("text_model.") else ""
-    return _build(lambda: CLIPTextModel(cfg), text_encoder_from_ldm(te_sd, cfg.to_dict(), text_model_prefix=prefix),
-                  dtype, what)
+    return "text_model." if first_key.startswith("text_model.") else ""
+
+
+def _build_text_encoder(config: dict | Path, te_sd: StateDict, dtype: torch.dtype, what: str,
+                        converted: bool = False, projection: bool = False) -> torch.nn.Module:
+    """A CLIPTextModel (or, with `projection`, SDXL's CLIPTextModelWithProjection) holding `te_sd`: original-SD
+    keys, or transformers keys already (`converted`)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = _clip_config(config)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    if not converted:   # transformers < 5 names the weights text_model.*, 5 does not
+        te_sd = text_encoder_from_ldm(te_sd, cfg.to_dict(), text_model_prefix=_text_model_prefix(cfg))
+    return _build(lambda: cls(cfg), te_sd, dtype, what)
 
 
 def _build_scheduler(folder: Path, prediction_type: str | None):
@@ -213,15 +254,16 @@ def _build(make: Callable[[], torch.nn.Module], sd: StateDict, dtype: torch.dtyp
     return model.eval()
 
 
-def load_tokenizer(config_folder: str | os.PathLike):
-    """CLIPTokenizer for a diffusers-layout folder (e.g. `config_dir("sd21")`).
+def load_tokenizer(config_folder: str | os.PathLike, sub: str = "tokenizer"):
+    """CLIPTokenizer for a diffusers-layout folder (e.g. `config_dir("sd21")`; `sub` "tokenizer_2" for SDXL's
+    second one).
 
-    Its `tokenizer/` holds only the special tokens (SD 2 pads with "!"); the BPE
+    Its `tokenizer/` holds only the special tokens (SD 2 and SDXL's second tokenizer pad with "!"); the BPE
     files are read from `sdlora/assets/clip_tokenizer/` unless it has its own.
     """
     from transformers import CLIPTokenizer
 
-    tok_dir = Path(config_folder) / "tokenizer"
+    tok_dir = Path(config_folder) / sub
     cfg_file = tok_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     vocab_dir = tok_dir if (tok_dir / "vocab.json").is_file() else TOKENIZER_DIR
@@ -236,15 +278,17 @@ def write_diffusers_config_folder(family: str, dest: str | os.PathLike) -> Path:
     e.g. for diffusers' `from_single_file(path, config=dest, local_files_only=True)`."""
     dest = Path(dest)
     shutil.copytree(config_dir(family), dest, dirs_exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy2(TOKENIZER_DIR / name, dest / "tokenizer" / name)
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (dest / sub).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy2(TOKENIZER_DIR / name, dest / sub / name)
     return dest
 
 
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
                      text_encoder: torch.nn.Module, family: str, dtype: torch.dtype = torch.float16,
                      metadata: Mapping[str, str] | None = None, prediction_type: str | None = None,
-                     embed_configs: bool = True) -> Path:
+                     embed_configs: bool = True, text_encoder_2: torch.nn.Module | None = None) -> Path:
     """Write an original-SD `.safetensors` atomically (temp file beside it, fsync, os.replace).
 
     The header says which variant it is (ModelSpec keys, when known) and, unless `embed_configs` is
@@ -260,11 +304,17 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
         raise ValueError(f"path={str(path)!r}: use a name ending in .safetensors")
     meta = {"format": "pt", **variant_metadata(family, prediction_type), **(metadata or {})}
     if embed_configs:
-        meta[EMBEDDED_CONFIGS_KEY] = model_configs(unet, vae, text_encoder)
+        meta[EMBEDDED_CONFIGS_KEY] = model_configs(unet, vae, text_encoder, text_encoder_2)
     bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise ValueError(f"metadata values must be strings: {bad!r}")
-    sd = pipeline_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family)
+    if normalize_family(family) == "sdxl":
+        if text_encoder_2 is None:
+            raise ValueError("an SDXL single file needs both text encoders (text_encoder_2 is missing)")
+        sd = sdxl_pipeline_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
+                                  text_encoder_2.state_dict())
+    else:
+        sd = pipeline_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))

@@ -59,7 +59,35 @@ def context_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> in
 def single_file_variant(path: str | os.PathLike, family: str | None = None) -> families.Variant:
     """The bundled variant a `.safetensors` checkpoint loads as, read from its header only (no tensors)."""
     shapes, meta = read_header(Path(path))
+    refuse_unsupported(Path(path), shapes)
     return choose_variant(Path(path), detect_family_from_shapes(shapes), family, None, meta)
+
+
+REFINER_PREFIX = "conditioner.embedders.0.model."      # the refiner's one embedder: OpenCLIP bigG, at index 0
+
+
+def sdxl_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """'base' | 'refiner' | 'inpaint' of an SDXL file (diffusers single_file_utils infer_diffusers_model_type
+    tells them apart the same way: the refiner's only embedder is bigG, at index 0; inpainting takes 9 channels)."""
+    if shapes.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1] == 9:
+        return "inpaint"
+    if any(k.startswith(REFINER_PREFIX) for k in shapes) or context_width(shapes, LDM_UNET_PREFIX) == SDXL_REFINER_WIDTH:
+        return "refiner"
+    return "base"
+
+
+def refuse_unsupported(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """One clear error for an SDXL checkpoint that is not a text-to-image base (refiner, inpainting)."""
+    if detect_family_from_shapes(shapes) != "sdxl":
+        return
+    kind = sdxl_kind(shapes)
+    if kind == "refiner":
+        raise CheckpointError(f"{path}: this is the SDXL refiner (its only text encoder is OpenCLIP bigG, 1280-wide "
+                              "cross-attention): it refines other models' images and is not trained on. Use an SDXL "
+                              "base checkpoint or a fine-tune of one")
+    if kind == "inpaint":
+        raise CheckpointError(f"{path}: this is an SDXL inpainting checkpoint (9 input channels: image, mask and "
+                              "latents); style LoRAs are trained on a text-to-image base. Use an SDXL base checkpoint")
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -75,10 +103,15 @@ def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]
 EMBEDDED_CONFIGS_KEY = "sdlora_configs"   # header metadata: {"unet", "vae", "text_encoder"} model configs as JSON
 
 
-def model_configs(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
-    """The three models' configs as one JSON string, for a single file's header."""
-    te = {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")}
-    return json.dumps({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te}, default=list)
+def model_configs(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                  text_encoder_2: torch.nn.Module | None = None) -> str:
+    """The models' configs as one JSON string, for a single file's header."""
+    def te(model):
+        return {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te(text_encoder)}
+    if text_encoder_2 is not None:
+        configs["text_encoder_2"] = te(text_encoder_2)
+    return json.dumps(configs, default=list)
 
 
 def embedded_configs(path: Path, header: Mapping[str, str]) -> dict[str, dict]:
@@ -107,12 +140,9 @@ def header_metadata(path: Path) -> dict[str, str]:
 
 def choose_variant(path: Path, detected: str, family: str | None, prediction_type: str | None,
                     meta: Mapping[str, str]) -> families.Variant:
-    if detected == "sdxl":
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.embedders / 2048-wide "
-                              "cross-attention); SDXL single files are not supported yet")
     if detected == families.UNKNOWN:
-        raise CheckpointError(f"{path}: not an SD 1.x/2.x checkpoint in original-SD layout "
-                              "(no cond_stage_model.* or model.diffusion_model.* cross-attention keys)")
+        raise CheckpointError(f"{path}: not an SD 1.x/2.x/SDXL checkpoint in original-SD layout (no cond_stage_model.*, "
+                              "conditioner.embedders.* or model.diffusion_model.* cross-attention keys)")
     if family is not None and normalize_family(family) != detected:
         raise CheckpointError(f"{path}: family={family!r} was asked for, but the weights are {detected}")
     if family is not None and family not in families.FAMILIES:
@@ -160,6 +190,7 @@ def variant_metadata(family: str, prediction_type: str | None) -> dict[str, str]
             "modelspec.prediction_type": "v" if var.prediction_type == "v_prediction" else "epsilon"}
 
 
-__all__ = ["detect_checkpoint_family", "detect_family_from_shapes", "single_file_variant",
+__all__ = ["detect_checkpoint_family", "detect_family_from_shapes", "single_file_variant", "sdxl_kind",
+           "refuse_unsupported", "prediction_evidence",
            "choose_variant", "embedded_configs", "header_metadata", "variant_metadata", "model_configs",
            "context_width", "read_header", "detect_family_from_shapes", "EMBEDDED_CONFIGS_KEY"]

@@ -14,14 +14,19 @@ from sdlora.bases import families
 from sdlora.loras import detect
 from sdlora.loras import diffusers_layout
 from sdlora.loras import layouts as formats
-from sdlora.loras.tools import compat_report, format_report
+from sdlora.loras.naming import naming_for
+from sdlora.loras.tools import compat_report, compat_report_sdxl, format_report
 from sdlora.bases.ldm_unet import ldm_module_names
 from sdlora.bases.load import Base
 
 
-def base_module_sets(base: Base) -> dict[str, set[str]]:
-    """The module names each tool can see in this base: diffusers paths and A1111's original-SD names."""
+def base_module_sets(base: Base) -> dict:
+    """The module names each tool can see in this base: diffusers paths and A1111's original-SD names (SDXL:
+    the second text encoder's too, and each U-Net module's SGM name)."""
     names = base.module_names()
+    if base.family == "sdxl":
+        return {"unet_modules": names["unet"], "text_encoder_modules": names["text_encoder"],
+                "text_encoder_2_modules": names["text_encoder_2"], "unet_names": naming_for(base).unet_names}
     ldm = set(ldm_module_names(sorted(names["unet"]), dict(base.unet.config)).values())
     return {"unet_modules": names["unet"], "text_encoder_modules": names["text_encoder"], "ldm_unet_modules": ldm}
 
@@ -34,8 +39,11 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
     module_sets = module_sets or base_module_sets(base)
     fmt = detect.detect_format(sd)
     family = detect.detect_family(sd, metadata)
+    xl = base.family == "sdxl"
     if fmt != "kohya":
         names = {"unet": module_sets["unet_modules"], "text_encoder": module_sets["text_encoder_modules"]}
+        if xl:
+            names["text_encoder_2"] = module_sets["text_encoder_2_modules"]
         if fmt == "comfyui":
             from sdlora.loras.comfyui import from_comfyui
             loras, unused = from_comfyui(sd, names, dict(base.unet.config))
@@ -43,8 +51,8 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
             loras, unused = diffusers_layout.from_diffusers(sd, metadata, module_names=names)
         if unused:
             raise formats.LoraFileError(f"keys that are not LoRA weights of this base: {unused[:5]}")
-        sd = formats.to_kohya(loras, dtype=torch.float32)       # what A1111 / ComfyUI would need
-    tools = compat_report(sd, **module_sets)
+        sd = formats.to_kohya(loras, dtype=torch.float32, naming=naming_for(base))   # what A1111 / ComfyUI need
+    tools = compat_report_sdxl(sd, **module_sets) if xl else compat_report(sd, **module_sets)
     sd_layout = is_sd_layout(base)
     judged = tools if sd_layout else {"diffusers": tools["diffusers"]}   # A1111/ComfyUI cannot load this base
     ok = all(not r["unmapped"] for r in judged.values()) and family in (families.UNKNOWN, base.family)
@@ -53,7 +61,8 @@ def check_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], base
     if not sd_layout:
         report["base_note"] = (f"base '{base.name}' is not an SD checkpoint A1111 or ComfyUI can load (its U-Net is "
                                "laid out differently), so its LoRAs are for trying sdlora, and for diffusers with "
-                               "this base. Train on an SD 1.x/2.x checkpoint (--base) for a file every tool uses")
+                               "this base. Train on an SD 1.x/2.x or SDXL checkpoint (--base) for a file every tool "
+                               "uses")
     return report
 
 

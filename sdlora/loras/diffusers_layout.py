@@ -92,7 +92,7 @@ def parse_diffusers_key(k: str) -> tuple[str, str] | None:
         path = "text_encoder." + path
     elif path.startswith(UNET_ROOTS):
         path = "unet." + path
-    return (canonical_key(path), part) if path.startswith(("unet.", "text_encoder.")) else None
+    return (canonical_key(path), part) if path.startswith(("unet.", "text_encoder.", "text_encoder_2.")) else None
 
 
 def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:

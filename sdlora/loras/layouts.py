@@ -23,7 +23,8 @@ import torch
 
 from sdlora.safefiles import LoraFileError, atomic_write_bytes, read_lora_file, save_lora_file
 
-COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}        # kohya-ss networks/lora.py prefixes
+# kohya-ss networks/lora.py prefixes of SD 1.x/2.x; SDXL's (lora_te1_ / lora_te2_) are sdlora.loras.naming's
+COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers lora_pipeline.py lora_state_dict
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 # ComfyUI's own layout (comfy_extras/nodes_lora_extract.py; comfy/lora.py load_lora reads these parts).
@@ -66,14 +67,18 @@ def canonical_key(key: str) -> str:
     """The key as files spell it: a flattened text-encoder path gets its "text_model." back."""
     component, _, path = key.partition(".")
     if component not in COMPONENTS or not path:
-        raise ValueError(f"LoRA key {key!r} must be 'unet.<module path>' or 'text_encoder.<module path>'")
-    if component == "text_encoder" and path.startswith(CLIP_CHILDREN):
+        raise ValueError(f"LoRA key {key!r} must be 'unet.<module path>', 'text_encoder.<module path>' or "
+                         "'text_encoder_2.<module path>'")
+    if component.startswith("text_encoder") and path.startswith(CLIP_CHILDREN):
         path = "text_model." + path
     return f"{component}.{path}"
 
 
-def kohya_name(key: str) -> str:
-    """"unet.a.b" -> "lora_unet_a_b"; "text_encoder.x" -> "lora_te_text_model_x" (INTEROP.md section 1)."""
+def kohya_name(key: str, naming=None) -> str:
+    """"unet.a.b" -> "lora_unet_a_b"; "text_encoder.x" -> "lora_te_text_model_x" (INTEROP.md section 1); with a
+    `naming` (sdlora.loras.naming, e.g. SDXL's) its name instead."""
+    if naming is not None:
+        return naming.name(key)
     component, path = canonical_key(key).split(".", 1)
     return f"{COMPONENTS[component]}_{path.replace('.', '_')}"
 
@@ -89,11 +94,12 @@ def scalar(t: torch.Tensor) -> float | None:
 
 # ---- kohya: lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha ---------------------------------
 
-def to_kohya(loras: LoraSet, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya layout; ``.alpha`` is the real alpha as an fp32 0-dim tensor (every reader calls ``.item()``)."""
+def to_kohya(loras: LoraSet, dtype: torch.dtype = torch.float16, naming=None) -> dict[str, torch.Tensor]:
+    """kohya layout; ``.alpha`` is the real alpha as an fp32 0-dim tensor (every reader calls ``.item()``).
+    `naming`: the base family's module names (sdlora.loras.naming; default SD 1.x/2.x's)."""
     sd: dict[str, torch.Tensor] = {}
     for key in sorted(loras):
-        w, name = loras[key], kohya_name(key)
+        w, name = loras[key], kohya_name(key, naming)
         if f"{name}.alpha" in sd:
             raise ValueError(f"{key!r} and another module both become the kohya name {name!r}; drop one of them")
         sd[f"{name}.lora_down.weight"] = cast(w.down, dtype)
@@ -104,16 +110,22 @@ def to_kohya(loras: LoraSet, dtype: torch.dtype = torch.float16) -> dict[str, to
     return sd
 
 
-def from_kohya(sd: dict[str, torch.Tensor], module_names: dict[str, set[str]]) -> tuple[LoraSet, list[str]]:
+def from_kohya(sd: dict[str, torch.Tensor], module_names: dict[str, set[str]],
+               naming=None) -> tuple[LoraSet, list[str]]:
     """kohya layout -> LoraSet keyed by the given module paths, plus every key that could not be used.
 
     ``module_names`` = {"unet": {...}, "text_encoder": {...}} (the base's dotted paths); names are
-    resolved by building kohya_name(path) -> path, never by guessing where underscores were dots.
+    resolved by building kohya_name(path) -> path (``naming``'s names for SDXL), never by guessing where
+    underscores were dots.
     Unusable: names of no given module (SDXL lora_te1_/lora_te2_ on SD 1.x), LoCon/LoHa parts,
     down without up, shapes that do not pair.
     """
-    lookup = {kohya_name(f"{c}.{p}"): f"{c}.{p}" for c, names in module_names.items() if c in COMPONENTS
-              for p in names}
+    if naming is None:
+        lookup = {kohya_name(f"{c}.{p}"): f"{c}.{p}" for c, names in module_names.items() if c in COMPONENTS
+                  for p in names}
+    else:
+        lookup = {n: f"{c}.{p}" for c, names in module_names.items() if c in naming.prefixes
+                  for p in names for n in naming.names(f"{c}.{p}")}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in sd.items():
         name, _, part = k.partition(".")

@@ -11,7 +11,8 @@ mapping rule against the base model's module names and counts what lands:
   name, diffusers or original-SD spelling) and ``model_lora_keys_clip``.
 - diffusers: loaders/lora_conversion_utils.py ``_convert_non_diffusers_lora_to_diffusers``
   (every "_" becomes "." and known compound names are joined again).
-The rules are re-written here from reading those files; SD 1.x naming only.
+The rules are re-written here from reading those files; SD 1.x/2.x naming in ``compat_report``, SDXL's
+(SGM U-Net names, lora_te1_ / lora_te2_) in ``compat_report_sdxl``.
 """
 from __future__ import annotations
 
@@ -200,6 +201,58 @@ def compat_report(sd: dict[str, torch.Tensor], *, unet_modules: set[str], text_e
     return report
 
 
+# ---- SDXL (docs/SDXL.md) ---------------------------------------------------------------------------------
+# A1111 (extensions-builtin/Lora/networks.py): U-Net keys by the "lora_unet" -> "diffusion_model" fall-back
+# (kohya's SDXL names are already the SGM module names); lora_te1_text_model_* -> 0_transformer_text_model_*;
+# lora_te2_text_model_encoder_layers_N_* -> 1_model_transformer_resblocks_N_* on open_clip's modules, where
+# q/k/v/out of a layer are applied together to the fused in_proj (a layer missing one of the four gets none).
+_XL_TE2 = re.compile(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)")
+_XL_A1111_TE2 = ("mlp_fc1", "mlp_fc2", "self_attn_out_proj")
+_XL_QKV = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj")
+
+
+def _te_names(prefix: str, component: str, modules: Iterable[str]) -> set[str]:
+    return {prefix + canonical_key(f"{component}.{p}").split(".", 1)[1].replace(".", "_") for p in modules}
+
+
+def compat_report_sdxl(sd: dict[str, torch.Tensor], *, unet_modules: set[str], text_encoder_modules: set[str],
+                       text_encoder_2_modules: set[str], unet_names: dict[str, str]) -> dict[str, dict]:
+    """compat_report for an SDXL base: `unet_names` maps its diffusers U-Net paths to their SGM names."""
+    groups = _groups(sd)
+    sgm = {"lora_unet_" + unet_names[p].replace(".", "_") for p in unet_modules if p in unet_names}
+    diffusers_named = {"lora_unet_" + p.replace(".", "_") for p in unet_modules}
+    te1 = _te_names("lora_te1_", "text_encoder", text_encoder_modules)
+    te2 = _te_names("lora_te2_", "text_encoder_2", text_encoder_2_modules)
+    problem = _diffusers_file_problem(groups)
+
+    def a1111_ok(name: str) -> bool:
+        if name in sgm or name in te1:
+            return True
+        m = _XL_TE2.fullmatch(name)
+        if name not in te2 or m is None:
+            return False
+        if m[2] in _XL_A1111_TE2:
+            return True
+        quartet = [f"lora_te2_text_model_encoder_layers_{m[1]}_{q}" for q in (*_XL_QKV, "self_attn_out_proj")]
+        return m[2] in _XL_QKV and all(q in groups for q in quartet)
+
+    def comfy_ok(name: str) -> bool:              # comfy/lora.py model_lora_keys_unet / model_lora_keys_clip
+        if name in sgm or name in diffusers_named:
+            return True
+        m = re.fullmatch(r"lora_te[12]_text_model_encoder_layers_(\d+)_(.+)", name)
+        return m is not None and m[2] in _COMFY_CLIP and (name in te1 or name in te2)
+
+    checks = {"a1111": a1111_ok, "comfyui": comfy_ok,
+              "diffusers": lambda n: not problem and (n in sgm or n in diffusers_named or n in te1 or n in te2)}
+    notes = {"a1111": "", "comfyui": "", "diffusers": problem or _alpha_note(sd)}
+    report = {}
+    for tool, ok in checks.items():
+        unmapped = [n for n in sorted(groups) if not ok(n)]
+        report[tool] = {"mapped": len(groups) - len(unmapped), "total": len(groups), "unmapped": unmapped,
+                        "note": notes[tool]}
+    return report
+
+
 def format_report(report: dict[str, dict]) -> str:
     """One line per tool, e.g. "A1111: 64/64 mapped", then up to 5 unmapped names and any note."""
     lines = []
@@ -215,4 +268,4 @@ def format_report(report: dict[str, dict]) -> str:
 
 
 __all__ = ["TOOLS", "a1111_target", "comfy_target", "diffusers_target", "diffusers_accepts", "compat_report",
-           "format_report"]
+           "compat_report_sdxl", "format_report"]

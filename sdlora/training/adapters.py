@@ -61,19 +61,23 @@ class Adapted(dict):
     adalora: "AdaLoraSchedule | None" = None
 
 
-def inject(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, spec: LoraSpec,
+def inject(unet: torch.nn.Module, text_encoders: torch.nn.Module | dict | None, spec: LoraSpec,
            total_steps: int | None = None) -> Adapted:
     """Add trainable adapters in place; returns the adapted module paths per component (AdaLoRA needs the
-    run's ``total_steps`` for its schedule)."""
+    run's ``total_steps`` for its schedule). ``text_encoders``: the CLIP text encoder, or {component: encoder}
+    (SDXL's two, "text_encoder" and "text_encoder_2"); adapted when spec.text_encoder."""
     adapted = Adapted(unet=target_names(unet, spec.unet_targets()))
     if not adapted["unet"]:
         raise ValueError(f"no U-Net module matches the targets {spec.unet_targets()}; is this an SD U-Net?")
     models = {"unet": unet}
+    if isinstance(text_encoders, torch.nn.Module):
+        text_encoders = {"text_encoder": text_encoders}
     if spec.text_encoder:
-        if text_encoder is None:
+        if not text_encoders:
             raise ValueError("text_encoder=True needs a text encoder")
-        adapted["text_encoder"] = target_names(text_encoder, TEXT_ENCODER_ATTN)
-        models["text_encoder"] = text_encoder
+        for component, te in text_encoders.items():
+            adapted[component] = target_names(te, TEXT_ENCODER_ATTN)
+            models[component] = te
     if spec.adapter == "adalora":
         if not total_steps:
             raise ValueError("AdaLoRA needs the run's total_steps for its rank schedule")

@@ -15,6 +15,7 @@ from sdlora.bases.load import Base
 from sdlora.config import file_alpha
 from sdlora.loras import diffusers_layout, layouts, metadata
 from sdlora.loras.check import check_state_dict, format_check
+from sdlora.loras.naming import naming_for
 from sdlora import runs
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +46,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
                "sdlora_versions": json.dumps(config["versions"])})
     dtype = DTYPES[cfg["save_dtype"]]
     if cfg["save_format"] == "kohya":
-        sd = layouts.to_kohya(loras, dtype=dtype)
+        sd = layouts.to_kohya(loras, dtype=dtype, naming=naming_for(base))
     else:
         sd, extra_meta = diffusers_layout.to_diffusers(loras, dtype=dtype)
         header.update(extra_meta)

@@ -56,6 +56,41 @@ def runtime_summary(device: torch.device, unet: torch.nn.Module, precision: str,
             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
 
 
+# Activation memory of a training step per U-Net parameter, at the base's native resolution, batch 1, fp32
+# activations: measured on the SD 1.5 architecture at 512 px on CPU (bench/train_step.py: peak RSS minus the
+# weights; README "Speed"), 2.3 bytes without gradient checkpointing and 1.3 with it. It scales with the pixels
+# and the batch; 16-bit compute halves it. A rough guide, said as one.
+ACTIVATION_BYTES_PER_PARAM = {False: 2.3, True: 1.3}
+
+
+def _bytes_of(model: torch.nn.Module) -> int:
+    """Memory a model's weights take as they are kept (quantised layers count their packed storage)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def memory_estimate(base, trainable: int, cfg: TrainConfig, resolution: int, precision: str,
+                    device: torch.device) -> str:
+    """One line before training: what the run's memory is made of, a rough total, and which of the memory options
+    are on (so a user with an 8-16 GB GPU sees what to turn on before the run fails)."""
+    weights = sum(_bytes_of(m) for m in base.models)
+    optimizer = trainable * (4 + 4 + (2 if cfg.use_8bit_adam and device.type == "cuda" else 8))   # w, grad, Adam
+    unet_params = sum(p.numel() for p in base.unet.parameters())
+    half = cfg.mixed_precision in ("fp16", "bf16") or precision in ("bf16", "fp16", "int8", "nf4")
+    scale = (resolution / max(base.resolution, 1)) ** 2 * cfg.batch_size * (0.5 if half else 1.0)
+    isolation = 2.0 if cfg.trigger_isolation > 0 else 1.0               # the batch runs twice through the U-Net
+    activations = int(ACTIVATION_BYTES_PER_PARAM[cfg.gradient_checkpointing] * unet_params * scale * isolation)
+    total = weights + optimizer + activations
+    eight_bit = cfg.use_8bit_adam and device.type == "cuda"
+    vae = str(base.vae.dtype).replace("torch.", "")
+    return (f"memory estimate (rough): {format_bytes(total)} = weights {format_bytes(weights)} ({precision}) + "
+            f"{trainable / 1e6:.1f}M trainable parameters with gradients and optimizer state "
+            f"{format_bytes(optimizer)} + activations about {format_bytes(activations)} at {resolution} px, batch "
+            f"{cfg.batch_size}. Memory options: gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+            f"mixed precision {cfg.mixed_precision}, base precision {precision}, 8-bit AdamW "
+            f"{'on' if eight_bit else 'off'}, VAE {vae}")
+
+
 class PeakMemory:
     """Peak memory between ``reset()`` and ``read()``, in bytes (GPU allocator, or process RSS on CPU).
 

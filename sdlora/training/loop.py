@@ -75,18 +75,20 @@ class _Trainer:
                                                         cfg.caption_variants, cfg.seed, cfg.shuffle_tags,
                                                         cfg.keep_tags)
         self.examples = self.batches.cache([it.path for it in self.plan.items], self.captions,
-                                           [f.bucket for f in self.plan.fits])
+                                           [f.bucket for f in self.plan.fits], [it.size for it in self.plan.items])
         self.untriggered = Untriggered(self.batches, self.captions, self.data.trigger)
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
         self.module_sets = base_module_sets(base)     # the base's own names, for the export's key check
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
-        self.adalora = adapters.inject(base.unet, base.text_encoder, spec, total_steps=self.plan.steps).adalora
+        self.adalora = adapters.inject(base.unet, base.text_encoders, spec, total_steps=self.plan.steps).adalora
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         groups = [{"params": adapters.lora_parameters(base.unet), "lr": cfg.lr}]
         if spec.text_encoder:
-            groups.append({"params": adapters.lora_parameters(base.text_encoder), "lr": cfg.text_encoder_lr or cfg.lr})
-            base.text_encoder.train()
+            params = [p for te in base.text_encoders.values() for p in adapters.lora_parameters(te)]
+            groups.append({"params": params, "lr": cfg.text_encoder_lr or cfg.lr})
+            for te in base.text_encoders.values():
+                te.train()
         for g in groups:                         # trainable weights stay fp32 under mixed precision
             for p in g["params"]:
                 p.data = p.data.float()
@@ -97,6 +99,8 @@ class _Trainer:
         start = self.restore(resume_from, opt, sched) if resume_from is not None else 0
         base.unet.train()
         if self.main:
+            self.cb.on_message(hardware.memory_estimate(base, sum(p.numel() for p in self.params), cfg,
+                                                        self.plan.resolution, self.precision, self.acc.device))
             self.cb.on_message(hardware.runtime_summary(self.acc.device, base.unet, self.precision,
                                                         cfg.mixed_precision, opt, cfg.gradient_checkpointing,
                                                         rest=self.weight_dtype))
@@ -109,8 +113,10 @@ class _Trainer:
         tensors, state = runs.load_checkpoint(checkpoint)
         adapters.load_adapter_state(self.base.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         if self.spec.text_encoder:
-            adapters.load_adapter_state(self.base.text_encoder, {k[13:]: v for k, v in tensors.items()
-                                                                 if k.startswith("text_encoder.")})
+            for component, te in self.base.text_encoders.items():
+                n = len(component) + 1
+                adapters.load_adapter_state(te, {k[n:]: v for k, v in tensors.items()
+                                                 if k.startswith(component + ".")})
         if self.adalora is not None:
             if "adalora" not in state:
                 raise TrainingError(f"{checkpoint} holds no AdaLoRA rank state; it was not written by an AdaLoRA run")
@@ -221,7 +227,8 @@ class _Trainer:
             return None
         tensors = {"unet." + k: v for k, v in adapters.adapter_state(self.bare_unet).items()}
         if self.spec.text_encoder:
-            tensors.update({"text_encoder." + k: v for k, v in adapters.adapter_state(self.base.text_encoder).items()})
+            for component, te in self.base.text_encoders.items():
+                tensors.update({f"{component}.{k}": v for k, v in adapters.adapter_state(te).items()})
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.lr_sched.state_dict(), "step": step}
         if self.adalora is not None:
             state["adalora"] = self.adalora.state()
@@ -254,7 +261,8 @@ class _Trainer:
         from sdlora.training.export import describe_export, export_lora
         loras = adapters.extract(self.bare_unet, "unet", self.spec)
         if self.spec.text_encoder:
-            loras.update(adapters.extract(self.base.text_encoder, "text_encoder", self.spec))
+            for component, te in self.base.text_encoders.items():
+                loras.update(adapters.extract(te, component, self.spec))
         self.bare_unet.eval()
         seeds = self.cfg.sample_seeds or (0,)
         preview = self.render(self.plan.items[0].caption, seeds[0])  # strength 1, the trigger caption
@@ -319,8 +327,8 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         return result
     finally:
         if base is not None:            # a caller's base goes back as it came
-            adapters.remove_adapters(base.unet)
-            adapters.remove_adapters(base.text_encoder)
+            for model in (base.unet, *base.text_encoders.values()):
+                adapters.remove_adapters(model)
         t.acc.end_training()
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sdlora.config import TrainConfig
 from sdlora.training import adapters
+from sdlora.training.batches import Cond
 
 
 class Objective:
@@ -31,8 +32,8 @@ class Objective:
         noisy = self.sched.add_noise(lat, noise, t).to(self.dtype)
         return noisy, t, self.sched.get_velocity(lat, noise, t) if self.v else noise
 
-    def loss(self, unet, bare_unet, lat: torch.Tensor, enc: torch.Tensor, g: torch.Generator,
-             plain: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    def loss(self, unet, bare_unet, lat: torch.Tensor, cond: Cond, g: torch.Generator,
+             plain: Callable[[], tuple[Cond, Cond]] | None = None) -> torch.Tensor:
         """The denoising loss of a batch; with `plain` (gives the batch's captions without the trigger, through
         the LoRA and through the frozen base; called after the noise is drawn, so `g` is used in one order)
         plus trigger_isolation x the distance between the model's and the frozen base's predictions for them,
@@ -43,13 +44,13 @@ class Objective:
         if isolate:
             plain_lora, plain_base = plain()
             with torch.no_grad(), adapters.adapters_off(bare_unet):
-                frozen = bare_unet(noisy, t, plain_base.to(self.dtype)).sample.float()
+                frozen = bare_unet(noisy, t, **cond.with_text(plain_base).unet_kwargs(self.dtype)).sample.float()
             # one forward for both: the captions with the trigger, then without it
-            pred = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
-                        torch.cat([enc, plain_lora]).to(self.dtype)).sample.float()
+            both = Cond.cat([cond, cond.with_text(plain_lora)])
+            pred = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **both.unet_kwargs(self.dtype)).sample.float()
             target = torch.cat([target, frozen])
         else:
-            pred = unet(noisy, t, enc.to(self.dtype)).sample.float()
+            pred = unet(noisy, t, **cond.unet_kwargs(self.dtype)).sample.float()
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma:
             weight = self.min_snr_weight(t, lat.device)
