@@ -32,7 +32,8 @@ from pathlib import Path
 
 import _common as C
 
-VARIANTS = ("full", "lora-fp32", "lora-bf16", "lora-int8", "lora-nf4")
+VARIANTS = ("full", "lora-fp32", "lora-bf16", "lora-int8", "lora-nf4", "lora-fp32-nockpt")
+DEFAULT_VARIANTS = VARIANTS[:5]
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,8 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant and size (after 1 warm-up)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (sdlora's default for 8-30 images)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help="-nockpt: without gradient checkpointing (the others have it on)")
     p.add_argument("--learning", action="store_true", help="also train the style test on tiny: nf4 vs fp32 base")
+    p.add_argument("--no-files", action="store_true", help="skip the file-size figures (they build the base once more)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -71,22 +74,31 @@ def child(args, variant: str, size: int) -> dict:
         params = adapters.lora_parameters(unet)
         for p in params:
             p.data = p.data.float()
-    unet.enable_gradient_checkpointing()
+    if not variant.endswith("-nockpt"):
+        unet.enable_gradient_checkpointing()
     unet.train()
     opt = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
     latent = size // 8
     width = unet.config.cross_attention_dim
     dtype = next(p.dtype for p in unet.parameters() if p.dtype.is_floating_point)
+    def extra() -> dict:
+        """SDXL's pooled text and size ids (random: a step's cost does not depend on their values)."""
+        if unet.config.addition_embed_type != "text_time":
+            return {}
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        return {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
+                                      "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype,
+                                                               device=device)}}
     batches = [(torch.randn(1, 4, latent, latent, generator=g).to(device, dtype),
                 torch.randint(0, 1000, (1,), generator=g).to(device),
-                torch.randn(1, 77, width, generator=g).to(device, dtype),
+                torch.randn(1, 77, width, generator=g).to(device, dtype), extra(),
                 torch.randn(1, 4, latent, latent, generator=g).to(device)) for _ in range(args.steps + 1)]
 
     def step(i: int) -> None:
-        x, t, enc, target = batches[i]
+        x, t, enc, kw, target = batches[i]
         with torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
-            pred = unet(x, t, enc).sample
+            pred = unet(x, t, enc, **kw).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         opt.step()
@@ -179,7 +191,8 @@ def main() -> None:
         return
     print(C.describe_machine(args.device))
     load = C.LoadLog()
-    lora_bytes, unet_fp16, lora_params = file_sizes(args)
+    # the file-size figures build the whole base once more in fp32: skipped for SDXL (14 GB) when --no-files
+    lora_bytes, unet_fp16, lora_params = file_sizes(args) if not args.no_files else (0, 0, 0)
     rows = {}
     for size in args.sizes:
         for variant in args.variants:
@@ -189,12 +202,17 @@ def main() -> None:
             print(f"  {variant} {size} px: " + (r.get("error") or f"peak {r['peak'] / C.GIB:.2f} GiB, "
                                                 f"step {r['step_s']:.1f} s"), flush=True)
     full = next((r for r in rows.values() if r["variant"] == "full" and "error" not in r), None)
-    print(f"\nbase {args.base}, LoRA rank {args.rank} on attn2 q/k/v/out, batch 1, gradient checkpointing, AdamW")
+    lora_params = lora_params or next((r["trainable"] for r in rows.values() if "trainable" in r and
+                                       r["variant"] != "full"), 0)
+    print(f"\nbase {args.base}, LoRA rank {args.rank} on attn2 q/k/v/out, batch 1, gradient checkpointing (not in "
+          "-nockpt), AdamW")
     if full:
         print(f"trainable parameters: LoRA {lora_params:,} vs full U-Net {full['trainable']:,} "
               f"(1/{full['trainable'] / lora_params:,.0f})")
-    print(f"file: LoRA {lora_bytes / 2**20:.2f} MiB (fp16, kohya) vs the U-Net's weights in fp16 "
-          f"{unet_fp16 / 2**30:.2f} GiB (1/{unet_fp16 / lora_bytes:,.0f})\n")
+    if lora_bytes:
+        print(f"file: LoRA {lora_bytes / 2**20:.2f} MiB (fp16, kohya) vs the U-Net's weights in fp16 "
+              f"{unet_fp16 / 2**30:.2f} GiB (1/{unet_fp16 / lora_bytes:,.0f})")
+    print()
     table = []
     for (variant, size), r in rows.items():
         if "error" in r:

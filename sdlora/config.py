@@ -188,6 +188,10 @@ class TrainConfig:
         "auto", "how the frozen base is kept: fp32, bf16, fp16, or its linear layers quantised with bitsandbytes "
         "(int8, nf4: QLoRA; the adapters stay fp32); auto: the mixed-precision dtype", label="Base precision",
         choices=("auto", "fp32", "bf16", "fp16", "int8", "nf4"))
+    vae: str = setting("", "a VAE to train with instead of the base's: a diffusers folder, a .safetensors file "
+                       "or a hub id; one whose config says it is fp16-safe (force_upcast false, e.g. an SDXL "
+                       "'fp16-fix' VAE) stays in fp16 under fp16 mixed precision, the others encode in fp32",
+                       label="VAE (optional)")
     use_8bit_adam: bool = setting(True, "bitsandbytes' 8-bit AdamW where it and CUDA are present (the run says "
                                   "which optimizer it uses)", label="8-bit Adam (CUDA)", flag="--8bit-adam")
     mixed_precision: str = setting("no", "mixed precision: fp16 needs a CUDA GPU", label="Mixed precision",

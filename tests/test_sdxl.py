@@ -259,3 +259,34 @@ def test_generation_strength_zero_is_the_base_and_unet_and_te_strengths_apart(tm
     assert np.array_equal(plain, zero)
     assert not np.array_equal(plain, unet_only) and not np.array_equal(plain, te_only)
     assert not np.array_equal(unet_only, both) and np.abs(both.astype(int) - fused).max() <= 1
+
+
+def test_a_named_vae_trains_and_an_fp16_safe_one_stays_in_fp16(tmp_path, style_dir):
+    from sdlora.bases.ldm_keys import vae_to_ldm
+    from sdlora.bases.load import load_vae
+    from sdlora.training.batches import Batches
+    safe = tiny_random_xl_base(seed=9).vae
+    safe.register_to_config(force_upcast=False)
+    safe.save_pretrained(tmp_path / "vae-fp16-fix")
+    like = tiny_random_xl_base().vae
+    folder_vae = load_vae(str(tmp_path / "vae-fp16-fix"), like)
+    assert folder_vae.config.force_upcast is False
+    save_file({"first_stage_model." + k: v.contiguous() for k, v in vae_to_ldm(safe.state_dict()).items()},
+              str(tmp_path / "vae.safetensors"))
+    file_vae = load_vae(str(tmp_path / "vae.safetensors"), like)          # the original layout, the base's config
+    assert all(torch.equal(a, b) for a, b in zip(file_vae.state_dict().values(), safe.state_dict().values()))
+    with pytest.raises(BaseModelError, match="could not load the VAE"):
+        load_vae(str(tmp_path / "nope"), like)
+    # encoding: a VAE whose config says it overflows in fp16 encodes in fp32 and goes back to fp16; a safe one stays
+    base = load_base("tiny-random-xl", fresh=True)
+    image = next(p for p in style_dir.iterdir() if p.suffix == ".png")
+    for vae, upcast in ((like, True), (folder_vae, False)):
+        base.vae = vae.half()
+        seen = []
+        hook = base.vae.encoder.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+        Batches(base, torch.device("cpu"), 1, False, False).encode(image, (64, 64))
+        hook.remove()
+        assert seen == [torch.float32 if upcast else torch.float16] and base.vae.dtype == torch.float16
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
+                cfg(tmp_path, vae=str(tmp_path / "vae-fp16-fix")))
+    assert json.loads((res.run_dir / "config.json").read_text())["train"]["vae"].endswith("vae-fp16-fix")

@@ -242,8 +242,10 @@ def test_cli_trains_the_dataset_with_no_other_argument(figures, tmp_path, monkey
     config = json.loads((lora.parent / "config.json").read_text())
     logged = (lora.parent / "log.csv").read_text().splitlines()
     assert config["steps"] == default_steps(images) == len(logged) and int(logged[-1].split(",")[0]) == config["steps"]
-    samples = sorted((lora.parent / "samples").glob("*.png"))
-    assert len(samples) == 5 * 2 * len(config["train"]["sample_seeds"])   # 5 times, with and without the trigger
+    samples = sorted((lora.parent / "samples").glob("step-*.png"))
+    # 5 times, with and without the trigger, and once before training (the base's own images to compare with)
+    assert len(samples) == (5 + 1) * 2 * len(config["train"]["sample_seeds"])
+    assert len(list((lora.parent / "samples").glob("grid-*.png"))) == 0    # grids are the web UI's, not the CLI's
 
 
 if __name__ == "__main__":

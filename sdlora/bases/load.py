@@ -154,6 +154,39 @@ def _load(name: str) -> Base:
     return _from_hub(name)
 
 
+def load_vae(name: str, like: AutoencoderKL) -> AutoencoderKL:
+    """A VAE to use instead of a base's (`like`): a diffusers folder (config.json + weights), a .safetensors file
+    in the diffusers or the original (`first_stage_model.` / `encoder.down...`) layout with `like`'s config, or
+    a hub id. The result is frozen and in eval mode; its config (force_upcast) says whether fp16 is safe for it."""
+    from sdlora.bases.ldm_keys import vae_from_ldm
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        elif path.suffix.lower() == ".safetensors":
+            if not path.is_file():
+                raise BaseModelError(f"VAE file {path} does not exist; check the path")
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+            ldm = ("first_stage_model.", "encoder.down.", "encoder.mid.", "decoder.up.", "decoder.mid.")
+            if any(k.startswith(ldm) for k in sd):           # the original layout (A1111's VAE files)
+                sd = vae_from_ldm(sd, dict(like.config))
+            vae = AutoencoderKL.from_config(like.config)
+            vae.load_state_dict(sd, strict=True)
+        else:
+            vae = AutoencoderKL.from_pretrained(name)
+    except BaseModelError:
+        raise
+    except Exception as e:  # diffusers and safetensors raise many kinds for a folder or file that is not a VAE
+        raise BaseModelError(f"could not load the VAE '{name}' ({type(e).__name__}: {str(e)[:200]}); pass a diffusers "
+                             "VAE folder, a .safetensors VAE or a hub id (with network)") from e
+    if tuple(vae.config.block_out_channels) != tuple(like.config.block_out_channels) or \
+            vae.config.latent_channels != like.config.latent_channels:
+        raise BaseModelError(f"the VAE '{name}' is not the shape of the base's (channels {list(vae.config.block_out_channels)}"
+                             f" vs {list(like.config.block_out_channels)}): use a VAE made for this base's family")
+    return vae.requires_grad_(False).eval()
+
+
 def _from_folder(path: Path, name: str) -> Base:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     try:
@@ -382,5 +415,5 @@ def tiny_random_xl_base(seed: int = 0, sample_size: int = 8) -> Base:
                 tokenizer_2=folder_tokenizer(folder, "tokenizer_2"))
 
 
-__all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_tokenizer", "native_resolution", "native_geometry",
+__all__ = ["Base", "BaseModelError", "Geometry", "load_base", "load_vae", "load_tokenizer", "native_resolution", "native_geometry",
            "tiny_random_base", "tiny_random_xl_base", "random_base_from_configs", "RANDOM_BASES"]

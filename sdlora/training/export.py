@@ -74,7 +74,7 @@ def _shape(loras: layouts.LoraSet, spec: dict, alpha: float | None) -> str:
             f"over {len(ranks)} modules")
 
 
-PATH_SETTINGS = {"data": ("folder", "class_folder"), "train": ("output_dir", "base")}
+PATH_SETTINGS = {"data": ("folder", "class_folder"), "train": ("output_dir", "base", "vae")}
 
 
 def shareable_settings(config: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sdlora import runs
-from sdlora.bases.load import Base, load_base, native_geometry
+from sdlora.bases.load import Base, load_base, load_vae, native_geometry
 from sdlora.bases.precision import QUANTIZED, bitsandbytes, precision_of, storage_dtype
 from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, base_precision
 from sdlora.data import captions as captioning
@@ -54,6 +54,8 @@ class _Trainer:
         self.plan = plan(data, cfg, base.geometry if base else native_geometry(cfg.base))
         self.base = base or load_base(cfg.base, dtype=compute, device=self.acc.device, fresh=True,
                                       precision=self.precision, quantize_text_encoder=not spec.text_encoder)
+        if cfg.vae:                              # the run's own VAE (e.g. an fp16-safe one), in the base's dtype
+            self.base.vae = load_vae(cfg.vae, self.base.vae).to(self.acc.device, self.base.vae.dtype)
         self.spec, self.cfg, sources = resolve(spec, cfg, len(self.plan.items), self.base)
         self.lr_source, self.plan.steps = sources["lr"], self.cfg.steps
         self.objective = Objective(self.base.noise_scheduler(), self.base.prediction_type, self.cfg,
