@@ -10,9 +10,9 @@ With ``adapter='adalora'`` the adapters are PEFT's AdaLoRA (Zhang et al. 2023):
 W + (alpha' / r0) * B diag(E) A, every module starting at rank r0; ``AdaLoraSchedule``
 calls PEFT's rank allocator after each optimizer step, which zeroes the least
 important entries of E until the average rank is the target. ``extract`` keeps each
-module's surviving ranks: down = (E * A)[kept], up = B[:, kept], and the alpha that
-gives the same update under every tool's scale = alpha / rank, so the file is an
-ordinary LoRA whose modules have their own ranks. On a quantised base (int8 / nf4,
+module's surviving ranks: down = (E * A)[kept], up = B[:, kept] with the module's scale
+folded in, so that one alpha for every module gives the same update under every tool's
+scale = alpha / rank: the file is an ordinary LoRA whose modules have their own ranks. On a quantised base (int8 / nf4,
 ``sdlora.bases.precision``) PEFT wraps the bitsandbytes layers with its own LoRA layers.
 """
 from __future__ import annotations
@@ -163,7 +163,7 @@ def extract(model: torch.nn.Module, component: str, spec: LoraSpec) -> LoraSet:
     that is ``alpha * sqrt(r)``.
     """
     if spec.adapter == "adalora":
-        return _extract_adalora(model, component)
+        return _extract_adalora(model, component, float(spec.rank))
     sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
     alpha = spec.file_alpha
     out: LoraSet = {}
@@ -179,8 +179,12 @@ def extract(model: torch.nn.Module, component: str, spec: LoraSpec) -> LoraSet:
     return out
 
 
-def _extract_adalora(model: torch.nn.Module, component: str) -> LoraSet:
-    """Each AdaLoRA module with the ranks that survived pruning (a module with none is left out)."""
+def _extract_adalora(model: torch.nn.Module, component: str, alpha: float) -> LoraSet:
+    """Each AdaLoRA module with the ranks that survived pruning (a module with none is left out).
+
+    Every module gets the same `alpha` (the target rank), with the rest of its scale folded into `up`:
+    (alpha / r_k) * up' @ down = (lora_alpha / r0) * B (E * A). One alpha for all modules, because diffusers
+    applies one alpha to every module of a kohya file (its per-module names miss); A1111 and ComfyUI read each."""
     out: LoraSet = {}
     for path, layer in model.named_modules():
         if not (isinstance(layer, BaseTunerLayer) and hasattr(layer, "lora_E") and ADAPTER in layer.lora_E):
@@ -191,8 +195,8 @@ def _extract_adalora(model: torch.nn.Module, component: str) -> LoraSet:
         if rank == 0:
             continue
         scale = layer.scaling[ADAPTER] / (float(layer.ranknum[ADAPTER]) + 1e-5)
-        out[f"{component}.{path}"] = LoraWeights(down=(a * e)[kept].clone(), up=b[:, kept].clone(),
-                                                 alpha=rank * scale)
+        out[f"{component}.{path}"] = LoraWeights(down=(a * e)[kept].clone(), up=b[:, kept] * (scale * rank / alpha),
+                                                 alpha=alpha)
     return out
 
 
