@@ -148,7 +148,6 @@ def test_adalora_prunes_ranks_per_module_and_the_file_keeps_the_update(tmp_path,
 
 def test_adalora_file_applies_the_update_peft_trained(tmp_path, style_dir):
     """The exported file's alpha/rank * up @ down is PEFT's own AdaLoRA delta of each module."""
-    from peft.tuners.adalora import AdaLoraModel  # noqa: F401  (PEFT's layers are what we compare with)
     from sdlora.training import adapters
     from sdlora.training.loop import _Trainer
     spec = LoraSpec(rank=4, adapter="adalora", adalora_interval=1)

@@ -24,7 +24,7 @@ from sdlora.generate import Generator, LoraChoice, make_pipeline, read_lora
 from sdlora.loras import layouts
 from sdlora.loras.check import check_file, format_check
 from sdlora.loras.layouts import LoraFileError, LoraWeights
-from sdlora.loras.naming import naming_for, sdxl_naming
+from sdlora.loras.naming import sdxl_naming
 from sdlora.loras.tools import compat_report_sdxl
 from sdlora.training.batches import Batches, Untriggered, size_ids
 from sdlora.training.plan import suggested
