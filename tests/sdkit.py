@@ -4,7 +4,8 @@ Each variant of the family table (sd1, sd2-v, sd2-base) gets a tiny architecture
 real widths (text encoder and cross-attention 768 for SD 1.x, 1024 for SD 2.x, so family detection
 works as on real files), SD's 8x VAE and the real CLIP tokenizer. `config_root` writes bundled-style
 config folders for them, so a test can point `sdlora.bases.single_file.CONFIG_ROOT` at it and load an
-original-layout single file exactly as a user's full-size one is loaded.
+original-layout single file exactly as a user's full-size one is loaded. `StopAt` stops a run at a step,
+as the Stop button does.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdlora.bases import families
 from sdlora.bases import single_file as ldm
+from sdlora.training.events import Callbacks
 
 
 def tiny_models(variant: str, seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -94,3 +96,14 @@ def diffusers_folder(path: Path, variant: str = "sd1", seed: int = 0) -> Path:
     pipe.save_pretrained(path)
     assert var.family == families.by_text_width(models["text_encoder"].config.hidden_size)
     return path
+
+
+class StopAt(Callbacks):
+    """Training callbacks that set `event` (the run's cancel event) when step `step` is done."""
+
+    def __init__(self, step: int, event):
+        self.step, self.event = step, event
+
+    def on_step(self, info) -> None:
+        if info.step == self.step:
+            self.event.set()

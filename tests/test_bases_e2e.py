@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sdkit
-from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, train
+from sdlora import DataConfig, LoraSpec, TrainConfig, train
 from sdlora.bases import families
 from sdlora.bases import single_file as ldm
 from sdlora.bases.load import load_base
@@ -82,15 +82,6 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-class StopAfter(Callbacks):
-    def __init__(self, cancel: threading.Event, step: int):
-        self.cancel, self.step = cancel, step
-
-    def on_step(self, info) -> None:
-        if info.step == self.step:
-            self.cancel.set()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_of_base_end_to_end(kind, world, tmp_path, style_dir, capsys):
     base = world[kind]
@@ -141,7 +132,7 @@ def test_every_kind_of_base_end_to_end(kind, world, tmp_path, style_dir, capsys)
     data, spec, cfg = DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4), TrainConfig(
         base=base, steps=STEPS, lr=1e-2, sample_every=0, seed=5, checkpoint_every=1, output_dir=str(out),
         run_name="stopped")
-    stopped = train(data, spec, cfg, callbacks=StopAfter(cancel, 1), cancel=cancel)
+    stopped = train(data, spec, cfg, callbacks=sdkit.StopAt(1, cancel), cancel=cancel)
     assert stopped.cancelled and stopped.lora_path is None
     code, printed, err = run_cli(capsys, "train", "--resume", stopped.run_dir)
     assert code == 0, err

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from sdkit import StopAt
 from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, train
 from sdlora.data import buckets
 from sdlora.data.captions import caption_variants, shuffle_tags
@@ -112,11 +113,8 @@ def test_a_bucketed_run_resumed_ends_with_the_same_weights(tmp_path):
     whole = train(data, LoraSpec(rank=2), cfg(tmp_path, run_name="whole"))
     cancel = threading.Event()
 
-    class StopAt2(Callbacks):
-        def on_step(self, info):
-            if info.step == 2:
-                cancel.set()
-    stopped = train(data, LoraSpec(rank=2), cfg(tmp_path, run_name="stopped"), callbacks=StopAt2(), cancel=cancel)
+    stopped = train(data, LoraSpec(rank=2), cfg(tmp_path, run_name="stopped"), callbacks=StopAt(2, cancel),
+                    cancel=cancel)
     assert stopped.cancelled
     resumed = train(None, resume=stopped.run_dir)
     a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
@@ -183,11 +181,8 @@ def test_a_run_started_before_buckets_resumes_on_square_crops(tmp_path):
     folder = mixed_shapes(tmp_path / "d")
     cancel = threading.Event()
 
-    class StopAt1(Callbacks):
-        def on_step(self, info):
-            cancel.set()
     stopped = train(DataConfig(folder=str(folder), trigger="zqx", buckets=False), LoraSpec(rank=2),
-                    cfg(tmp_path, run_name="old"), callbacks=StopAt1(), cancel=cancel)
+                    cfg(tmp_path, run_name="old"), callbacks=StopAt(1, cancel), cancel=cancel)
     path = stopped.run_dir / "config.json"
     config = json.loads(path.read_text())
     del config["data"]["buckets"]

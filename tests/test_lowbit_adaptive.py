@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, train
+from sdkit import StopAt
+from sdlora import DataConfig, LoraSpec, TrainConfig, train
 from sdlora.bases import precision
 from sdlora.bases.load import load_base, tiny_random_base
 from sdlora.config import ConfigError, GenerateConfig
@@ -23,15 +24,6 @@ pytest.importorskip("bitsandbytes")
 def cfg(tmp_path, **kw):
     kw = {"base": "tiny-random", "steps": 6, "lr": 1e-3, "sample_every": 0, "output_dir": str(tmp_path / "out"), **kw}
     return TrainConfig(**kw)
-
-
-class StopAt(Callbacks):
-    def __init__(self, step, event):
-        self.step, self.event = step, event
-
-    def on_step(self, info):
-        if info.step == self.step:
-            self.event.set()
 
 
 @pytest.mark.parametrize("kind, max_weight_error", [("int8", 0.01), ("nf4", 0.25)])

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdkit import StopAt
 from sdlora import Callbacks, DataConfig, LoraSpec, TrainConfig, TrainingError, train
 
 from sdlora.bases.load import tiny_random_base
@@ -64,15 +65,6 @@ def test_second_run_never_overwrites_the_first(tmp_path, style_dir):
     first = a.lora_path.read_bytes()
     b = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2, seed=5))
     assert b.run_dir.name == "zqx-2" and a.lora_path.read_bytes() == first
-
-
-class StopAt(Callbacks):
-    def __init__(self, step, event):
-        self.step, self.event = step, event
-
-    def on_step(self, info):
-        if info.step == self.step:
-            self.event.set()
 
 
 def test_resume_equals_uninterrupted(tmp_path, style_dir):

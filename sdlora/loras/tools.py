@@ -193,12 +193,7 @@ def compat_report(sd: dict[str, torch.Tensor], *, unet_modules: set[str], text_e
     notes = {"a1111": "" if ldm_unet_modules is not None else
              "UNet keys checked by name rule only (no original-SD module names given)",
              "comfyui": "", "diffusers": problem or _alpha_note(sd)}
-    report = {}
-    for tool, ok in checks.items():
-        unmapped = [n for n in sorted(groups) if not ok(n)]
-        report[tool] = {"mapped": len(groups) - len(unmapped), "total": len(groups), "unmapped": unmapped,
-                        "note": notes[tool]}
-    return report
+    return _tool_report(groups, checks, notes)
 
 
 # ---- SDXL (docs/SDXL.md) ---------------------------------------------------------------------------------
@@ -245,6 +240,11 @@ def compat_report_sdxl(sd: dict[str, torch.Tensor], *, unet_modules: set[str], t
     checks = {"a1111": a1111_ok, "comfyui": comfy_ok,
               "diffusers": lambda n: not problem and (n in sgm or n in diffusers_named or n in te1 or n in te2)}
     notes = {"a1111": "", "comfyui": "", "diffusers": problem or _alpha_note(sd)}
+    return _tool_report(groups, checks, notes)
+
+
+def _tool_report(groups: dict[str, set[str]], checks: dict, notes: dict[str, str]) -> dict[str, dict]:
+    """{tool: {"mapped", "total", "unmapped", "note"}} from each tool's per-module-name check."""
     report = {}
     for tool, ok in checks.items():
         unmapped = [n for n in sorted(groups) if not ok(n)]

@@ -153,9 +153,8 @@ class Batches:
         if self.xl:
             time_ids = [size_ids(o, s, self.flip) for o, s in zip(originals or sizes, sizes)]
         embeds = self.frozen_embeds(ids)
-        if embeds is not None and self.zeros_for_empty:
-            embeds = embeds.where(_empty(captions), Cond(torch.zeros_like(embeds.hidden),
-                                                         torch.zeros_like(embeds.pooled)))
+        if embeds is not None:
+            embeds = self.zero_empty(embeds, ids)
         return Cached([self.encode(p, s) for p, s in zip(paths, sizes)], ids, embeds, groups, time_ids)
 
     def draw(self, g: torch.Generator, c: Cached) -> tuple[torch.Tensor, Cond, torch.Tensor]:
@@ -182,15 +181,15 @@ class Batches:
         the index of the empty caption, zeros where the pipeline conditions it on zeros."""
         if embeds is not None:
             return embeds.rows(idx).to(self.device)
-        text = self.encode_text(ids[idx])
-        if self.zeros_for_empty:
-            text = text.where(_empty_ids(ids[idx], self.base.tokenizer),
-                              Cond(torch.zeros_like(text.hidden), torch.zeros_like(text.pooled)))
-        return text
+        return self.zero_empty(self.encode_text(ids[idx]), ids[idx])
 
-
-def _empty(captions: list[str]) -> torch.Tensor:
-    return torch.tensor([not c.strip() for c in captions])
+    def zero_empty(self, text: Cond, ids: torch.Tensor) -> Cond:
+        """`text` with the rows of empty captions (by their token ids) zeroed where the pipeline conditions the
+        empty prompt on zeros (SDXL); unchanged otherwise."""
+        if not self.zeros_for_empty:
+            return text
+        return text.where(_empty_ids(ids, self.base.tokenizer),
+                          Cond(torch.zeros_like(text.hidden), torch.zeros_like(text.pooled)))
 
 
 def _empty_ids(ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -205,12 +204,10 @@ class Untriggered:
 
     def __init__(self, batches: Batches, captions: list[str], trigger: str):
         self.b = batches
-        texts = [dataset.without_trigger(c, trigger) for c in captions] + [""]
-        self.ids = batches.tokenize(texts)                                        # (N + 1, 77)
+        self.ids = batches.tokenize([dataset.without_trigger(c, trigger) for c in captions] + [""])   # (N + 1, 77)
         self.embeds = batches.frozen_embeds(self.ids)
-        if self.embeds is not None and batches.zeros_for_empty:
-            self.embeds = self.embeds.where(_empty(texts), Cond(torch.zeros_like(self.embeds.hidden),
-                                                                torch.zeros_like(self.embeds.pooled)))
+        if self.embeds is not None:
+            self.embeds = batches.zero_empty(self.embeds, self.ids)
 
     def pick(self, g: torch.Generator, idx: torch.Tensor) -> tuple[Cond, Cond]:
         """(text conditioning through the LoRA, that of the frozen base) of each batch caption without the

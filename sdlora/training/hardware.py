@@ -74,14 +74,14 @@ def memory_estimate(base, trainable: int, cfg: TrainConfig, resolution: int, pre
     """One line before training: what the run's memory is made of, a rough total, and which of the memory options
     are on (so a user with an 8-16 GB GPU sees what to turn on before the run fails)."""
     weights = sum(_bytes_of(m) for m in base.models)
-    optimizer = trainable * (4 + 4 + (2 if cfg.use_8bit_adam and device.type == "cuda" else 8))   # w, grad, Adam
+    eight_bit = cfg.use_8bit_adam and device.type == "cuda"
+    optimizer = trainable * (4 + 4 + (2 if eight_bit else 8))       # weight, gradient, Adam's two moments
     unet_params = sum(p.numel() for p in base.unet.parameters())
     half = cfg.mixed_precision in ("fp16", "bf16") or precision in ("bf16", "fp16", "int8", "nf4")
     scale = (resolution / max(base.resolution, 1)) ** 2 * cfg.batch_size * (0.5 if half else 1.0)
     isolation = 2.0 if cfg.trigger_isolation > 0 else 1.0               # the batch runs twice through the U-Net
     activations = int(ACTIVATION_BYTES_PER_PARAM[cfg.gradient_checkpointing] * unet_params * scale * isolation)
     total = weights + optimizer + activations
-    eight_bit = cfg.use_8bit_adam and device.type == "cuda"
     vae = str(base.vae.dtype).replace("torch.", "")
     return (f"memory estimate (rough): {format_bytes(total)} = weights {format_bytes(weights)} ({precision}) + "
             f"{trainable / 1e6:.1f}M trainable parameters with gradients and optimizer state "

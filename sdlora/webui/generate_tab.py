@@ -24,16 +24,13 @@ class GenerateMixin:
     def generator(self, base: str, precision: str = "fp32"):
         """The Generator for `base` at `precision`, loaded once and kept; another base or precision replaces it."""
         from sdlora.generate import Generator
-        from sdlora.bases.load import BaseModelError
         base = (base or self.base).strip()
         with self._gen_lock:
             if self._gen is None or self._gen_name != base or self._gen_precision != precision:
                 self._gen = None
                 try:
                     self._gen = Generator(base, precision=precision or "fp32")
-                except BaseModelError as e:
-                    raise UserError(str(e)) from None
-                except ValueError as e:             # a precision this machine cannot do (no bitsandbytes)
+                except ValueError as e:     # BaseModelError, or a precision this machine cannot do (no bitsandbytes)
                     raise UserError(str(e)) from None
                 self._gen_name, self._gen_precision, self.base_loads = base, precision, self.base_loads + 1
             return self._gen

@@ -87,7 +87,8 @@ class Job(Callbacks):
         """One grid per sample step: a row per seed; the base (step 0) beside each prompt's image now."""
         self.run_dir = self.run_dir or paths[0].parent.parent
         if step == 0:
-            self.base_paths = {sample_of(p)[0]: p for p in paths if sample_of(p) and sample_of(p)[1] == 0}
+            found = [(sample_of(p), p) for p in paths]
+            self.base_paths = {f[0]: p for f, p in found if f is not None and f[1] == 0}
         base = {} if step == 0 else self.base_paths
         grid = write_grid(self.run_dir, step, paths, base, self.default_prompts)
         self.samples = [(str(grid), self.grid_caption(step))] + self.samples

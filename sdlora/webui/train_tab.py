@@ -238,22 +238,21 @@ def on_tick(ui, seen, names: list[str]):
     import gradio as gr
     p = ui.progress()
     state = ui.job.state if ui.job else ""
-    declared = {s.name: s for s in train_controls()}
-    n_fields = len(names)
     if [p["rev"], state] == seen:
-        return [gr.skip()] * (14 + n_fields)
+        return [gr.skip()] * (14 + len(names))
     runs, changed = ui.resumable_runs(), state != seen[1]
     resumable = gr.update(choices=runs, value=runs[0][1] if runs else None) if changed else gr.skip()
     finished = changed and state in ("done", "stopped", "failed")          # the old message is stale
     files = gr.update(value=p["files"] or None, visible=bool(p["files"]))
     alive, settings = p["alive"], p["settings"]
     if changed:
+        declared = {s.name: s for s in train_controls()}
         buttons = [gr.update(visible=not alive), gr.update(visible=alive), gr.update(interactive=not alive),
                    JOB_NOTE if alive else ""]
         fields = [gr.update(value=shown_value(declared[n], settings[n]), interactive=False) if alive and settings
                   else gr.update(interactive=True) for n in names]
     else:
-        buttons, fields = [gr.skip()] * 4, [gr.skip()] * n_fields
+        buttons, fields = [gr.skip()] * 4, [gr.skip()] * len(names)
     newest, caption = p["samples"][0] if p["samples"] else (None, "")
     return [[p["rev"], state], p["html"], loss_frame(p["losses"]), newest, html.escape(caption, quote=False),
             p["samples"], files,
