@@ -32,10 +32,11 @@ def build(ui):
                        targets)
 
         def on_load():
-            ds, runs, bases = ui.dataset, ui.resumable_runs(), ui.base_choices()
+            ds, runs, entries = ui.dataset, ui.resumable_runs(), ui.bases()
+            bases = ui.base_choices(entries)
             return [ds.summary() if ds else "No images yet.", ds.trigger if ds else gr.skip(),
                     gr.update(choices=runs, value=runs[0][1] if runs else None), gr.update(choices=ui.examples()),
-                    gr.update(choices=bases, value=ui.base), gr.update(choices=bases), ui.base_note(ui.base),
+                    gr.update(choices=bases, value=ui.base), gr.update(choices=bases), ui.base_note(ui.base, entries),
                     *generate_tab.lora_lists(ui, g), *library_tab.refreshed(ui)]
         demo.load(on_load, None, [t.summary, t.F["trigger"], t.resume_run, t.example, t.F["base"], g.base,
                                   t.base_note, *[s[0] for s in g.slots], *lib.outputs])

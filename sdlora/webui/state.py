@@ -58,13 +58,14 @@ class WebUI(ImagesMixin, RunsMixin, GenerateMixin, LibraryMixin):
         self.base = (base or "").strip() or self.base
         return self.base
 
-    def base_choices(self) -> list[tuple[str, str]]:
-        return [(e.label, e.value) for e in self.bases()]
+    def base_choices(self, entries: list[BaseEntry] | None = None) -> list[tuple[str, str]]:
+        return [(e.label, e.value) for e in (self.bases() if entries is None else entries)]
 
-    def base_note(self, base: str) -> str:
-        """What the picker says under the picked base: its family and size, or why it cannot be used."""
+    def base_note(self, base: str, entries: list[BaseEntry] | None = None) -> str:
+        """What the picker says under the picked base: its family and size, or why it cannot be used. `entries`:
+        the picker's list when the caller has just read it (the models folders are read once)."""
         base = (base or "").strip()
-        entry = next((e for e in self.bases() if e.value == base), None)
+        entry = next((e for e in (self.bases() if entries is None else entries) if e.value == base), None)
         if entry is None:
             return f"`{base}`: a path or hub id typed in; it is checked when it is loaded." if base else ""
         text = f"**{entry.name}**: {entry.detail}"

@@ -55,9 +55,10 @@ def settings_controls(ui) -> tuple[dict, object]:
     import gradio as gr
     values, controls = default_form(ui.base), {}
     shown = train_controls()
+    entries = ui.bases()                    # the models folders, read once for the picker and its note
     with gr.Row():
-        controls["base"] = base_picker(ui, ui.base, "f-base")
-        note = gr.Markdown(ui.base_note(ui.base), elem_id="base-note")
+        controls["base"] = base_picker(ui, ui.base, "f-base", entries)
+        note = gr.Markdown(ui.base_note(ui.base, entries), elem_id="base-note")
     with gr.Row():
         for s in (s for s in shown if s.ui == "basic" and s.name != "base"):
             controls[s.name] = control(s, values[s.name])

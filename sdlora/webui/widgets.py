@@ -41,10 +41,11 @@ INTRO = ("Train a **style LoRA** from 5-20 images: **1.** add images and check e
          "is in **Library**.")
 
 
-def base_picker(ui, value: str, elem_id: str):
-    """The base picker of the Train and Generate tabs: every base found, and a path or hub id may be typed."""
+def base_picker(ui, value: str, elem_id: str, entries=None):
+    """The base picker of the Train and Generate tabs: every base found (`entries`, if already read), and a path
+    or hub id may be typed."""
     import gradio as gr
-    return gr.Dropdown(ui.base_choices(), value=value, label="Base model", allow_custom_value=True,
+    return gr.Dropdown(ui.base_choices(entries), value=value, label="Base model", allow_custom_value=True,
                        info="The built-in base and the checkpoints in the models folders (app.py --models-dir); "
                             "or type a .safetensors path, a diffusers folder or a hub id", elem_id=elem_id)
 
