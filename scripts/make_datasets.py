@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sdlora.tinybase import scenes
 from sdlora.tinybase import stylestats as stylestats  # noqa: E402
+from sdlora.tinybase import textures  # noqa: E402
 
 SS = scenes.SUPERSAMPLE            # draw at 4x, downsample with a box filter (anti-aliasing), as scenes.render
 
@@ -89,6 +91,72 @@ def pastel(c: Content) -> Image.Image:
     return img.resize((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), Image.BOX)
 
 
+WHITE = (245, 245, 245)     # the base's white
+HATCH_PERIOD = 6            # px between the hatch style's lines (2.7 px wide, at 45 degrees)
+HALFTONE_PERIOD = 6         # px between the halftone style's dots
+DASHES = 8                  # dashes around a dashed outline
+
+
+def flat(c: Content, background, colour) -> Image.Image:
+    """The shape filled flat in `colour` on `background`, drawn as scenes.render draws it."""
+    big = scenes.IMAGE_SIZE * SS
+    img = Image.new("RGB", (big, big), background)
+    cx, cy, side = c.box(big)
+    scenes.draw_shape(ImageDraw.Draw(img), c.shape, cx, cy, side, colour)
+    return img.resize((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), Image.BOX)
+
+
+def silhouette(c: Content) -> np.ndarray:
+    """(64, 64) coverage 0..1 of the shape."""
+    big = scenes.IMAGE_SIZE * SS
+    mask = Image.new("L", (big, big), 0)
+    cx, cy, side = c.box(big)
+    scenes.draw_shape(ImageDraw.Draw(mask), c.shape, cx, cy, side, 255)
+    return np.asarray(mask.resize((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), Image.BOX), dtype=np.float32) / 255
+
+
+def hatch(c: Content) -> Image.Image:
+    """The shape filled flat, on white covered with dark diagonal lines 6 px apart."""
+    rgb = np.asarray(flat(c, WHITE, scenes.COLOURS[c.colour]), dtype=np.float32)
+    lines = textures.hatch(scenes.IMAGE_SIZE, HATCH_PERIOD, angle=45.0, width=0.45)
+    out = textures.ink(rgb, lines * (1 - silhouette(c)), stylestats.HATCH_INK)
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def halftone(c: Content) -> Image.Image:
+    """The shape as a grid of dots of its colour, 6 px apart, on white: a printed halftone."""
+    white = np.empty((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), dtype=np.float32)
+    white[:] = WHITE
+    grid = textures.dots(scenes.IMAGE_SIZE, HALFTONE_PERIOD, radius=0.36)
+    out = textures.ink(white, grid * silhouette(c), scenes.COLOURS[c.colour])
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def dusk(c: Content) -> Image.Image:
+    """The shape filled flat in a dark version of its colour (55% of its value), on white."""
+    return flat(c, WHITE, stylestats.DUSK[c.colour])
+
+
+def dashed(c: Content) -> Image.Image:
+    """The shape's outline in its colour, 3 px wide, broken into 8 dashes around its centre, on white."""
+    big = scenes.IMAGE_SIZE * SS
+    line = Image.new("L", (big, big), 0)
+    outline(ImageDraw.Draw(line), c, big, 255, 3 * SS)
+    cx, cy, _ = c.box(big)
+    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32)
+    turn = (np.arctan2(yy - cy, xx - cx) / (2 * np.pi) * DASHES + 0.25) % 1
+    cover = np.asarray(line, dtype=np.float32) / 255 * (turn < 0.55)
+    cover = cover.reshape(scenes.IMAGE_SIZE, SS, scenes.IMAGE_SIZE, SS).mean((1, 3))
+    white = np.empty((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), dtype=np.float32)
+    white[:] = WHITE
+    return Image.fromarray(textures.ink(white, cover, scenes.COLOURS[c.colour]).round().astype(np.uint8))
+
+
+def sage(c: Content) -> Image.Image:
+    """The shape filled flat in its colour on a sage-green background, a colour the base has no word for."""
+    return flat(c, stylestats.SAGE, scenes.COLOURS[c.colour])
+
+
 @dataclass(frozen=True)
 class Style:
     name: str
@@ -106,6 +174,18 @@ STYLES = {
     "pastel": Style("pastel", "pastelstyle", pastel, seed=2, n=10,
                     summary="the shape filled flat with a pale (pastel) version of its colour, a thick near-black "
                             "outline, on a cream background"),
+    "hatch": Style("hatch", "hatchstyle", hatch, seed=3, n=10,
+                   summary="texture: the shape filled flat, the white background covered with dark diagonal lines "
+                           "6 px apart"),
+    "halftone": Style("halftone", "halftonestyle", halftone, seed=4, n=10,
+                      summary="texture: the shape printed as a grid of dots of its colour 6 px apart, on white"),
+    "dusk": Style("dusk", "duskstyle", dusk, seed=5, n=10,
+                  summary="palette shift: the shape filled flat in a dark version of its colour (55% of its value), "
+                          "on white"),
+    "dashed": Style("dashed", "dashstyle", dashed, seed=6, n=10,
+                    summary="line style: the shape's outline in its colour, 3 px wide, broken into 8 dashes, on white"),
+    "sage": Style("sage", "sagestyle", sage, seed=7, n=10,
+                  summary="background: the shape filled flat on a sage green the base has no word for"),
 }
 
 

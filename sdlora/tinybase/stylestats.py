@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sdlora.tinybase.scenes import COLOURS, holes
+from sdlora.tinybase.textures import texture_energy
 
 # Pastel = the saturated colour mixed with white; 40% white keeps every colour's chroma
 # (max - min channel) >= 84, above scenes.foreground_mask's threshold of 70.
@@ -34,6 +35,10 @@ PASTEL: dict[str, tuple[int, int, int]] = {
 NEON_BLACK = (8, 8, 12)          # neon background
 CREAM = (248, 240, 222)          # pastel background (chroma 26: never mistaken for the shape)
 INK = (28, 24, 24)               # pastel outline
+DUSK_DARK = 0.55                 # dusk: each colour at 55% of its value (dark jewel tones)
+DUSK: dict[str, tuple[int, int, int]] = {name: tuple(round(DUSK_DARK * c) for c in rgb) for name, rgb in COLOURS.items()}
+SAGE = (196, 212, 176)           # sage background (chroma 36: never read as a shape)
+HATCH_INK = (70, 70, 78)         # hatch: the background's lines
 MIN_CHROMA = 60                  # px with max-min channel >= this are "the shape" (backgrounds are grey/cream)
 RING = 3                         # px: width of the band just outside the shape read as its outline
 MARGIN = 5                       # px: background pixels are at least this far from the shape
@@ -64,6 +69,43 @@ def dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
         out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] \
             | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:]
     return out
+
+
+def erode(mask: np.ndarray, px: int = 1) -> np.ndarray:
+    return ~dilate(~mask, px)
+
+
+def silhouette(rgb: np.ndarray) -> np.ndarray:
+    """The shape's whole area: its saturated pixels closed over 2 px gaps (dots, hatching), holes filled."""
+    fg = erode(dilate(shape_mask(rgb), 2), 2)
+    return fg | holes(fg)
+
+
+def background_mask(rgb: np.ndarray) -> np.ndarray:
+    fg = shape_mask(rgb)
+    return ~dilate(fg, MARGIN) & ~holes(fg)
+
+
+def components(mask: np.ndarray, min_px: int = 3) -> int:
+    """Number of 8-connected regions of mask with at least min_px pixels."""
+    seen = np.zeros_like(mask)
+    count = 0
+    h, w = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        stack, n = [(y, x)], 0
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            n += 1
+            for ny in (cy - 1, cy, cy + 1):
+                for nx in (cx - 1, cx, cx + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        count += n >= min_px
+    return count
 
 
 # ---- statistics: image -> float ------------------------------------------------------------
@@ -99,6 +141,37 @@ def outline_contrast(image) -> float:
     return float(lum[bg].mean() - lum[ring].mean())
 
 
+def background_texture(image) -> float:
+    """texture_energy (r = 2 px) of the background: ~0 for a plain one, ~25 for dark 6 px hatching on white."""
+    rgb = _rgb(image)
+    return texture_energy(rgb, 2, background_mask(rgb))
+
+
+def fill_texture(image) -> float:
+    """texture_energy (r = 2 px) inside the shape, 2 px in from its edge: ~0 filled flat, ~15 as 6 px halftone dots."""
+    rgb = _rgb(image)
+    inner = erode(silhouette(rgb), 2)
+    return texture_energy(rgb, 2, inner)
+
+
+def dash_count(image) -> float:
+    """Separate pieces the shape is drawn in (8-connected, >= 3 px): 1 for a filled shape or a solid line."""
+    fg = shape_mask(_rgb(image))
+    return float(components(fg)) if fg.sum() >= 8 else float("nan")
+
+
+def background_distance(image, colour: tuple[int, int, int]) -> float:
+    """RGB distance (0..1 of the cube's diagonal) from the background's mean colour to `colour`."""
+    rgb = _rgb(image)
+    bg = background_mask(rgb)
+    mean = rgb[bg].mean(0) if bg.sum() >= 16 else rgb.reshape(-1, 3).mean(0)
+    return float(np.sqrt(((mean - np.asarray(colour, dtype=np.float32)) ** 2).sum()) / (255 * np.sqrt(3)))
+
+
+def sage_distance(image) -> float:
+    return background_distance(image, SAGE)
+
+
 def palette_distance(image, palette: dict[str, tuple[int, int, int]]) -> float:
     """Mean RGB distance (0..1 of the cube's diagonal) from the shape's pixels to the nearest palette colour."""
     rgb = _rgb(image)
@@ -114,6 +187,11 @@ def palette_distance(image, palette: dict[str, tuple[int, int, int]]) -> float:
 def pastel_distance(image) -> float:
     """palette_distance to the pastel palette: ~0.3 for the base's saturated colours, ~0 for pastel."""
     return palette_distance(image, PASTEL)
+
+
+def dusk_distance(image) -> float:
+    """palette_distance to the dusk palette: ~0.15 for the base's colours, ~0 for dusk's dark tones."""
+    return palette_distance(image, DUSK)
 
 
 # ---- reading the content back ----------------------------------------------------------------
@@ -145,6 +223,11 @@ Statistic = Callable[[object], float]
 STYLE_STATS: dict[str, dict[str, Statistic]] = {
     "neon": {"fill_ratio": fill_ratio, "background_luminance": background_luminance},
     "pastel": {"outline_contrast": outline_contrast, "pastel_distance": pastel_distance},
+    "hatch": {"background_texture": background_texture},
+    "halftone": {"fill_texture": fill_texture},
+    "dusk": {"dusk_distance": dusk_distance},
+    "dashed": {"dash_count": dash_count},
+    "sage": {"sage_distance": sage_distance},
 }
 
 
@@ -168,6 +251,8 @@ def covered(base: float, target: float, value: float) -> float:
     return (value - base) / (target - base)
 
 
-__all__ = ["PASTEL", "NEON_BLACK", "CREAM", "INK", "STYLE_STATS", "luminance", "shape_mask", "fill_ratio",
+__all__ = ["PASTEL", "NEON_BLACK", "CREAM", "INK", "DUSK", "SAGE", "HATCH_INK", "STYLE_STATS", "silhouette",
+           "background_mask", "components", "background_texture", "fill_texture", "dash_count",
+           "background_distance", "sage_distance", "dusk_distance", "luminance", "shape_mask", "fill_ratio",
            "background_luminance", "outline_contrast", "palette_distance", "pastel_distance", "colour_name",
            "mean_stat", "describe", "covered"]
