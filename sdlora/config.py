@@ -23,6 +23,7 @@ from sdlora.setting import ConfigError, Setting, check_number, check_whole, refu
 
 # Module-name suffixes that LoRA can target (diffusers names).
 UNET_CROSS_ATTN = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+UNET_CROSS_KV = ("attn2.to_k", "attn2.to_v")
 UNET_SELF_ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 TEXT_ENCODER_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 KNOWN_TARGETS = UNET_CROSS_ATTN + UNET_SELF_ATTN
@@ -50,6 +51,10 @@ class LoraSpec:
         label="Alpha", low=0.0, low_open=True, optional=True)
     dropout: float = setting(0.0, "dropout on the LoRA branch's input while training", label="LoRA dropout",
                              low=0.0, high=0.99)
+    cross_attention: str = setting("qkvo", "which cross-attention (attn2) projections to adapt: qkvo (to_q, to_k, "
+                                   "to_v, to_out.0) or kv (to_k and to_v: they read only the prompt, so a LoRA on "
+                                   "them changes only what the prompt's words ask for)",
+                                   label="Cross-attention projections", choices=("qkvo", "kv"))
     self_attention: bool = setting(False, "also adapt the U-Net's self-attention (attn1)",
                                    label="Also adapt self-attention")
     text_encoder: bool = setting(False, "also train the CLIP text encoder's q/k/v/out (learns the trigger word "
@@ -119,7 +124,7 @@ class LoraSpec:
         return self.adalora_init_rank or max(rank + 1, round(1.5 * rank))
 
     def unet_targets(self) -> tuple[str, ...]:
-        out = list(UNET_CROSS_ATTN)
+        out = list(UNET_CROSS_ATTN if self.cross_attention == "qkvo" else UNET_CROSS_KV)
         if self.self_attention:
             out += UNET_SELF_ATTN
         out += [t for t in self.extra_targets if t not in out]
@@ -211,6 +216,12 @@ class TrainConfig:
     trigger_isolation: float = setting(1.0, "keeps prompts without the trigger (and guidance's empty prompt) as "
                                        "the base draws them; 0 = off, saves a second U-Net pass per step",
                                        label="Trigger isolation", low=0.0)
+    isolation: str = setting("pass", "how trigger isolation keeps prompts without the trigger: pass (a second U-Net "
+                             "pass per step on them, against the frozen base's) or text (a penalty on what the "
+                             "cross-attention key/value adapters do to their words' states: no U-Net pass)",
+                             label="Isolation method", choices=("pass", "text"))
+    isolation_every: int = setting(1, "pass isolation: run the second pass every N steps (weighted N times)",
+                                   label="Isolation every N steps", low=1)
     # Each step may train on a variant of a caption with words other than the trigger left out (the
     # trigger-less captions of trigger_isolation follow the same variants), so the trigger is the one
     # word every caption of the style shares.

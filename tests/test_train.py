@@ -238,3 +238,87 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
     off = _Trainer(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path), Callbacks(), None, None)
     off.setup(tmp_path / "run2", None)
     assert len(off.captions) == n
+
+
+def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untriggered_states(tiny_base):
+    """KeyValueIsolation's penalty, computed from the states' second moment once, equals the mean squared change
+    that the key/value adapters make to the untriggered token states, measured by running the modules."""
+    from sdlora.training import adapters
+    from sdlora.training.objective import KeyValueIsolation
+    adapters.inject(tiny_base.unet, None, LoraSpec(rank=4, alpha=2.0, cross_attention="kv"))
+    names = [n for n, m in tiny_base.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))
+             and hasattr(m, "lora_A")]
+    layers = adapters.key_value_layers(tiny_base.unet)
+    assert len(layers) == len(names) > 0
+    states = torch.randn(3, 77, tiny_base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    iso = KeyValueIsolation(layers, states)
+    assert float(iso.penalty().detach()) == 0.0                 # B starts at zero: nothing changes yet
+    g = torch.Generator().manual_seed(1)
+    for _, b, _ in layers:
+        b.data = torch.randn(b.shape, generator=g)
+    modules = dict(tiny_base.unet.named_modules())
+    measured = []
+    with torch.no_grad():
+        for name in names:
+            with_lora = modules[name](states)
+            with adapters.adapters_off(tiny_base.unet):
+                without = modules[name](states)
+            measured.append(float((with_lora - without).pow(2).mean()))
+    assert float(iso.penalty().detach()) == pytest.approx(float(np.mean(measured)), rel=1e-4)
+
+
+def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp_path, style_dir):
+    """cross_attention='kv' adapts only attn2.to_k / to_v; isolation='text' runs no second U-Net pass, and with it
+    the LoRA changes the empty and the untriggered prompts' predictions far less than the triggered ones."""
+    from sdlora import Generator, LoraChoice
+
+    def change(lora, prompts) -> float:
+        gen = Generator(tiny_random_base())
+        ids = gen.base.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(len(prompts), 4, 8, 8, generator=g), torch.full((len(prompts),), 700)
+        out = []
+        for strength in (0.0, 1.0):
+            gen.set_loras([LoraChoice(str(lora), strength)])
+            with torch.no_grad():
+                out.append(gen.base.unet(x, t, gen.base.text_encoder(ids)[0]).sample)
+        return float((out[1] - out[0]).pow(2).mean())
+
+    prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
+               "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
+    figures, calls = {}, []
+    for weight in (0.0, 100.0):
+        res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="kv"),
+                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="text",
+                        run_name=f"kv{weight:g}"))
+        keys = load_file(str(res.lora_path))
+        assert keys and all(("to_k" in k or "to_v" in k) for k in keys if k.endswith("lora_down.weight"))
+        figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
+    print(figures)
+    assert figures[100.0]["empty"] < 0.05 * figures[0.0]["empty"]
+    assert figures[100.0]["untriggered"] < 0.2 * figures[100.0]["triggered"]
+    assert figures[0.0]["untriggered"] > 0.5 * figures[0.0]["triggered"]      # without it: not selective
+
+
+def test_text_isolation_refuses_a_training_text_encoder(tmp_path, style_dir):
+    from sdlora import ConfigError
+    with pytest.raises(ConfigError, match="isolation='text'.*text encoder"):
+        train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, text_encoder=True),
+              cfg(tmp_path, isolation="text"))
+
+
+def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(tmp_path, style_dir, monkeypatch):
+    """isolation_every=3: the U-Net sees a doubled batch (the captions with and without the trigger) on steps
+    0 and 3 of 6, and a single one otherwise."""
+    from sdlora.training.objective import Objective
+    batches = []
+    original = Objective.loss
+
+    def loss(self, unet, bare_unet, lat, cond, g, plain=None, isolation_weight=None):
+        batches.append((plain is not None, isolation_weight))
+        return original(self, unet, bare_unet, lat, cond, g, plain, isolation_weight)
+
+    monkeypatch.setattr(Objective, "loss", loss)
+    train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4),
+          cfg(tmp_path, steps=6, isolation_every=3, trigger_isolation=2.0))
+    assert batches == [(True, 6.0), (False, 6.0), (False, 6.0), (True, 6.0), (False, 6.0), (False, 6.0)]

@@ -25,7 +25,7 @@ from sdlora.data import scan as dataset
 from sdlora.training import adapters, hardware
 from sdlora.training.batches import Batches, TrainingError, Untriggered
 from sdlora.training.events import Callbacks, StepInfo, TrainResult
-from sdlora.training.objective import Objective
+from sdlora.training.objective import KeyValueIsolation, Objective
 from sdlora.training.plan import Plan, plan, resolve
 
 
@@ -83,6 +83,17 @@ class _Trainer:
         self.module_sets = base_module_sets(base)     # the base's own names, for the export's key check
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         self.adalora = adapters.inject(base.unet, base.text_encoders, spec, total_steps=self.plan.steps).adalora
+        self.kv_isolation = None
+        if cfg.trigger_isolation and cfg.isolation == "text":
+            if self.untriggered.embeds is None:
+                raise ConfigError("isolation='text' keeps the untriggered prompts' text states as they are, so the "
+                                  "text encoder must stay frozen: set text_encoder off, or isolation='pass'")
+            layers = adapters.key_value_layers(base.unet)
+            if spec.adapter != "lora" or not layers:
+                raise ConfigError("isolation='text' needs plain LoRA adapters on the cross-attention keys and values "
+                                  "(adapter 'lora'); use isolation='pass'")
+            states = self.untriggered.embeds.rows(torch.arange(len(self.untriggered.ids))).hidden
+            self.kv_isolation = KeyValueIsolation(layers, states)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         groups = [{"params": adapters.lora_parameters(base.unet), "lr": cfg.lr}]
@@ -197,8 +208,13 @@ class _Trainer:
                 lat, enc, idx = self.batches.draw(g, self.examples)
                 if self.cfg.caption_dropout:
                     enc = self.untriggered.drop_captions(g, enc, self.cfg.caption_dropout)
-                loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g,
-                                           lambda: self.untriggered.pick(g, idx))
+                if self.kv_isolation is not None:
+                    loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g)
+                else:       # pass isolation every isolation_every steps, weighted as often
+                    every = self.cfg.isolation_every
+                    plain = (lambda: self.untriggered.pick(g, idx)) if step % every == 0 else None
+                    loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g, plain,
+                                               self.cfg.trigger_isolation * every)
                 if self.prior is not None:
                     plat, penc, _ = self.batches.draw(g, self.prior)
                     loss = loss + self.cfg.prior_loss_weight * self.objective.loss(self.unet, self.bare_unet,
@@ -208,6 +224,8 @@ class _Trainer:
                     return value
                 if self.adalora is not None:
                     loss = loss + self.adalora.penalty()
+                if self.kv_isolation is not None:
+                    loss = loss + self.cfg.trigger_isolation * self.kv_isolation.penalty()
                 self.acc.backward(loss)
                 self.opt.step()
                 self.lr_sched.step() if self.acc.sync_gradients else None

@@ -15,6 +15,30 @@ from sdlora.training import adapters
 from sdlora.training.batches import Cond
 
 
+class KeyValueIsolation:
+    """Trigger isolation without a second U-Net pass: a penalty on what the cross-attention key/value adapters
+    do to the prompts without the trigger.
+
+    to_k and to_v of attn2 read only the text states, so if their LoRA update B A leaves every token state of
+    the untriggered captions (and of the empty caption) unchanged, the U-Net draws those prompts exactly as
+    the frozen base does, guidance's empty prompt included. With S the (n, d) stack of those states and
+    C = S^T S / n, the mean squared change of a module's outputs over them is scale^2 tr(B A C A^T B^T) / out:
+    the penalty is its mean over the modules, computed from C once, a few small matmuls per step."""
+
+    def __init__(self, layers: list, states: torch.Tensor):
+        flat = states.reshape(-1, states.shape[-1]).float()
+        self.layers = layers                                          # [(lora A weight, B weight, scale)]
+        self.second_moment = flat.T @ flat / len(flat)               # (d, d)
+
+    def penalty(self) -> torch.Tensor:
+        total = 0.0
+        for a, b, scale in self.layers:
+            c = self.second_moment.to(a.device)
+            inner = a.float() @ c @ a.float().T                      # (r, r)
+            total = total + scale ** 2 * ((b.float() @ inner) * b.float()).sum() / b.shape[0]
+        return total / len(self.layers)
+
+
 class Objective:
     """The loss of a batch, given the trainable U-Net and the frozen base's own (adapters off)."""
 
@@ -33,14 +57,15 @@ class Objective:
         return noisy, t, self.sched.get_velocity(lat, noise, t) if self.v else noise
 
     def loss(self, unet, bare_unet, lat: torch.Tensor, cond: Cond, g: torch.Generator,
-             plain: Callable[[], tuple[Cond, Cond]] | None = None) -> torch.Tensor:
+             plain: Callable[[], tuple[Cond, Cond]] | None = None, isolation_weight: float | None = None) -> torch.Tensor:
         """The denoising loss of a batch; with `plain` (gives the batch's captions without the trigger, through
         the LoRA and through the frozen base; called after the noise is drawn, so `g` is used in one order)
         plus trigger_isolation x the distance between the model's and the frozen base's predictions for them,
         on the same noisy latents. `bare_unet` is `unet` unwrapped from accelerate, so its adapters can be
         switched off."""
         noisy, t, target = self.noisy(lat, g)
-        isolate = plain is not None and self.cfg.trigger_isolation > 0
+        weight = self.cfg.trigger_isolation if isolation_weight is None else isolation_weight
+        isolate = plain is not None and weight > 0
         if isolate:
             plain_lora, plain_base = plain()
             with torch.no_grad(), adapters.adapters_off(bare_unet):
@@ -57,7 +82,7 @@ class Objective:
             per = per * (torch.cat([weight, weight]) if isolate else weight)
         if isolate:
             main, kept = per.chunk(2)
-            return main.mean() + self.cfg.trigger_isolation * kept.mean()
+            return main.mean() + weight * kept.mean()
         return per.mean()
 
     def min_snr_weight(self, t: torch.Tensor, device) -> torch.Tensor:
@@ -67,4 +92,4 @@ class Objective:
         return torch.clamp(snr, max=self.cfg.min_snr_gamma) / (snr + 1 if self.v else snr)
 
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "KeyValueIsolation"]
