@@ -51,9 +51,10 @@ class LoraSpec:
         label="Alpha", low=0.0, low_open=True, optional=True)
     dropout: float = setting(0.0, "dropout on the LoRA branch's input while training", label="LoRA dropout",
                              low=0.0, high=0.99)
-    cross_attention: str = setting("qkvo", "which cross-attention (attn2) projections to adapt: qkvo (to_q, to_k, "
-                                   "to_v, to_out.0) or kv (to_k and to_v: they read only the prompt, so a LoRA on "
-                                   "them changes only what the prompt's words ask for)",
+    cross_attention: str = setting("kv", "which cross-attention (attn2) projections to adapt: kv (to_k and to_v: they "
+                                   "read only the prompt, so a LoRA on them changes only what the prompt's words ask "
+                                   "for, and text isolation can keep prompts without the trigger as they were) or "
+                                   "qkvo (to_q, to_k, to_v, to_out.0: more capacity, changes every prompt)",
                                    label="Cross-attention projections", choices=("qkvo", "kv"))
     self_attention: bool = setting(False, "also adapt the U-Net's self-attention (attn1)",
                                    label="Also adapt self-attention")
@@ -216,10 +217,12 @@ class TrainConfig:
     trigger_isolation: float = setting(1.0, "keeps prompts without the trigger (and guidance's empty prompt) as "
                                        "the base draws them; 0 = off, saves a second U-Net pass per step",
                                        label="Trigger isolation", low=0.0)
-    isolation: str = setting("pass", "how trigger isolation keeps prompts without the trigger: pass (a second U-Net "
-                             "pass per step on them, against the frozen base's) or text (a penalty on what the "
-                             "cross-attention key/value adapters do to their words' states: no U-Net pass)",
-                             label="Isolation method", choices=("pass", "text"))
+    isolation: str = setting("auto", "how trigger isolation keeps prompts without the trigger: text (a penalty on what "
+                             "the cross-attention key/value adapters do to their words' states: no extra U-Net pass; "
+                             "only for key/value adapters on a frozen text encoder), pass (a second U-Net pass per "
+                             "step on them, against the frozen base's: holds every adapter, doubles a step's cost), "
+                             "or auto: text where it can hold the adapters, else pass",
+                             label="Isolation method", choices=("auto", "text", "pass"))
     isolation_every: int = setting(1, "pass isolation: run the second pass every N steps (weighted N times)",
                                    label="Isolation every N steps", low=1)
     # Each step may train on a variant of a caption with words other than the trigger left out (the
@@ -281,6 +284,16 @@ def file_alpha(alpha: float, rank: int, rslora: bool) -> float:
     """rsLoRA scales B A by alpha / sqrt(rank) (Kalajdzievski 2023); A1111, ComfyUI and diffusers apply
     alpha / rank, so the same update is written as alpha * sqrt(rank). Plain LoRA keeps its alpha."""
     return alpha * math.sqrt(rank) if rslora else alpha
+
+
+def isolation_method(spec: LoraSpec, cfg: TrainConfig) -> str:
+    """The isolation a run uses: cfg.isolation, with auto resolved to text when only cross-attention key/value
+    adapters train (plain LoRA, frozen text encoder), else pass."""
+    if cfg.isolation != "auto":
+        return cfg.isolation
+    text_holds = (spec.cross_attention == "kv" and not spec.self_attention and not spec.extra_targets
+                  and not spec.text_encoder and spec.adapter == "lora")
+    return "text" if text_holds else "pass"
 
 
 def default_steps(num_images: int) -> int:
@@ -365,6 +378,6 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 __all__ = [
     "ConfigError", "Setting", "LoraSpec", "DataConfig", "TrainConfig", "GenerateConfig", "default_steps",
-    "default_rank", "file_alpha", "base_precision", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
+    "default_rank", "file_alpha", "isolation_method", "base_precision", "settings", "configs_from_values", "to_dict", "from_dict", "UNET_CROSS_ATTN",
     "UNET_SELF_ATTN", "TEXT_ENCODER_ATTN", "DEFAULT_LR",
 ]

@@ -18,7 +18,8 @@ def run(capsys, *args):
 def test_train_generate_inspect(tmp_path, style_dir, capsys):
     out_dir = tmp_path / "out"
     code, out, err = run(capsys, "train", "--data", str(style_dir), "--trigger", "zqx", "--base", "tiny-random",
-                         "--steps", "3", "--rank", "4", "--alpha", "2", "--output-dir", str(out_dir))
+                         "--steps", "3", "--rank", "4", "--alpha", "2", "--cross-attention", "qkvo",
+                         "--output-dir", str(out_dir))
     assert code == 0, err
     lora = out.strip().splitlines()[-1]
     assert lora.endswith("zqx.safetensors")
@@ -73,7 +74,7 @@ def test_a_diffusers_layout_export_says_which_tools_read_it(tmp_path, style_dir,
     compat.json) that A1111, ComfyUI and kohya do not load that layout."""
     code, out, err = run(capsys, "train", "--data", str(style_dir), "--trigger", "zqx", "--base", "tiny-random",
                          "--steps", "1", "--rank", "4", "--format", "diffusers", "--sample-every", "0",
-                         "--output-dir", str(tmp_path / "out"))
+                         "--cross-attention", "qkvo", "--output-dir", str(tmp_path / "out"))
     assert code == 0, err
     lora = out.strip().splitlines()[-1]
     assert "note: diffusers layout: diffusers' load_lora_weights reads it; A1111 and kohya load none" in err

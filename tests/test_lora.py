@@ -18,7 +18,11 @@ def unet_out(base, seed=0):
 
 
 def test_injected_modules_are_exactly_the_targets(tiny_base):
-    adapted = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4))
+    kv = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4))      # the default: keys, values
+    assert len(kv["unet"]) == 14 and {n.rsplit("attn2.", 1)[1] for n in kv["unet"]} == {"to_k", "to_v"}
+    from sdlora.bases.load import tiny_random_base
+    tiny_base = tiny_random_base()
+    adapted = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4, cross_attention="qkvo"))
     # 7 transformer blocks (2 down, 1 mid, 2 up blocks x 2) x attn2 q/k/v/out.0
     assert len(adapted["unet"]) == 28
     assert all(".attn2." in n for n in adapted["unet"])
@@ -30,7 +34,7 @@ def test_injected_modules_are_exactly_the_targets(tiny_base):
 
 def test_self_attention_and_text_encoder_options(tiny_base):
     adapted = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder,
-                              LoraSpec(rank=4, self_attention=True, text_encoder=True))
+                              LoraSpec(rank=4, cross_attention="qkvo", self_attention=True, text_encoder=True))
     assert len(adapted["unet"]) == 56
     assert sum(".attn1." in n for n in adapted["unet"]) == 28
     assert len(adapted["text_encoder"]) == 2 * 4           # 2 layers x q/k/v/out_proj

@@ -62,7 +62,7 @@ def test_missing_bitsandbytes_is_one_line_that_says_how_to_install(monkeypatch, 
 
 
 def test_nf4_base_trains_exports_an_ordinary_lora_and_resumes_exactly(tmp_path, style_dir):
-    data, spec = DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4)
+    data, spec = DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo")
     full = train(data, spec, cfg(tmp_path, base_precision="nf4", run_name="full", checkpoint_every=3))
     sd = load_file(str(full.lora_path))
     assert len([k for k in sd if k.endswith(".lora_down.weight")]) == 28      # 7 blocks x q, k, v, out
@@ -86,7 +86,8 @@ def test_nf4_base_trains_exports_an_ordinary_lora_and_resumes_exactly(tmp_path, 
 
 
 def test_quantised_base_generates_with_a_lora_like_the_full_precision_one(tmp_path, style_dir):
-    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4), cfg(tmp_path, lr=5e-3))
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo"),
+                cfg(tmp_path, lr=5e-3))
     g = GenerateConfig(prompt="zqx, a red circle", seed=3, steps=4)
     images = {}
     for kind in ("fp32", "int8", "nf4"):

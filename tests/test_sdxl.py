@@ -128,7 +128,7 @@ def test_text_projection_is_transposed_between_the_layouts():
 
 
 def test_diffusers_loads_our_sdxl_file_to_the_same_fused_weights(tmp_path, style_dir):
-    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, self_attention=True),
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo", self_attention=True),
                 cfg(tmp_path, lr=2e-2))
     ours = Generator(load_base("tiny-random-xl", fresh=True))
     ours.set_loras([LoraChoice(str(res.lora_path), 0.8)], fused=True)

@@ -23,7 +23,8 @@ def cfg(tmp_path, **kw):
 
 
 def test_train_writes_run_folder_with_lora_config_and_sidecars(tmp_path, style_dir):
-    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, alpha=2.0), cfg(tmp_path))
+    res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, alpha=2.0, cross_attention="qkvo"),
+                cfg(tmp_path))
     run = res.run_dir
     assert run.name == "zqx" and res.steps_done == 6 and not res.cancelled
     assert res.lora_path == run / "zqx.safetensors"
@@ -152,7 +153,7 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
 
 
 def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(tmp_path, style_dir):
-    """With trigger_isolation the LoRA changes the prediction for the empty caption (the one guidance
+    """With pass trigger_isolation (all four cross-attention projections adapted) the LoRA changes the prediction for the empty caption (the one guidance
     subtracts) and for the caption without the trigger much less than without it, and what change is
     left depends on the trigger."""
     from sdlora import Generator, LoraChoice
@@ -174,8 +175,9 @@ def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(t
                "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
     figures = {}
     for weight in (0.0, 4.0):
-        res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4),
-                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, run_name=f"iso{weight:g}"))
+        res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo"),
+                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="pass",
+                        run_name=f"iso{weight:g}"))
         figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
     print(figures)
     assert figures[4.0]["empty"] < 0.2 * figures[0.0]["empty"]
@@ -241,8 +243,9 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
 
 
 def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untriggered_states(tiny_base):
-    """KeyValueIsolation's penalty, computed from the states' second moment once, equals the mean squared change
-    that the key/value adapters make to the untriggered token states, measured by running the modules."""
+    """KeyValueIsolation's penalty, computed from the states' second moment once, equals the mean over the
+    key/value modules of the squared change their adapters make to the untriggered token states' outputs, relative
+    to those outputs' own square, measured by running the modules."""
     from sdlora.training import adapters
     from sdlora.training.objective import KeyValueIsolation
     adapters.inject(tiny_base.unet, None, LoraSpec(rank=4, alpha=2.0, cross_attention="kv"))
@@ -254,7 +257,7 @@ def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untrigger
     iso = KeyValueIsolation(layers, states)
     assert float(iso.penalty().detach()) == 0.0                 # B starts at zero: nothing changes yet
     g = torch.Generator().manual_seed(1)
-    for _, b, _ in layers:
+    for _, b, _, _ in layers:
         b.data = torch.randn(b.shape, generator=g)
     modules = dict(tiny_base.unet.named_modules())
     measured = []
@@ -263,7 +266,9 @@ def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untrigger
             with_lora = modules[name](states)
             with adapters.adapters_off(tiny_base.unet):
                 without = modules[name](states)
-            measured.append(float((with_lora - without).pow(2).mean()))
+            bias = modules[name].get_base_layer().bias
+            base_out = without if bias is None else without - bias
+            measured.append(float((with_lora - without).pow(2).sum() / base_out.pow(2).sum()))
     assert float(iso.penalty().detach()) == pytest.approx(float(np.mean(measured)), rel=1e-4)
 
 
@@ -300,11 +305,22 @@ def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp
     assert figures[0.0]["untriggered"] > 0.5 * figures[0.0]["triggered"]      # without it: not selective
 
 
-def test_text_isolation_refuses_a_training_text_encoder(tmp_path, style_dir):
+def test_text_isolation_refuses_adapters_it_cannot_hold_and_auto_picks_the_pass_for_them(tmp_path, style_dir):
+    """isolation='text' with adapters that see more than the prompt (q/out, self-attention) or a training text
+    encoder is refused before anything loads; 'auto' (the default) uses the pass for them, text otherwise."""
     from sdlora import ConfigError
-    with pytest.raises(ConfigError, match="isolation='text'.*text encoder"):
-        train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, text_encoder=True),
-              cfg(tmp_path, isolation="text"))
+    from sdlora.config import isolation_method
+    data = DataConfig(folder=str(tmp_path / "not-read"), trigger="zqx")
+    for spec, words in ((LoraSpec(rank=4, text_encoder=True), "text encoder must stay frozen"),
+                        (LoraSpec(rank=4, cross_attention="qkvo"), "attn2.to_q, attn2.to_out.0"),
+                        (LoraSpec(rank=4, self_attention=True), "attn1.to_q"),
+                        (LoraSpec(rank=4, adapter="adalora"), "adapter 'lora'")):
+        with pytest.raises(ConfigError, match="isolation='text'") as err:
+            train(data, spec, cfg(tmp_path, isolation="text"))
+        assert words in str(err.value) and "--isolation pass" in str(err.value)
+        assert isolation_method(spec, cfg(tmp_path)) == "pass"
+    assert isolation_method(LoraSpec(rank=4), cfg(tmp_path)) == "text"
+    assert isolation_method(LoraSpec(rank=4), cfg(tmp_path, isolation="pass")) == "pass"
 
 
 def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(tmp_path, style_dir, monkeypatch):
@@ -320,5 +336,5 @@ def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(t
 
     monkeypatch.setattr(Objective, "loss", loss)
     train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4),
-          cfg(tmp_path, steps=6, isolation_every=3, trigger_isolation=2.0))
+          cfg(tmp_path, steps=6, isolation="pass", isolation_every=3, trigger_isolation=2.0))
     assert batches == [(True, 6.0), (False, 6.0), (False, 6.0), (True, 6.0), (False, 6.0), (False, 6.0)]

@@ -90,14 +90,16 @@ def inject(unet: torch.nn.Module, text_encoders: torch.nn.Module | dict | None, 
     return adapted
 
 
-def key_value_layers(unet: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A weight, B weight, scale) of every LoRA on a cross-attention key or value projection (attn2.to_k / to_v):
-    the adapters that read only the prompt's token states."""
+def key_value_layers(unet: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]]:
+    """(A weight, B weight, scale, the frozen base weight in fp32) of every LoRA on a cross-attention key or value
+    projection (attn2.to_k / to_v): the adapters that read only the prompt's token states."""
+    from sdlora.bases.precision import dequantized_weight
     out = []
     for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer) and name.endswith(("attn2.to_k", "attn2.to_v")) \
                 and ADAPTER in getattr(module, "lora_A", {}):
-            out.append((module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, module.scaling[ADAPTER]))
+            out.append((module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, module.scaling[ADAPTER],
+                        dequantized_weight(module.get_base_layer())))
     return out
 
 

@@ -19,7 +19,8 @@ import torch
 from sdlora import runs
 from sdlora.bases.load import Base, load_base, load_vae, native_geometry
 from sdlora.bases.precision import QUANTIZED, bitsandbytes, precision_of, storage_dtype
-from sdlora.config import ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, base_precision
+from sdlora.config import (ConfigError, DataConfig, GenerateConfig, LoraSpec, TrainConfig, base_precision,
+                           isolation_method)
 from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
 from sdlora.training import adapters, hardware
@@ -27,6 +28,23 @@ from sdlora.training.batches import Batches, TrainingError, Untriggered
 from sdlora.training.events import Callbacks, StepInfo, TrainResult
 from sdlora.training.objective import KeyValueIsolation, Objective
 from sdlora.training.plan import Plan, plan, resolve
+
+
+def check_isolation(spec: LoraSpec, cfg: TrainConfig) -> None:
+    """Text isolation holds only adapters that read the prompt alone: refuse, before anything loads, the settings
+    with adapters it cannot hold (they would restyle every prompt, the trigger no switch)."""
+    if not cfg.trigger_isolation or isolation_method(spec, cfg) != "text":
+        return
+    fix = "use isolation 'pass' (--isolation pass: a second U-Net pass per step), or trigger_isolation 0"
+    if spec.cross_attention != "kv" or spec.self_attention or spec.extra_targets:
+        raise ConfigError(f"isolation='text' keeps only cross-attention key/value adapters selective, and these "
+                          f"settings also adapt {', '.join(t for t in spec.unet_targets() if 'attn2.to_k' not in t and 'attn2.to_v' not in t)}: "
+                          f"set cross_attention 'kv' without self-attention, or {fix}")
+    if spec.text_encoder:
+        raise ConfigError(f"isolation='text' keeps the untriggered prompts' text states as they are, so the text "
+                          f"encoder must stay frozen: set text_encoder off, or {fix}")
+    if spec.adapter != "lora":
+        raise ConfigError(f"isolation='text' needs plain LoRA adapters (adapter 'lora', not {spec.adapter!r}): {fix}")
 
 
 class _Trainer:
@@ -37,6 +55,7 @@ class _Trainer:
         from accelerate import Accelerator
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
+        check_isolation(spec, cfg)
         self.data, self.cb = data, callbacks
         self.cancel = cancel or threading.Event()
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
@@ -84,14 +103,8 @@ class _Trainer:
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         self.adalora = adapters.inject(base.unet, base.text_encoders, spec, total_steps=self.plan.steps).adalora
         self.kv_isolation = None
-        if cfg.trigger_isolation and cfg.isolation == "text":
-            if self.untriggered.embeds is None:
-                raise ConfigError("isolation='text' keeps the untriggered prompts' text states as they are, so the "
-                                  "text encoder must stay frozen: set text_encoder off, or isolation='pass'")
+        if cfg.trigger_isolation and isolation_method(spec, cfg) == "text":
             layers = adapters.key_value_layers(base.unet)
-            if spec.adapter != "lora" or not layers:
-                raise ConfigError("isolation='text' needs plain LoRA adapters on the cross-attention keys and values "
-                                  "(adapter 'lora'); use isolation='pass'")
             states = self.untriggered.embeds.rows(torch.arange(len(self.untriggered.ids))).hidden
             self.kv_isolation = KeyValueIsolation(layers, states)
         if cfg.gradient_checkpointing:
@@ -331,6 +344,11 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         if resume is None:
             cb.on_message(f"run folder {run_dir}")
         cb.on_message(f"learning rate {t.cfg.lr:g} ({t.lr_source}); rank {t.spec.rank}, alpha {t.spec.alpha:g}")
+        targets = {"kv": "cross-attention keys and values", "qkvo": "cross-attention q, k, v and out"}
+        isolation = (f"trigger isolation {t.cfg.trigger_isolation:g}, {isolation_method(t.spec, t.cfg)}"
+                     if t.cfg.trigger_isolation else "no trigger isolation")
+        cb.on_message(f"adapting {targets[t.spec.cross_attention]}"
+                      f"{' and self-attention' if t.spec.self_attention else ''}; {isolation}")
     try:
         start = t.setup(run_dir, resume_from)
         if t.main and resume_from is not None:

@@ -22,20 +22,23 @@ class KeyValueIsolation:
     to_k and to_v of attn2 read only the text states, so if their LoRA update B A leaves every token state of
     the untriggered captions (and of the empty caption) unchanged, the U-Net draws those prompts exactly as
     the frozen base does, guidance's empty prompt included. With S the (n, d) stack of those states and
-    C = S^T S / n, the mean squared change of a module's outputs over them is scale^2 tr(B A C A^T B^T) / out:
-    the penalty is its mean over the modules, computed from C once, a few small matmuls per step."""
+    C = S^T S / n, the mean square of a module's output change over them is scale^2 tr(B A C A^T B^T), and
+    that of its base output tr(W C W^T): the penalty is the mean over the modules of their ratio (so its
+    weight means the same on every base), from C computed once: a few small matmuls per step."""
 
     def __init__(self, layers: list, states: torch.Tensor):
         flat = states.reshape(-1, states.shape[-1]).float()
-        self.layers = layers                                          # [(lora A weight, B weight, scale)]
-        self.second_moment = flat.T @ flat / len(flat)               # (d, d)
+        c = flat.T @ flat / len(flat)                                # (d, d)
+        self.second_moment = c
+        self.layers = [(a, b, scale) for a, b, scale, _ in layers]  # (lora A weight, B weight, scale)
+        self.base_energy = [float(torch.trace(w @ c.to(w.device) @ w.T)) for *_, w in layers]
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for a, b, scale in self.layers:
+        for (a, b, scale), energy in zip(self.layers, self.base_energy):
             c = self.second_moment.to(a.device)
             inner = a.float() @ c @ a.float().T                      # (r, r)
-            total = total + scale ** 2 * ((b.float() @ inner) * b.float()).sum() / b.shape[0]
+            total = total + scale ** 2 * ((b.float() @ inner) * b.float()).sum() / max(energy, 1e-12)
         return total / len(self.layers)
 
 
