@@ -291,7 +291,7 @@ def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp
 
     prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
                "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
-    figures, calls = {}, []
+    figures = {}
     for weight in (0.0, 100.0):
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="kv"),
                     cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="text",
