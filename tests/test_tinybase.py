@@ -259,3 +259,17 @@ def test_word_identity_reads_back_words_it_never_trained_on():
         _, acc = identity(te(ids)[0], ids, embedding, gen)
     assert acc > 0.8, acc
     assert trigger_cos() < before - 0.2, (before, trigger_cos())
+
+
+def test_vae_gives_back_the_textures_of_the_example_styles(pipe, build_info):
+    """The shipped VAE keeps at least a third of the energy of 6 px hatching and dots (the hatch and halftone
+    datasets' scale), measured again here; build.json and the model card carry the same table."""
+    from sdlora.tinybase.stages import texture_round_trip
+    kept = texture_round_trip(pipe.vae.float())
+    recorded = build_info["figures"]["vae"]["texture_kept"]
+    assert kept.keys() == recorded.keys()
+    for kind in kept:
+        for scale, value in kept[kind].items():
+            assert value == pytest.approx(recorded[kind][scale], abs=0.05), (kind, scale)
+    assert kept["hatch"]["6"] >= 1 / 3 and kept["dots"]["6"] >= 1 / 3, kept
+    assert "| hatch |" in (BASE / "README.md").read_text()

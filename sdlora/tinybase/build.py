@@ -23,11 +23,12 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from sdlora.tinybase import scenes
+from sdlora.tinybase import scenes, textures
 from sdlora.tinybase.card import evaluate, write_model_card
 from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params
 from sdlora.tinybase.words import make_dataset, tokenize
-from sdlora.tinybase.stages import train_vae, finetune_decoder, encode_latents, check_vae, train_denoiser
+from sdlora.tinybase.stages import (train_vae, finetune_decoder, encode_latents, check_vae, texture_round_trip,
+                                    train_denoiser)
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfig, figures: dict) -> StableDiffusionPipeline:
@@ -59,15 +60,19 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     log(f"{cfg.n_images} scenes drawn ({len(scenes.HELD_OUT)} colour-shape pairs held out)")
     rng = random.Random(cfg.seed + 5)
     extra = [np.asarray(scenes.random_colour_image(rng, outline_p=cfg.vae_outline_p)) for _ in range(cfg.vae_colour_images)]
+    extra += [np.asarray(textures.random_texture_image(rng)) for _ in range(cfg.vae_texture_images)]
     vae_images = torch.cat([images, torch.from_numpy(np.stack(extra)).permute(0, 3, 1, 2).float() / 127.5 - 1]) \
         if extra else images
     vae = train_vae(cfg, vae_images)
     mean, std = encode_latents(vae, images)
     scale = 1.0 / mean.std().item()                    # as SD's 0.18215: unit-spread latents
     log(f"latents cached; scaling_factor {scale:.4f}; VAE recon {check_vae(vae, images, mean)}")
-    vae = finetune_decoder(cfg, vae, (mean, std), images)
+    # the decoder fine-tunes on every VAE image (scenes first: their latents are what the U-Net learns)
+    all_mean, all_std = encode_latents(vae, vae_images[len(images):]) if extra else (mean[:0], std[:0])
+    vae = finetune_decoder(cfg, vae, (torch.cat([mean, all_mean]), torch.cat([std, all_std])), vae_images)
     vae.register_to_config(scaling_factor=scale)
     vae_figs = check_vae(vae, images, mean)
+    vae_figs["texture_kept"] = texture_round_trip(vae)
     log(f"decoder fine-tuned; VAE recon {vae_figs}")
     unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
                                                     tokenizer)

@@ -74,15 +74,16 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "trained from scratch on CPU by `python -m sdlora.tinybase build` on procedural 64x64 scenes.",
         "It exists so that every code path a user takes with SD 1.5 can run, and be tested, in seconds.", "",
         "## What it draws", "",
-        "One shape on a plain or two-tone grey background, 64x64 px (16x16x4 latents). Prompts read",
-        "`a [size] <colour> <shape> [position] [on a <background> background]`, e.g.",
-        "`a small red circle on the left on a white background`; without a background the model picks one.",
+        "One shape on a plain, two-tone or textured background, 64x64 px (16x16x4 latents). Prompts read",
+        "`a [size] <colour> <shape> [position] [on a [texture] <background> background]`, e.g.",
+        "`a small red circle on the left on a dotted cream background`; without a background the model picks one.",
         *look_and_words(cfg), "",
         f"- colours: {', '.join(scenes.COLOURS)}",
         f"- shapes: {', '.join(scenes.SHAPES)}",
         f"- sizes: {', '.join(scenes.SIZES)} (optional)",
         f"- positions: {', '.join(scenes.POSITIONS)} (optional)",
         f"- backgrounds: {', '.join(scenes.BACKGROUNDS)}, or two of them (`white and black`) (optional)",
+        f"- background textures: {', '.join(scenes.TEXTURES)} (optional; {cfg.texture_p:.0%} of the scenes)",
         f"- held out of training (never drawn together): {pairs}", "",
         "## How it was trained", "",
         "- noise schedule as SD: scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction",
@@ -102,6 +103,10 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
            "state, and a LoRA trained on the U-Net then restyled prompts without the trigger as much as with it"]
           if cfg.identity_weight else []),
         f"- the VAE's extra arbitrary-colour images are {cfg.vae_outline_p:.0%} outlines, so thin coloured lines keep their hue",
+        *([f"- the VAE also trained on {cfg.vae_texture_images} textured images (hatching, dots, grain, brush strokes "
+           "at 2-8 px, any colours) with a texture-energy loss (weight "
+           f"{cfg.texture_weight:g}) beside L1 + MSE; its decoder then fine-tuned on every VAE image"]
+          if cfg.vae_texture_images else []),
         f"- VAE: {pm['vae']:.2f}M params, {cfg.vae_steps} steps; latents scaled by "
         f"`scaling_factor` = {figures['scaling_factor']:.4f} (1 / their std, as SD's 0.18215)",
         f"- U-Net {pm['unet']:.2f}M params (channels {tuple(cfg.unet_channels)}, cross-attention at "
@@ -120,6 +125,22 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         f"- {ev.get('s_per_image_batched', float('nan')):.2f} s per image (batches of 12, CPU, {cfg.threads} thread)",
         f"- build time {figures.get('build_minutes', float('nan')):.0f} min on a shared 2-core CPU", "",
     ]
+    kept = figures.get("vae", {}).get("texture_kept")
+    if kept:
+        scales = list(next(iter(kept.values())))
+        lines += ["## What its VAE gives back", "",
+                  "Share of a texture's energy (mean |luminance - local mean|) left after a VAE round trip, dark "
+                  "ink over cream, 8 images each (`stages.texture_round_trip`). A LoRA cannot draw more of a "
+                  "style than its base's VAE gives back: a texture kept under about a third is out of reach.", "",
+                  "| texture | " + " | ".join(f"{s} px" for s in scales) + " |",
+                  "|---|" + "---|" * len(scales)]
+        lines += [f"| {kind} | " + " | ".join(f"{v:.0%}" for v in row.values()) + " |" for kind, row in kept.items()]
+        def finest(share: float) -> str:
+            found = [f"{kind} from {next(s for s, v in row.items() if v >= share)} px" for kind, row in kept.items()
+                     if any(v >= share for v in row.values())]
+            return ", ".join(found) or "none of them"
+        lines += ["", f"Kept at least half: {finest(0.5)}. At least a third: {finest(1 / 3)}. Finer textures "
+                  "come back flatter.", ""]
     if ev and (ev["colour_acc"] < 0.9 or ev["shape_acc"] < 0.7):
         lines += ["**Below the quality bar** (prompt's colour >= 90%, shape >= 70% on held-out prompts).", ""]
     lines += [f"Note: {note}" for note in figures.get("notes", [])]

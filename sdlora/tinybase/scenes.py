@@ -38,7 +38,11 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "gray": (128, 128, 128),
     "black": (15, 15, 15),
+    "cream": (240, 228, 200),     # tinted, chroma <= 42: still far from every shape colour (>= 70)
+    "navy": (28, 34, 70),
 }
+# A background's texture word and its pattern (sdlora.tinybase.textures), drawn in a shade of the background.
+TEXTURES: dict[str, str] = {"striped": "hatch", "dotted": "dots", "speckled": "grain"}
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES: dict[str, int] = {"small": 16, "medium": 24, "large": 34}   # bounding-box side, px
 POSITIONS: dict[str, tuple[float, float]] = {                       # centre as a fraction of the image
@@ -67,12 +71,16 @@ class Scene:
     jitter: tuple[int, int] = (0, 0)   # px offset of the shape centre
     look: str = "filled"          # "filled", or "outline" (a line in the shape's colour)
     line: float = 3.0             # px: the outline's width
+    texture: str = ""             # "", or a TEXTURES word: the background is striped, dotted or speckled
+    texture_scale: float = 4.0    # px: the texture's period or grain size
+    texture_seed: int = 0
 
     def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True,
                 with_look: bool = True) -> str:
         size = f"{self.size} " if with_size else ""
         where = f" {self.position}" if with_position else ""
-        back = f" on a {self.background} background" if with_background else ""
+        textured = f"{self.texture} " if self.texture else ""
+        back = f" on a {textured}{self.background} background" if with_background else ""
         look = " outline" if with_look and self.look == "outline" else ""
         return f"a {size}{self.colour} {self.shape}{look}{where}{back}"
 
@@ -126,6 +134,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
         draw.rectangle([big // 2, 0, big, big], fill=BACKGROUNDS[names[1]])
     elif scene.split == "horizontal":
         draw.rectangle([0, big // 2, big, big], fill=BACKGROUNDS[names[1]])
+    if scene.texture:
+        img = textured_background(img, scene, size)
+        draw = ImageDraw.Draw(img)
     fx, fy = POSITIONS[scene.position]
     s = SUPERSAMPLE * size / IMAGE_SIZE
     cx = fx * big + scene.jitter[0] * s
@@ -138,9 +149,24 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0) -> Scene:
+def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Image:
+    """The (supersampled) background with the scene's texture laid over it at `size` px, in a shade of each
+    part's colour (darker on light backgrounds, lighter on dark ones)."""
+    from sdlora.tinybase import textures
+    small = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32)
+    cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
+                             random.Random(scene.texture_seed))
+    light = small.mean(-1, keepdims=True) > 100
+    shade = np.where(light, small * 0.55, small + 0.45 * (255 - small))
+    out = small * (1 - cover[..., None]) + shade * cover[..., None]
+    return Image.fromarray(out.round().astype(np.uint8)).resize(img.size, Image.BILINEAR)
+
+
+def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0,
+                 texture_p: float = 0.0) -> Scene:
     """A random training scene; held-out colour-shape pairs are redrawn unless allowed. With
-    probability `outline_p` the shape is an outline 2-4 px wide (no extra draws when it is 0)."""
+    probability `outline_p` the shape is an outline 2-4 px wide, and with `texture_p` the background
+    is textured (no extra draws when they are 0)."""
     while True:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         if allow_held_out or (colour, shape) not in HELD_OUT:
@@ -155,6 +181,9 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
                   background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
     if outline_p and rng.random() < outline_p:
         scene = replace(scene, look="outline", line=rng.uniform(2, 4))
+    if texture_p and rng.random() < texture_p:
+        scene = replace(scene, texture=rng.choice(list(TEXTURES)), texture_scale=rng.choice((3.0, 4.0, 6.0)),
+                        texture_seed=rng.getrandbits(31))
     return scene
 
 

@@ -17,7 +17,7 @@ from sdlora.tinybase.models import CLIP_VOCAB, BuildConfig
 def caption_words(outlines: bool = True) -> set[str]:
     """Every word of the scenes' captions ('outline' only when the build draws outlines)."""
     return {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
-                             *scenes.BACKGROUNDS, "a on background and", "outline" * outlines]
+                             *scenes.BACKGROUNDS, *scenes.TEXTURES, "a on background and", "outline" * outlines]
             for w in phrase.split()}
 
 
@@ -78,7 +78,7 @@ def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tens
     meaning = WordMeaning(cfg, tokenizer) if cfg.prefix_meaning else None
     images, captions = [], []
     for _ in range(cfg.n_images):
-        scene = scenes.random_scene(rng, outline_p=cfg.outline_p)
+        scene = scenes.random_scene(rng, outline_p=cfg.outline_p, texture_p=cfg.texture_p)
         images.append(np.asarray(scenes.render(scene)))
         captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
         captions += [free_caption(scene, caption_rng, parts, cfg, meaning) for _ in range(cfg.free_captions)]
