@@ -161,21 +161,23 @@ def file_sizes(args) -> tuple[int, int, int]:
 
 
 def learning(args) -> list[str]:
-    """The style test's figures (tests/test_style_learning.py) for a LoRA trained on an nf4 and an fp32 `tiny`."""
+    """bench/style_quality.py's figures on neon for a LoRA trained on an nf4 and an fp32 `tiny`."""
     lines, root = [], C.ROOT
     for precision in ("fp32", "nf4"):
         t0 = time.time()
-        out = subprocess.run([sys.executable, str(root / "tests" / "test_style_learning.py"), "--set",
-                              f'base_precision="{precision}"'], capture_output=True, text=True, cwd=root)
-        figs = root / "test-artifacts" / "style_learning_neon.json"
-        if out.returncode or not figs.is_file():
-            lines.append(f"  {precision}: failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
-            continue
-        f = json.loads(figs.read_text())
-        losses = _losses(Path(f["lora"]).parent)
-        stats = "; ".join(f"{k} covered {v['covered']:.0%}, untriggered {v['untriggered_ratio']:.2f}x"
-                          for k, v in f["stats"].items())
-        lines.append(f"  {precision} base: {stats}; colour kept {f['colour_acc']['1.0']:.0%}; loss mean of steps "
+        with tempfile.TemporaryDirectory() as tmp:
+            figs = Path(tmp) / "figures.json"
+            out = subprocess.run([sys.executable, str(root / "bench" / "style_quality.py"), "--styles", "neon",
+                                  "--set", f'base_precision="{precision}"', "--json", str(figs), "--runs", tmp],
+                                 capture_output=True, text=True, cwd=root)
+            if out.returncode or not figs.is_file():
+                lines.append(f"  {precision}: failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+                continue
+            row = json.loads(figs.read_text())[0]
+            losses = _losses(Path(row["lora"]).parent)
+        stats = "; ".join(f"{k} {v['way'][-1]:.0%} of the way, untriggered {v['untriggered']:.2f}x"
+                          for k, v in row["stats"].items())
+        lines.append(f"  {precision} base: {stats}; colour kept {row['colour_kept']:.0%}; loss mean of steps "
                      f"1-100 {losses[0]:.4f}, last 100 {losses[1]:.4f}; {time.time() - t0:.0f} s with drawing")
     return lines
 

@@ -1,0 +1,278 @@
+"""Style quality: train a LoRA on each example style dataset and judge it with the style's own statistics.
+
+For every dataset in datasets/ that sdlora.tinybase.stylestats knows, one LoRA is trained with sdlora's
+defaults (or the settings given), then prompts with the trigger and colour-shape pairs the dataset
+never shows are drawn at strengths 0, 0.5 and 1, and the same prompts without the trigger at 0 and 1,
+with fixed seeds. Per statistic the table gives:
+
+- **ceiling**: the statistic of the training images after a round trip through the base's VAE
+  (encode, decode). No LoRA on the U-Net can go further, so the share of the way is measured to it.
+- **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling.
+- **monotone**: every step up in strength moves toward the ceiling, or back by less than 2% of the way.
+- **untriggered**: how far prompts without the trigger move at strength 1, over how far prompts
+  with it move.
+- **colour kept**: share of images at strength 1 whose shape is still the prompt's colour.
+
+`--reference PATH` also trains each dataset with diffusers' DreamBooth LoRA example script
+(examples/dreambooth/train_dreambooth_lora.py; not part of sdlora: give your copy's path) on the same
+base, images, steps, rank, learning rate and resolution, with its one instance prompt
+"an image in <trigger> style", and judges its LoRA the same way: both rows are printed.
+
+    python bench/style_quality.py                          # every style, defaults (about 2 min per style on CPU)
+    python bench/style_quality.py --styles neon hatch --set steps=600
+    python bench/style_quality.py --reference ~/diffusers/examples/dreambooth/train_dreambooth_lora.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdlora.tinybase import scenes, stylestats  # noqa: E402
+
+STRENGTHS = (0.0, 0.5, 1.0)
+SEEDS = (0, 1)
+N_PROMPTS = 6
+SAMPLING = {"steps": 20, "guidance": 5.0}    # the tiny base's recommended sampling (its build.json)
+MONOTONIC_SLACK = 0.02
+DATASETS = ROOT / "datasets"
+# the bars of the learning-quality issue: share of the way at 1, untriggered ratio, colour kept
+BARS = {"way": 0.70, "untriggered": 1 / 3, "colour": 0.70}
+
+
+def styles() -> list[str]:
+    """Every dataset folder with statistics, in stylestats' order."""
+    return [s for s in stylestats.STYLE_STATS if (DATASETS / s / "sdlora.json").is_file()]
+
+
+def dataset_trigger(folder: Path) -> str:
+    return json.loads((folder / "sdlora.json").read_text(encoding="utf-8"))["trigger"]
+
+
+def dataset_pairs(folder: Path) -> set[tuple[str, str]]:
+    """Colour-shape pairs the dataset's captions show ('a large red circle ...')."""
+    pairs = set()
+    for txt in folder.glob("*.txt"):
+        words = txt.read_text(encoding="utf-8").split()
+        pairs.add((next(w for w in words if w in scenes.COLOURS), next(w for w in words if w in scenes.SHAPES)))
+    return pairs
+
+
+def unseen_contents(folder: Path, n: int = N_PROMPTS) -> list[tuple[str, str]]:
+    """(content prompt, colour) for n colour-shape pairs the dataset never shows, centred, large or medium."""
+    seen, out = dataset_pairs(folder), []
+    for i, colour in enumerate(scenes.COLOURS):
+        shapes = scenes.SHAPES[i % 4:] + scenes.SHAPES[:i % 4]
+        shape = next(s for s in shapes if (colour, s) not in seen)
+        out.append((f"a {('large', 'medium')[i % 2]} {colour} {shape} in the center", colour))
+    return out[:n]
+
+
+def load_images(folder: Path) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """Each image encoded (posterior mean) and decoded by the base's VAE: what the base can give back."""
+    import torch
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        x = x.to(vae.device, vae.dtype)
+        out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu()
+    arr = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@dataclass
+class Row:
+    """One LoRA's figures on one style."""
+    style: str
+    trainer: str
+    seconds: float
+    stats: dict = field(default_factory=dict)       # name -> {training, ceiling, base, curve, untriggered, ...}
+    colour_kept: float = float("nan")
+    lora: str = ""
+
+    def passes(self) -> bool:
+        return all(s["way"][-1] >= BARS["way"] and s["monotone"] and s["untriggered"] <= BARS["untriggered"]
+                   for s in self.stats.values()) and self.colour_kept >= BARS["colour"]
+
+
+def judge(gen, style: str, lora: str, trainer: str, seconds: float) -> Row:
+    """Draw the style's prompts with `lora` and measure every statistic of the style."""
+    from sdlora import GenerateConfig, LoraChoice
+    folder = DATASETS / style
+    trigger = dataset_trigger(folder)
+    contents = unseen_contents(folder)
+
+    def draw(strength: float, prompts: list[str]) -> list[Image.Image]:
+        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), [LoraChoice(lora, strength)])
+                for p in prompts for s in SEEDS]
+
+    triggered = {s: draw(s, [f"{trigger}, {p}" for p, _ in contents]) for s in STRENGTHS}
+    plain = {s: draw(s, [p for p, _ in contents]) for s in (0.0, 1.0)}
+    training = load_images(folder)
+    ceiling_images = vae_round_trip(gen.base.vae, training)
+    row = Row(style, trainer, seconds, lora=lora)
+    for name, stat in stylestats.STYLE_STATS[style].items():
+        curve = [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS]
+        base, ceiling = curve[0], stylestats.mean_stat(stat, ceiling_images)
+        way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
+        moved = abs(curve[-1] - curve[0])
+        untrig = [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)]
+        row.stats[name] = {
+            "training": stylestats.mean_stat(stat, training), "ceiling": ceiling, "base": base, "curve": curve,
+            "way": way, "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
+            "untriggered": abs(untrig[1] - untrig[0]) / max(moved, 1e-9), "untriggered_curve": untrig}
+    colours = [c for _, c in contents for _ in SEEDS]
+    row.colour_kept = float(np.mean([stylestats.colour_name(im) == c for im, c in zip(triggered[1.0], colours)]))
+    save_grid(row, triggered, plain, training, ceiling_images)
+    return row
+
+
+def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: list) -> None:
+    """test-artifacts/style_quality_<style>_<trainer>.png: a row per strength with the trigger, then without it
+    at 0 and 1, then the training images and their VAE round trips."""
+    out = ROOT / "test-artifacts"
+    out.mkdir(exist_ok=True)
+    rows = list(triggered.values()) + list(plain.values()) + [training, ceiling]
+    size = scenes.IMAGE_SIZE
+    grid = Image.new("RGB", (size * max(map(len, rows)), size * len(rows)), (255, 255, 255))
+    for r, images in enumerate(rows):
+        for c, im in enumerate(images):
+            grid.paste(im.resize((size, size)), (c * size, r * size))
+    grid.save(out / f"style_quality_{row.style}_{row.trainer}.png")
+
+
+def train_ours(style: str, base: str, out: Path, train_set: dict, lora_set: dict) -> tuple[str, float, dict]:
+    """(LoRA path, seconds, the run's resolved settings) of a LoRA trained by sdlora on datasets/<style>."""
+    from sdlora import DataConfig, LoraSpec, TrainConfig, train
+    folder = DATASETS / style
+    t0 = time.time()
+    result = train(DataConfig(folder=str(folder), trigger=dataset_trigger(folder)), LoraSpec(**lora_set),
+                   TrainConfig(base=base, output_dir=str(out), **{"sample_every": 0, **train_set}))
+    config = json.loads((Path(result.lora_path).parent / "config.json").read_text(encoding="utf-8"))
+    return str(result.lora_path), time.time() - t0, config
+
+
+def train_reference(script: Path, style: str, base_dir: Path, out: Path, settings: dict,
+                    python: str = sys.executable) -> tuple[str, float]:
+    """(LoRA path, seconds) of diffusers' DreamBooth LoRA script trained on datasets/<style> with `settings`
+    (steps, rank, lr, resolution, seed): one instance prompt for every image, as that script trains."""
+    folder = DATASETS / style
+    prompt = f"an image in {dataset_trigger(folder)} style"
+    images = Path(tempfile.mkdtemp(prefix=f"ref-{style}-", dir=out))     # the script would read the .txt files too
+    for p in sorted(folder.glob("*.png")):
+        (images / p.name).write_bytes(p.read_bytes())
+    dest = out / f"reference-{style}"
+    cmd = [python, str(script), "--pretrained_model_name_or_path", str(base_dir), "--instance_data_dir", str(images),
+           "--instance_prompt", prompt, "--output_dir", str(dest), "--resolution", str(settings["resolution"]),
+           "--train_batch_size", "1", "--max_train_steps", str(settings["steps"]), "--learning_rate",
+           str(settings["lr"]), "--rank", str(settings["rank"]), "--lr_scheduler", "constant", "--lr_warmup_steps",
+           "0", "--seed", str(settings["seed"]), "--checkpointing_steps", str(10 ** 9)]
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"the reference script {script} failed on {style} (exit {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
+    lora = dest / "pytorch_lora_weights.safetensors"
+    if not lora.is_file():
+        raise SystemExit(f"the reference script {script} wrote no {lora.name} in {dest}")
+    return str(lora), time.time() - t0
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| style | statistic | trainer | training | ceiling | base | way @0.5 | way @1 | monotone | untriggered "
+             "| colour kept | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name, s in row.stats.items():
+            lines.append(f"| {row.style} | {name} | {row.trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
+                         f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%} | "
+                         f"{'yes' if s['monotone'] else 'no'} | {s['untriggered']:.2f}x | {row.colour_kept:.0%} | "
+                         f"{row.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[Row]) -> str:
+    ours = [r for r in rows if r.trainer != "reference"]
+    missed = [r.style for r in ours if not r.passes()]
+    bars = (f"way @1 >= {BARS['way']:.0%}, monotone, untriggered <= {BARS['untriggered']:.2f}x, "
+            f"colour kept >= {BARS['colour']:.0%}")
+    if not missed:
+        return f"PASS: every style ({len(ours)}) meets {bars}"
+    return f"MISS on {', '.join(missed)} ({len(ours) - len(missed)} of {len(ours)} meet {bars})"
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--styles", nargs="+", choices=styles(), default=None, help="default: every dataset")
+    parser.add_argument("--base", default="tiny")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a TrainConfig field for sdlora's run, e.g. trigger_isolation=0, steps=600")
+    parser.add_argument("--lora", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a LoraSpec field for sdlora's run, e.g. rank=8, self_attention=true")
+    parser.add_argument("--label", default="sdlora", help="the trainer column's name for sdlora's rows")
+    parser.add_argument("--reference", type=Path, help="path of diffusers' train_dreambooth_lora.py to compare with")
+    parser.add_argument("--reference-python", default=sys.executable, help="python that runs the reference script")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
+    a = parser.parse_args(argv)
+    if a.reference and not a.reference.is_file():
+        parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
+    base_dir = ROOT / "sdlora" / "base_model" if a.base == "tiny" else Path(a.base)
+    if a.reference and not (base_dir / "model_index.json").is_file():
+        parser.error(f"--reference needs a diffusers folder as --base (the script loads one); {a.base} is not")
+    import torch
+
+    from sdlora import Generator
+    from sdlora.bases.load import load_base
+    torch.set_num_threads(a.threads)
+    train_set, lora_set = parse_sets(a.set), parse_sets(a.lora)
+    gen = Generator(load_base(a.base))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="style-quality-") as scratch:
+        tmp = a.runs or Path(scratch)
+        for style in a.styles or styles():
+            lora, seconds, config = train_ours(style, a.base, tmp, train_set, lora_set)
+            rows.append(judge(gen, style, lora, a.label, seconds))
+            print(f"{style}: sdlora {seconds:.0f}s", flush=True)
+            if a.reference:
+                train, spec = config["train"], config["lora"]
+                settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": train["seed"],
+                            "resolution": config["resolution"]}
+                ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
+                rows.append(judge(gen, style, ref, "reference", ref_s))
+                print(f"{style}: reference {ref_s:.0f}s", flush=True)
+    print(table(rows))
+    print(verdict(rows))
+    if a.json:
+        a.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
