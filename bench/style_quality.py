@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         for style in a.styles or styles():
             lora, seconds, config = train_ours(style, a.base, tmp, train_set, lora_set)
             rows.append(judge(gen, style, lora, a.label, seconds))
-            print(f"{style}: sdlora {seconds:.0f}s", flush=True)
+            print(f"{style}: {a.label} {seconds:.0f}s", flush=True)
             if a.reference:
                 train, spec = config["train"], config["lora"]
                 settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": train["seed"],

@@ -32,7 +32,7 @@ from bench import style_quality as sq  # noqa: E402
 from sdlora import default_steps  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 
-FAST_STYLES = ("neon", "hatch")
+FAST_STYLES = ("dusk", "dashed")
 
 pytestmark = [
     pytest.mark.slow,

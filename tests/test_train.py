@@ -292,7 +292,7 @@ def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp
     prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
                "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
     figures = {}
-    for weight in (0.0, 100.0):
+    for weight in (0.0, 10.0):
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="kv"),
                     cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="text",
                         run_name=f"kv{weight:g}"))
@@ -300,8 +300,8 @@ def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp
         assert keys and all(("to_k" in k or "to_v" in k) for k in keys if k.endswith("lora_down.weight"))
         figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
     print(figures)
-    assert figures[100.0]["empty"] < 0.05 * figures[0.0]["empty"]
-    assert figures[100.0]["untriggered"] < 0.2 * figures[100.0]["triggered"]
+    assert figures[10.0]["empty"] < 0.05 * figures[0.0]["empty"]
+    assert figures[10.0]["untriggered"] < 0.2 * figures[10.0]["triggered"]
     assert figures[0.0]["untriggered"] > 0.5 * figures[0.0]["triggered"]      # without it: not selective
 
 

@@ -26,7 +26,7 @@ from sdlora.data import scan as dataset
 from sdlora.training import adapters, hardware
 from sdlora.training.batches import Batches, TrainingError, Untriggered
 from sdlora.training.events import Callbacks, StepInfo, TrainResult
-from sdlora.training.objective import KeyValueIsolation, Objective
+from sdlora.training.objective import TEXT_ISOLATION_SCALE, KeyValueIsolation, Objective
 from sdlora.training.plan import Plan, plan, resolve
 
 
@@ -238,7 +238,7 @@ class _Trainer:
                 if self.adalora is not None:
                     loss = loss + self.adalora.penalty()
                 if self.kv_isolation is not None:
-                    loss = loss + self.cfg.trigger_isolation * self.kv_isolation.penalty()
+                    loss = loss + TEXT_ISOLATION_SCALE * self.cfg.trigger_isolation * self.kv_isolation.penalty()
                 self.acc.backward(loss)
                 self.opt.step()
                 self.lr_sched.step() if self.acc.sync_gradients else None
