@@ -30,7 +30,7 @@ KNOWN_TARGETS = UNET_CROSS_ATTN + UNET_SELF_ATTN
 
 # The LoRA learning rate for an SD checkpoint (diffusers' and kohya's usual 1e-4 at alpha = rank).
 # A base folder can recommend its own in sdlora's build.json ("lora_lr"): the built-in `tiny` base
-# recommends 1e-3, since at 1e-4 a style moves 5% of the way in the default steps (see its README).
+# recommends 3e-3 for its key/value adapters (bench/style_quality.py measured what lower rates reach).
 DEFAULT_LR = 1e-4
 
 
@@ -179,7 +179,7 @@ class TrainConfig:
     batch_size: int = setting(1, "images per step", label="Batch size", low=1, high=1024)
     grad_accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step",
                               label="Gradient accumulation", low=1, high=1024)
-    lr: float | None = setting(None, "U-Net LoRA learning rate (default: the base's recommendation, 1e-3 for "
+    lr: float | None = setting(None, "U-Net LoRA learning rate (default: the base's recommendation, 3e-3 for "
                                "tiny; else 1e-4)", label="Learning rate", ui="basic", low=0.0, high=1.0,
                                low_open=True, optional=True, derived=True)
     text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate (unset: the same as lr)",

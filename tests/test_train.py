@@ -188,7 +188,7 @@ def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(t
 
 
 def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_dir):
-    """lr=None takes the base folder's build.json 'lora_lr' (the built-in base: 1e-3), else 1e-4; the run
+    """lr=None takes the base folder's build.json 'lora_lr' (the built-in base: 3e-3), else 1e-4; the run
     records and reports the rate it used."""
     from sdlora.config import DEFAULT_LR
     from sdlora.bases.load import base_lora_lr
@@ -200,7 +200,7 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
         def on_message(self, text):
             self.lines.append(text)
 
-    assert base_lora_lr("tiny") == 1e-3 and base_lora_lr("tiny-random") is None and DEFAULT_LR == 1e-4
+    assert base_lora_lr("tiny") == 3e-3 and base_lora_lr("tiny-random") is None and DEFAULT_LR == 1e-4
     for lr, expected, source in ((None, DEFAULT_LR, "default for SD bases"), (3e-4, 3e-4, "set")):
         cb = Messages()
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),

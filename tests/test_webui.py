@@ -202,7 +202,7 @@ def test_defaults_follow_the_number_of_images():
         s = webui.suggest(n)
         assert s["steps"] == default_steps(n) and 1 <= s["sample_every"] <= s["steps"]
     assert webui.suggest(5)["rank"] <= webui.suggest(12)["rank"] <= webui.suggest(60)["rank"]
-    assert webui.suggest(5)["lr"] == 1e-3 and webui.suggest(5, "tiny-random")["lr"] == 1e-4   # the base's own
+    assert webui.suggest(5)["lr"] == 3e-3 and webui.suggest(5, "tiny-random")["lr"] == 1e-4   # the base's own
 
 
 def test_example_dataset_is_copied_with_its_trigger(ui, tmp_path):
