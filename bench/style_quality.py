@@ -6,7 +6,8 @@ never shows are drawn at strengths 0, 0.5 and 1, and the same prompts without th
 with fixed seeds. Per statistic the table gives:
 
 - **ceiling**: the statistic of the training images after a round trip through the base's VAE
-  (encode, decode). No LoRA on the U-Net can go further, so the share of the way is measured to it.
+  (encode, decode): what the base can give back of them, the most a LoRA on the U-Net can be asked for,
+  so the share of the way is measured to it (over 100% is an overshoot).
 - **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling.
 - **monotone**: every step up in strength moves toward the ceiling, or back by less than 2% of the way.
 - **untriggered**: how far prompts without the trigger move at strength 1, over how far prompts
