@@ -152,33 +152,36 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     assert format_bytes(3 * 2**20) == "3 MiB" and format_bytes(3 * 2**30) == "3.00 GiB"
 
 
+ISOLATION_PROMPTS = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
+                     "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
+
+
+def prediction_change(lora, prompts: list[str]) -> float:
+    """Mean squared change the LoRA at strength 1 makes to the tiny random U-Net's prediction for `prompts`, on
+    fixed noisy latents at t=700."""
+    from sdlora import Generator, LoraChoice
+    gen = Generator(tiny_random_base())
+    ids = gen.base.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(len(prompts), 4, 8, 8, generator=g), torch.full((len(prompts),), 700)
+    out = []
+    for strength in (0.0, 1.0):
+        gen.set_loras([LoraChoice(str(lora), strength)])
+        with torch.no_grad():
+            out.append(gen.base.unet(x, t, gen.base.text_encoder(ids)[0]).sample)
+    return float((out[1] - out[0]).pow(2).mean())
+
+
 def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(tmp_path, style_dir):
     """With pass trigger_isolation (all four cross-attention projections adapted) the LoRA changes the prediction for the empty caption (the one guidance
     subtracts) and for the caption without the trigger much less than without it, and what change is
     left depends on the trigger."""
-    from sdlora import Generator, LoraChoice
-    from sdlora.bases.load import tiny_random_base
-
-    def change(lora, prompts) -> float:
-        gen = Generator(tiny_random_base())
-        ids = gen.base.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        g = torch.Generator().manual_seed(0)
-        x, t = torch.randn(len(prompts), 4, 8, 8, generator=g), torch.full((len(prompts),), 700)
-        out = []
-        for strength in (0.0, 1.0):
-            gen.set_loras([LoraChoice(str(lora), strength)])
-            with torch.no_grad():
-                out.append(gen.base.unet(x, t, gen.base.text_encoder(ids)[0]).sample)
-        return float((out[1] - out[0]).pow(2).mean())
-
-    prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
-               "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
     figures = {}
     for weight in (0.0, 4.0):
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo"),
                     cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="pass",
                         run_name=f"iso{weight:g}"))
-        figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
+        figures[weight] = {k: prediction_change(res.lora_path, p) for k, p in ISOLATION_PROMPTS.items()}
     print(figures)
     assert figures[4.0]["empty"] < 0.2 * figures[0.0]["empty"]
     assert figures[4.0]["untriggered"] < 0.5 * figures[0.0]["untriggered"]
@@ -275,22 +278,6 @@ def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untrigger
 def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp_path, style_dir):
     """cross_attention='kv' adapts only attn2.to_k / to_v; isolation='text' runs no second U-Net pass, and with it
     the LoRA changes the empty and the untriggered prompts' predictions far less than the triggered ones."""
-    from sdlora import Generator, LoraChoice
-
-    def change(lora, prompts) -> float:
-        gen = Generator(tiny_random_base())
-        ids = gen.base.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        g = torch.Generator().manual_seed(0)
-        x, t = torch.randn(len(prompts), 4, 8, 8, generator=g), torch.full((len(prompts),), 700)
-        out = []
-        for strength in (0.0, 1.0):
-            gen.set_loras([LoraChoice(str(lora), strength)])
-            with torch.no_grad():
-                out.append(gen.base.unet(x, t, gen.base.text_encoder(ids)[0]).sample)
-        return float((out[1] - out[0]).pow(2).mean())
-
-    prompts = {"empty": [""], "untriggered": ["a square outline", "a circle outline"],
-               "triggered": ["zqx, a square outline", "zqx, a circle outline"]}
     figures = {}
     for weight in (0.0, 10.0):
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="kv"),
@@ -298,7 +285,7 @@ def test_text_isolation_adapts_keys_and_values_and_keeps_untriggered_prompts(tmp
                         run_name=f"kv{weight:g}"))
         keys = load_file(str(res.lora_path))
         assert keys and all(("to_k" in k or "to_v" in k) for k in keys if k.endswith("lora_down.weight"))
-        figures[weight] = {k: change(res.lora_path, p) for k, p in prompts.items()}
+        figures[weight] = {k: prediction_change(res.lora_path, p) for k, p in ISOLATION_PROMPTS.items()}
     print(figures)
     assert figures[10.0]["empty"] < 0.05 * figures[0.0]["empty"]
     assert figures[10.0]["untriggered"] < 0.2 * figures[10.0]["triggered"]
