@@ -60,7 +60,8 @@ def styles() -> list[str]:
 
 
 def dataset_trigger(folder: Path) -> str:
-    return json.loads((folder / "sdlora.json").read_text(encoding="utf-8"))["trigger"]
+    from sdlora.data.captions import folder_defaults
+    return folder_defaults(folder)["trigger"]
 
 
 def dataset_pairs(folder: Path) -> set[tuple[str, str]]:
@@ -105,6 +106,7 @@ class Row:
     seconds: float
     stats: dict = field(default_factory=dict)       # name -> {training, ceiling, base, curve, untriggered, ...}
     colour_kept: float = float("nan")
+    colour_base: float = float("nan")                # the same at strength 0: the base's own
     lora: str = ""
 
     def passes(self) -> bool:
@@ -139,7 +141,8 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float) -> Row:
             "way": way, "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
             "untriggered": abs(untrig[1] - untrig[0]) / max(moved, 1e-9), "untriggered_curve": untrig}
     colours = [c for _, c in contents for _ in SEEDS]
-    row.colour_kept = float(np.mean([stylestats.colour_name(im) == c for im, c in zip(triggered[1.0], colours)]))
+    row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
+                                                       zip(triggered[s], colours)])) for s in (1.0, 0.0))
     save_grid(row, triggered, plain, training, ceiling_images)
     return row
 

@@ -22,7 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +65,9 @@ def test_trigger_is_not_a_word_of_the_base(style):
     assert not set(tok.tokenize(trigger)) & vocab, f"{trigger} shares tokens with the base's captions"
 
 
-def test_base_draws_the_prompted_colour(row, generator):
+def test_base_draws_the_prompted_colour(row):
     """Precondition: at strength 0 the base draws the prompt's colour; if not, no LoRA can keep it."""
-    from sdlora import GenerateConfig
-    contents = sq.unseen_contents(ROOT / "datasets" / row.style)
-    images = [generator.generate(GenerateConfig(prompt=p, seed=s, **sq.SAMPLING)) for p, _ in contents for s in sq.SEEDS]
-    kept = np.mean([stylestats.colour_name(im) == c for im, (_, c) in zip(images, [x for x in contents for _ in sq.SEEDS])])
-    assert kept >= sq.BARS["colour"], f"the base itself draws the prompt's colour in {kept:.0%}"
+    assert row.colour_base >= sq.BARS["colour"], f"the base itself draws the prompt's colour in {row.colour_base:.0%}"
 
 
 def test_style_moves_monotonically_toward_the_ceiling(row):

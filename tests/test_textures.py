@@ -74,7 +74,7 @@ def test_textured_scenes_say_their_texture_and_draw_it():
     assert scene.texture in scenes.TEXTURES and f"on a {scene.texture} " in scene.caption()
     plain = scenes.render(replace_texture(scene, ""))
     textured = scenes.render(scene)
-    mask = stylestats.background_mask(np.asarray(plain, dtype=np.float32))
+    mask = stylestats.background_mask(stylestats.shape_mask(np.asarray(plain, dtype=np.float32)))
     assert textures.texture_energy(textured, 2, mask) > 3 * max(textures.texture_energy(plain, 2, mask), 0.5)
     assert scenes.measure(textured)[0] == scene.colour       # the shape is still read back
 

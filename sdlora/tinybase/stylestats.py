@@ -81,8 +81,8 @@ def silhouette(rgb: np.ndarray) -> np.ndarray:
     return fg | holes(fg)
 
 
-def background_mask(rgb: np.ndarray) -> np.ndarray:
-    fg = shape_mask(rgb)
+def background_mask(fg: np.ndarray) -> np.ndarray:
+    """The background of an image whose shape mask is `fg`: pixels at least MARGIN px from the shape, not inside it."""
     return ~dilate(fg, MARGIN) & ~holes(fg)
 
 
@@ -120,8 +120,7 @@ def fill_ratio(image) -> float:
 def background_luminance(image) -> float:
     """Mean luminance 0..1 of the pixels at least MARGIN px from the shape (all pixels if there is no room)."""
     rgb = _rgb(image)
-    fg = shape_mask(rgb)
-    bg = ~dilate(fg, MARGIN) & ~holes(fg)
+    bg = background_mask(shape_mask(rgb))
     lum = luminance(rgb)
     return float(lum[bg].mean() if bg.sum() >= 16 else lum.mean())
 
@@ -134,7 +133,7 @@ def outline_contrast(image) -> float:
         return float("nan")
     near = dilate(fg, RING)
     ring = near & ~fg & ~holes(fg)
-    bg = ~dilate(fg, MARGIN) & ~holes(fg)
+    bg = background_mask(fg)
     lum = luminance(rgb)
     if ring.sum() == 0 or bg.sum() < 16:
         return float("nan")
@@ -144,7 +143,7 @@ def outline_contrast(image) -> float:
 def background_texture(image) -> float:
     """texture_energy (r = 2 px) of the background: ~0 for a plain one, ~25 for dark 6 px hatching on white."""
     rgb = _rgb(image)
-    return texture_energy(rgb, 2, background_mask(rgb))
+    return texture_energy(rgb, 2, background_mask(shape_mask(rgb)))
 
 
 def fill_texture(image) -> float:
@@ -163,7 +162,7 @@ def dash_count(image) -> float:
 def background_distance(image, colour: tuple[int, int, int]) -> float:
     """RGB distance (0..1 of the cube's diagonal) from the background's mean colour to `colour`."""
     rgb = _rgb(image)
-    bg = background_mask(rgb)
+    bg = background_mask(shape_mask(rgb))
     mean = rgb[bg].mean(0) if bg.sum() >= 16 else rgb.reshape(-1, 3).mean(0)
     return float(np.sqrt(((mean - np.asarray(colour, dtype=np.float32)) ** 2).sum()) / (255 * np.sqrt(3)))
 
