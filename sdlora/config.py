@@ -242,6 +242,10 @@ class TrainConfig:
                                      "own (0 = off)", label="Caption dropout", low=0.0, high=0.95)
     seed: int = setting(0, "random seed: the same seed and settings give the same LoRA", label="Seed",
                         low=0, high=2**32 - 1)
+    calibrate_strength: bool = setting(True, "after training, draw the training captions at strengths 0.5, 0.75 and "
+                                       "1 with the base's sampling, and make the closest to the training images the "
+                                       "file's strength 1 (guidance can push a style past them; plain LoRA only)",
+                                       label="Calibrate strength")
     sample_every: int | None = setting(None, "steps between sample images, with and without the trigger "
                                        "(default: 5 times per run; 0 = none)", label="Samples every N steps",
                                        kind=int, low=0, optional=True, derived=True)

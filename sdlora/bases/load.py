@@ -55,6 +55,7 @@ class Base:
     family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2 | sdxl
     resolution: int = 512              # native image size in px
     lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
+    sampling: tuple[int, float] | None = None   # (steps, guidance) the base recommends (its build.json), if any
     lora_stack: object = field(default=None, repr=False)  # generation's LoRAs on this base, one for all its Generators
     text_encoder_2: object = None      # SDXL: OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
     tokenizer_2: object = None         # SDXL: its tokenizer (pads with "!")
@@ -205,6 +206,7 @@ def _from_folder(path: Path, name: str) -> Base:
         raise BaseModelError(f"could not load the diffusers pipeline in {path}: {e}") from e
     base = _from_pipeline(pipe, name)
     base.lora_lr = recommended_lora_lr(path)
+    base.sampling = recommended_sampling(path)
     return base
 
 
@@ -220,6 +222,18 @@ def recommended_lora_lr(folder: Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
+
+
+def recommended_sampling(folder: Path) -> tuple[int, float] | None:
+    """(steps, guidance) of a base folder's sdlora build.json ("sample_steps", "guidance"), else None."""
+    try:
+        config = json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"]
+        steps, guidance = config["sample_steps"], config["guidance"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(steps, int) and 0 < steps <= 500 and isinstance(guidance, (int, float)) and 0 <= guidance <= 50:
+        return steps, float(guidance)
+    return None
 
 
 def _from_pipeline(pipe, name: str) -> Base:

@@ -123,6 +123,15 @@ class Batches:
 
     def encode(self, path, size: tuple[int, int]) -> torch.Tensor:
         """(sides, 4, h, w) VAE latents (mean of the posterior, scaled) of one image as trained, at `size`."""
+        x = dataset.to_tensor(dataset.load_image(path, size[0], size))[None]
+        lat = self.encode_pixels(torch.cat([x, x.flip(-1)]) if self.flip else x)
+        if not torch.isfinite(lat).all():
+            raise TrainingError(f"the VAE gave non-finite latents for {path}; check the image, "
+                                "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
+        return lat.float()
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 4, h, w) scaled posterior-mean latents of images x (n, 3, H, W) in -1..1, one at a time."""
         vae = self.base.vae
         # a VAE that overflows in fp16 (SDXL 1.0's; its config says force_upcast) encodes in fp32, as its
         # pipeline decodes; an fp16-safe one (force_upcast false) stays in fp16
@@ -131,16 +140,11 @@ class Batches:
             if upcast:
                 vae.to(torch.float32)
             try:
-                x = dataset.to_tensor(dataset.load_image(path, size[0], size))[None].to(self.device, vae.dtype)
-                sides = [x, x.flip(-1)] if self.flip else [x]
-                lat = torch.cat([vae.encode(s).latent_dist.mean for s in sides]) * vae.config.scaling_factor
+                lat = torch.cat([vae.encode(one[None].to(self.device, vae.dtype)).latent_dist.mean for one in x])
             finally:
                 if upcast:
                     vae.to(torch.float16)
-        if not torch.isfinite(lat).all():
-            raise TrainingError(f"the VAE gave non-finite latents for {path}; check the image, "
-                                "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
-        return lat.float()
+        return lat.float() * vae.config.scaling_factor
 
     def cache(self, paths: list, captions: list[str], sizes: list[tuple[int, int]],
               originals: list[tuple[int, int]] | None = None) -> Cached:

@@ -27,10 +27,10 @@ DIFFUSERS_LAYOUT_NOTE = ("diffusers layout: diffusers' load_lora_weights reads i
 
 
 def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: dict[str, set[str]],
-                preview=None) -> tuple[Path, dict]:
+                preview=None, extra_meta: dict[str, str] | None = None) -> tuple[Path, dict]:
     """Write <run>/<run>.safetensors, <run>.json, <run>.preview.png and compat.json; returns the LoRA's path
     and the key-check report. `module_sets` are the base's module names as each tool sees them
-    (sdlora.loras.check.base_module_sets, taken before adapters were added)."""
+    (sdlora.loras.check.base_module_sets, taken before adapters were added); `extra_meta` goes in the header."""
     run_dir, name = Path(run_dir), Path(run_dir).name
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     spec, cfg, data = config["lora"], config["train"], config["data"]
@@ -43,7 +43,7 @@ def export_lora(run_dir: Path, loras: layouts.LoraSet, base: Base, module_sets: 
         prediction_type=base.prediction_type, training_started_at=config.get("started_at", ""),
         text_encoder_lr=cfg["text_encoder_lr"], tag_frequency=_tag_frequency(config["captions"].values()),
         extra={"sdlora_settings": json.dumps(shareable_settings(config)),
-               "sdlora_versions": json.dumps(config["versions"])})
+               "sdlora_versions": json.dumps(config["versions"]), **(extra_meta or {})})
     dtype = DTYPES[cfg["save_dtype"]]
     if cfg["save_format"] == "kohya":
         sd = layouts.to_kohya(loras, dtype=dtype, naming=naming_for(base))

@@ -9,6 +9,7 @@ exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -23,7 +24,7 @@ from sdlora.config import (ConfigError, DataConfig, GenerateConfig, LoraSpec, Tr
                            isolation_method)
 from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
-from sdlora.training import adapters, hardware
+from sdlora.training import adapters, calibrate, hardware
 from sdlora.training.batches import Batches, TrainingError, Untriggered
 from sdlora.training.events import Callbacks, StepInfo, TrainResult
 from sdlora.training.objective import TEXT_ISOLATION_SCALE, KeyValueIsolation, Objective
@@ -297,11 +298,59 @@ class _Trainer:
             for component, te in self.base.text_encoders.items():
                 loras.update(adapters.extract(te, component, self.spec))
         self.bare_unet.eval()
+        found = self.calibration()
+        scale = found.strength if found else 1.0
+        for w in loras.values():
+            w.up = w.up * scale
         seeds = self.cfg.sample_seeds or (0,)
-        preview = self.render(self.plan.items[0].caption, seeds[0])  # strength 1, the trigger caption
-        path, report = export_lora(run_dir, loras, self.base, self.module_sets, preview)
+        with self.lora_strength(scale):                               # the file's strength 1, the trigger caption
+            preview = self.render(self.plan.items[0].caption, seeds[0])
+        path, report = export_lora(run_dir, loras, self.base, self.module_sets, preview,
+                                   {"sdlora_strength_scale": f"{scale:g}"} if found else None)
         self.cb.on_message(describe_export(report))
         return path
+
+    @contextlib.contextmanager
+    def lora_strength(self, strength: float):
+        """The trained adapters drawn at `strength` (their scale x strength) inside the block."""
+        from peft.tuners.lora import LoraLayer
+        layers = [m for model in (self.bare_unet, *self.base.text_encoders.values()) for m in model.modules()
+                  if isinstance(m, LoraLayer)]
+        for layer in layers:
+            layer.set_scale(adapters.ADAPTER, strength)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.set_scale(adapters.ADAPTER, 1.0)
+
+    def calibration(self) -> calibrate.Calibration | None:
+        """The strength whose samples come closest to the training images (training.calibrate), or None when
+        calibration is off or cannot scale this adapter."""
+        if not self.cfg.calibrate_strength:
+            return None
+        if self.spec.adapter != "lora" or self.spec.use_dora:
+            self.cb.on_message("strength calibration: skipped (it scales plain LoRA files; DoRA and AdaLoRA files "
+                               "keep strength 1 as trained)")
+            return None
+        from sdlora.generate import make_pipeline
+        if self._pipe is None:
+            self._pipe = make_pipeline(self.base)
+        steps, guidance = self.base.sampling or calibrate.SAMPLING
+        size = self.plan.resolution
+
+        def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
+            with self.lora_strength(strength), torch.no_grad():
+                out = self._pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=size,
+                                 height=size, generator=torch.Generator(device="cpu").manual_seed(seed),
+                                 output_type="pt")
+            return self.batches.encode_pixels(out.images.float() * 2 - 1).cpu()   # as the training images were
+
+        latents = [lat[0].cpu() for lat in self.examples.latents]      # each image unflipped, as trained
+        found = calibrate.calibrate(draw, [it.caption for it in self.plan.items], latents, (steps, guidance),
+                                    self.cfg.seed)
+        self.cb.on_message(found.describe())
+        return found
 
 
 def _optimizer(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
