@@ -337,12 +337,13 @@ class _Trainer:
         if self._pipe is None:
             self._pipe = make_pipeline(self.base)
         steps, guidance = self.base.sampling or calibrate.SAMPLING
-        size = self.plan.resolution
+        bucket = {it.caption: fit.bucket for it, fit in zip(self.plan.items, self.plan.fits)}   # (w, h) as trained
 
         def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
+            width, height = bucket[caption]
             with self.lora_strength(strength), torch.no_grad():
-                out = self._pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=size,
-                                 height=size, generator=torch.Generator(device="cpu").manual_seed(seed),
+                out = self._pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=width,
+                                 height=height, generator=torch.Generator(device="cpu").manual_seed(seed),
                                  output_type="pt")
             return self.batches.encode_pixels(out.images.float() * 2 - 1).cpu()   # as the training images were
 
