@@ -1,7 +1,8 @@
 """Style quality: train a LoRA on each example style dataset and judge it with the style's own statistics.
 
 For every dataset in datasets/ that sdlora.tinybase.stylestats knows, one LoRA is trained with sdlora's
-defaults (or the settings given), then prompts with the trigger and colour-shape pairs the dataset
+defaults (or the settings given; strength calibration included, so a file's strength 1 may be a share of
+what was trained: `--set calibrate_strength=false` draws the trained update as it is), then prompts with the trigger and colour-shape pairs the dataset
 never shows are drawn at strengths 0, 0.5 and 1, and the same prompts without the trigger at 0 and 1,
 with fixed seeds. Per statistic the table gives:
 
