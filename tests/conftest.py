@@ -21,6 +21,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# Strength calibration draws training captions at three strengths after every training. Tests that train for
+# another reason run that whole path on 2 captions (a tiny-random run of 6 steps would otherwise spend most
+# of its time there); test_calibrate checks the choice itself, and the style test measures with the real count.
+FULL_CALIBRATION = {"test_calibrate.py", "test_style_learning.py"}
+
+
+@pytest.fixture(autouse=True)
+def _calibration_on_two_captions(request, monkeypatch):
+    if Path(str(request.fspath)).name not in FULL_CALIBRATION:
+        from sdlora.training import calibrate
+        monkeypatch.setattr(calibrate, "N_CAPTIONS", 2)
+
+
 @pytest.fixture
 def tiny_base():
     """A fresh tiny-random base (64 px, 7 transformer blocks); each test may modify it."""
