@@ -22,8 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # Strength calibration draws training captions at three strengths after every training. Tests that train for
-# another reason run that whole path on 2 captions (a tiny-random run of 6 steps would otherwise spend most
-# of its time there); test_calibrate checks the choice itself, and the style test measures with the real count.
+# another reason run that whole path on 2 captions of 4 sampling steps (a tiny-random run of 6 steps spent
+# 1.4 s training and 5.5 s calibrating); test_calibrate checks the choice itself, and the style test
+# measures with the real count and the base's own sampling.
 FULL_CALIBRATION = {"test_calibrate.py", "test_style_learning.py"}
 
 
@@ -32,6 +33,7 @@ def _calibration_on_two_captions(request, monkeypatch):
     if Path(str(request.fspath)).name not in FULL_CALIBRATION:
         from sdlora.training import calibrate
         monkeypatch.setattr(calibrate, "N_CAPTIONS", 2)
+        monkeypatch.setattr(calibrate, "SAMPLING", (4, calibrate.SAMPLING[1]))
 
 
 @pytest.fixture
