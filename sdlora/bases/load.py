@@ -215,22 +215,25 @@ def base_lora_lr(name: str) -> float | None:
     return recommended_lora_lr(_config_folder(name))
 
 
-def recommended_lora_lr(folder: Path) -> float | None:
-    """The "lora_lr" of a base folder's sdlora build.json (the built-in base has one), else None."""
+def _build_config(folder: Path) -> dict:
+    """The "config" of a base folder's sdlora build.json (the built-in base has one), else {}."""
     try:
-        value = json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"]["lora_lr"]
+        config = json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def recommended_lora_lr(folder: Path) -> float | None:
+    """The "lora_lr" of a base folder's sdlora build.json, else None."""
+    value = _build_config(folder).get("lora_lr")
     return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
 
 
 def recommended_sampling(folder: Path) -> tuple[int, float] | None:
     """(steps, guidance) of a base folder's sdlora build.json ("sample_steps", "guidance"), else None."""
-    try:
-        config = json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"]
-        steps, guidance = config["sample_steps"], config["guidance"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    config = _build_config(folder)
+    steps, guidance = config.get("sample_steps"), config.get("guidance")
     if isinstance(steps, int) and 0 < steps <= 500 and isinstance(guidance, (int, float)) and 0 <= guidance <= 50:
         return steps, float(guidance)
     return None
