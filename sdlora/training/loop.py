@@ -170,10 +170,15 @@ class _Trainer:
 
     def render(self, prompt: str, seed: int):
         """An image from the base as it is now (with the LoRA once it trains), by generation's own path."""
-        from sdlora.generate import make_pipeline, render
+        from sdlora.generate import render
+        return render(self.pipeline(), GenerateConfig(prompt=prompt, seed=seed), self.plan.resolution)
+
+    def pipeline(self):
+        """The generation pipeline of the base as it is now (its U-Net is the one training, adapters in place)."""
+        from sdlora.generate import make_pipeline
         if self._pipe is None:
-            self._pipe = make_pipeline(self.base)   # the base's U-Net is the one training (adapters in place)
-        return render(self._pipe, GenerateConfig(prompt=prompt, seed=seed), self.plan.resolution)
+            self._pipe = make_pipeline(self.base)
+        return self._pipe
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, run_dir: Path, start: int) -> TrainResult:
@@ -333,16 +338,14 @@ class _Trainer:
             self.cb.on_message("strength calibration: skipped (it scales plain LoRA files; DoRA and AdaLoRA files "
                                "keep strength 1 as trained)")
             return None
-        from sdlora.generate import make_pipeline
-        if self._pipe is None:
-            self._pipe = make_pipeline(self.base)
+        pipe = self.pipeline()
         steps, guidance = self.base.sampling or calibrate.SAMPLING
         bucket = {it.caption: fit.bucket for it, fit in zip(self.plan.items, self.plan.fits)}   # (w, h) as trained
 
         def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
             width, height = bucket[caption]
             with self.lora_strength(strength), torch.no_grad():
-                out = self._pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=width,
+                out = pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=width,
                                  height=height, generator=torch.Generator(device="cpu").manual_seed(seed),
                                  output_type="pt")
             return self.batches.encode_pixels(out.images.float() * 2 - 1).cpu()   # as the training images were
