@@ -10,8 +10,10 @@ app: install
 demo: install
 	bash scripts/demo.sh
 
+# Two worker processes (each torch on one thread, tests/conftest.py), a file's tests kept together so its
+# module fixtures (the style test's trainings) run once.
 test: install
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	.venv/bin/python bench/train_step.py
