@@ -15,6 +15,10 @@ with fixed seeds. Per statistic the table gives:
   with it move.
 - **colour kept**: share of images at strength 1 whose shape is still the prompt's colour.
 
+`--words` also draws, with no LoRA, the same prompts with the style told in the base's own caption words
+where it has them (neon: "<shape> outline ... on a black background"; hatch: "... on a striped white
+background"): how far the base's U-Net goes when asked, for the styles a LoRA on its attention
+cannot steer it far enough.
 `--reference PATH` also trains each dataset with diffusers' DreamBooth LoRA example script
 (examples/dreambooth/train_dreambooth_lora.py; not part of sdlora: give your copy's path) on the same
 base, images, steps, rank, learning rate and resolution, with its one instance prompt
@@ -162,6 +166,45 @@ def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: l
     grid.save(out / f"style_quality_{row.style}_{row.trainer}.png")
 
 
+def outlined(content: str) -> str:
+    """'a large red circle in the center' -> 'a large red circle outline in the center' (the base's word for an
+    outline follows the shape, as in its captions)."""
+    words = content.split(" ")
+    at = next(i for i, w in enumerate(words) if w in scenes.SHAPES) + 1
+    return " ".join(words[:at] + ["outline"] + words[at:])
+
+
+# A style told in the base's caption words (scenes.Scene.caption), where the base has words for it.
+IN_WORDS = {"neon": lambda content: f"{outlined(content)} on a black background",
+            "hatch": lambda content: f"{content} on a striped white background"}
+
+
+def in_words(gen, style: str) -> list[dict]:
+    """Per statistic of a style in IN_WORDS: {statistic, base, words, ceiling, way}, the base drawing the unseen
+    contents as they are and in words (no LoRA, the benchmark's seeds and sampling)."""
+    from sdlora import GenerateConfig
+    contents = [c for c, _ in unseen_contents(DATASETS / style)]
+
+    def draw(prompts: list[str]) -> list[Image.Image]:
+        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), []) for p in prompts for s in SEEDS]
+
+    plain, told = draw(contents), draw([IN_WORDS[style](c) for c in contents])
+    ceiling_images = vae_round_trip(gen.base.vae, load_images(DATASETS / style))
+    out = []
+    for name, stat in stylestats.STYLE_STATS[style].items():
+        base, words, ceiling = (stylestats.mean_stat(stat, ims) for ims in (plain, told, ceiling_images))
+        out.append({"style": style, "statistic": name, "base": base, "words": words, "ceiling": ceiling,
+                    "way": (words - base) / (ceiling - base) if ceiling != base else float("nan")})
+    return out
+
+
+def words_table(rows: list[dict]) -> str:
+    lines = ["| style | statistic | base | in words | ceiling | way |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['style']} | {r['statistic']} | {r['base']:.3f} | {r['words']:.3f} | {r['ceiling']:.3f} | "
+              f"{r['way']:.0%} |" for r in rows]
+    return "\n".join(lines)
+
+
 def train_ours(style: str, base: str, out: Path, train_set: dict, lora_set: dict) -> tuple[str, float, dict]:
     """(LoRA path, seconds, the run's resolved settings) of a LoRA trained by sdlora on datasets/<style>."""
     from sdlora import DataConfig, LoraSpec, TrainConfig, train
@@ -241,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FIELD=VALUE",
                         help="a LoraSpec field for sdlora's run, e.g. rank=8, self_attention=true")
     parser.add_argument("--label", default="sdlora", help="the trainer column's name for sdlora's rows")
+    parser.add_argument("--words", action="store_true",
+                        help="also draw the styles the base has caption words for (neon, hatch) in those words, "
+                             "with no LoRA")
     parser.add_argument("--reference", type=Path, help="path of diffusers' train_dreambooth_lora.py to compare with")
     parser.add_argument("--reference-python", default=sys.executable, help="python that runs the reference script")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -275,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{style}: reference {ref_s:.0f}s", flush=True)
     print(table(rows))
     print(verdict(rows))
+    worded = [r for style in (a.styles or styles()) if a.words and style in IN_WORDS for r in in_words(gen, style)]
+    if worded:
+        print("The base alone, asked in its own words:")
+        print(words_table(worded))
     if a.json:
         a.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n", encoding="utf-8")
 

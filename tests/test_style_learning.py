@@ -87,6 +87,18 @@ def test_trigger_is_not_a_word_of_the_base(style):
     assert not set(tok.tokenize(trigger)) & vocab, f"{trigger} shares tokens with the base's captions"
 
 
+def test_styles_in_words_are_captions_the_base_trained_on():
+    """bench/style_quality.py --words asks the base for neon and hatch in its own caption words: each prompt must be
+    exactly the caption the base's training gave such a scene."""
+    from dataclasses import replace
+    scene = scenes.Scene(colour="red", shape="star", size="large", position="on the left", background="white")
+    content = scene.caption(with_background=False)
+    assert content == "a large red star on the left"
+    assert sq.IN_WORDS["neon"](content) == replace(scene, look="outline", background="black").caption()
+    assert sq.IN_WORDS["hatch"](content) == replace(scene, texture="striped").caption()
+    assert sq.outlined("a small blue circle at the top") == "a small blue circle outline at the top"
+
+
 def test_base_draws_the_prompted_colour(row):
     """Precondition: at strength 0 the base draws the prompt's colour; if not, no LoRA can keep it."""
     assert row.colour_base >= sq.BARS["colour"], f"the base itself draws the prompt's colour in {row.colour_base:.0%}"
