@@ -273,3 +273,61 @@ def test_vae_gives_back_the_textures_of_the_example_styles(pipe, build_info):
             assert value == pytest.approx(recorded[kind][scale], abs=0.05), (kind, scale)
     assert kept["hatch"]["6"] >= 1 / 3 and kept["dots"]["6"] >= 1 / 3, kept
     assert "| hatch |" in (BASE / "README.md").read_text()
+
+
+def test_card_says_what_the_unet_draws_when_asked_measured_again(tmp_path, build_info):
+    """`python -m sdlora.tinybase card` on a copy of the shipped base measures again how much of each look the
+    U-Net draws when the prompt names it: the figures match the shipped build.json, nothing else in it or in
+    the weights changes, and the card carries the table. The base draws hollow shapes and grain when told to."""
+    import hashlib
+    import shutil
+
+    from sdlora.tinybase.build import main
+    from sdlora.tinybase.card import LOOK_WORDS
+    copy = tmp_path / "base"
+    shutil.copytree(BASE, copy)
+    weights = {p.relative_to(copy): hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*.safetensors")}
+    main(["card", "--out", str(copy)])
+    after = json.loads((copy / "build.json").read_text())
+    words = after["figures"].pop("drawn_in_words")
+    shipped = json.loads(json.dumps(build_info))
+    recorded = shipped["figures"].pop("drawn_in_words")
+    assert after == shipped
+    assert {p.relative_to(copy): hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*.safetensors")} \
+        == weights and weights
+    assert list(words) == list(recorded) == list(LOOK_WORDS)
+    for word, figures in words.items():
+        for name, value in figures.items():
+            assert value == pytest.approx(recorded[word][name], abs=0.05), (word, name, value, recorded[word])
+    assert words["outline"]["share"] >= 0.5 and words["speckled"]["share"] >= 0.5, words
+    card = (copy / "README.md").read_text()
+    assert "## What its U-Net draws when asked" in card
+    for word, figures in recorded.items():
+        assert f"| {word} |" in (BASE / "README.md").read_text() and f"| {word} |" in card
+
+
+def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_path):
+    """`build` end to end at a toy size (the real one takes about an hour): the folder loads as a base, carries
+    the config it was built with and every figure, and its card has each section."""
+    from dataclasses import replace
+
+    from sdlora.bases.load import load_base, recommended_lora_lr, recommended_sampling
+    from sdlora.tinybase.build import build, load_build_config
+    from sdlora.tinybase.card import LOOK_WORDS
+    from sdlora.tinybase.models import BuildConfig
+    cfg = replace(BuildConfig.quick(), n_images=120, vae_colour_images=40, vae_texture_images=40, vae_steps=6,
+                  decoder_steps=4, unet_steps=6, warmup=2, batch=8, sample_steps=2)
+    out = tmp_path / "base"
+    figures = build(cfg, out)
+    assert load_build_config(out) == cfg
+    info = json.loads((out / "build.json").read_text())
+    assert info["figures"] == json.loads(json.dumps(figures))
+    assert set(figures) >= {"vae", "scaling_factor", "params_m", "held_out_eval", "build_minutes", "drawn_in_words"}
+    assert list(figures["drawn_in_words"]) == list(LOOK_WORDS) and figures["held_out_eval"]["n"] == 60
+    base = load_base(str(out))
+    assert base.vae.config.scaling_factor == pytest.approx(figures["scaling_factor"])
+    assert recommended_lora_lr(out) == cfg.lora_lr and recommended_sampling(out) == (2, cfg.guidance)
+    card = (out / "README.md").read_text()
+    for section in ("## What it draws", "## How it was trained", "## What its VAE gives back",
+                    "## What its U-Net draws when asked"):
+        assert section in card

@@ -24,7 +24,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from sdlora.tinybase import scenes, textures
-from sdlora.tinybase.card import evaluate, write_model_card
+from sdlora.tinybase.card import drawn_in_words, evaluate, write_model_card
 from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params
 from sdlora.tinybase.words import make_dataset, tokenize
 from sdlora.tinybase.stages import (train_vae, finetune_decoder, encode_latents, check_vae, texture_round_trip,
@@ -46,8 +46,43 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfi
         model.to(torch.float32)
     info = {"config": asdict(cfg), "figures": figures, "held_out": [list(p) for p in scenes.HELD_OUT],
             "schedule": SD_SCHEDULE}
-    (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    _write_text(out / "build.json", json.dumps(info, indent=2) + "\n")
     return pipe
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, so a failed write leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_build_config(folder: Path) -> BuildConfig:
+    """The BuildConfig a base folder was built with (its build.json), lists back as tuples."""
+    config = json.loads((folder / "build.json").read_text(encoding="utf-8"))["config"]
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+             if k in BuildConfig.__dataclass_fields__}
+    return BuildConfig(**known)
+
+
+def remeasure(folder: Path, threads: int = 1) -> dict:
+    """Measure a built base folder's figures that need no training (what its U-Net draws when asked) with the
+    code as it is now, and rewrite its build.json figures and model card: the weights are not touched."""
+    torch.set_num_threads(threads)
+    folder = Path(folder)
+    if not (folder / "build.json").is_file() or not (folder / "model_index.json").is_file():
+        raise SystemExit(f"{folder} is not a base built by `python -m sdlora.tinybase build` (no build.json or "
+                         "model_index.json); give the folder of one")
+    info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
+    cfg = load_build_config(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
+    _write_text(folder / "build.json", json.dumps(info, indent=2) + "\n")
+    write_model_card(folder, cfg, info["figures"])
+    log(f"drawn in words: {info['figures']['drawn_in_words']}; build.json and README.md rewritten in {folder}")
+    return info["figures"]
 
 
 def build(cfg: BuildConfig, out: Path) -> dict:
@@ -82,6 +117,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     pipe = save_pipeline(out, vae, unet, text_encoder, tokenizer, cfg, figures)
     result = evaluate(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
     figures["held_out_eval"] = {k: result[k] for k in ("colour_acc", "shape_acc", "s_per_image_batched", "n")}
+    figures["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
     figures["build_minutes"] = (time.time() - t_start) / 60
     save_pipeline(out, vae, unet, text_encoder, tokenizer, cfg, figures)
     write_model_card(out, cfg, figures)
@@ -102,7 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--batch", type=int, help="override the U-Net batch size")
     b.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     b.add_argument("--max-minutes", type=float, help="stop U-Net training after this long (shared machines)")
+    c = sub.add_parser("card", help="measure a built base's figures that need no training again, with the code "
+                                    "as it is now, and rewrite its build.json figures and model card (weights untouched)")
+    c.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the base folder (default {DEFAULT_OUT})")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
+    if args.command == "card":
+        remeasure(args.out, args.threads)
+        return
     cfg = BuildConfig.quick() if args.quick else BuildConfig()
     if args.unet_steps:
         cfg = replace(cfg, unet_steps=args.unet_steps)
