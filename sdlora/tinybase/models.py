@@ -74,6 +74,8 @@ class BuildConfig:
     # VAE, and the weight of its texture-energy loss (stages.texture_loss): without them the VAE gave back
     # about 7% of a fine texture, so no LoRA could reach a textured style.
     texture_p: float = 0.25             # share of scenes with a striped, dotted or speckled background
+    texture_shades: tuple[float, float] = (0.55, 0.55)   # a texture's ink, as scenes.Scene.texture_shade: one
+                                        # value, or a range each textured scene draws from
     vae_texture_images: int = 4000
     texture_weight: float = 1.0
     vae_steps: int = 2000

@@ -74,6 +74,8 @@ class Scene:
     texture: str = ""             # "", or a TEXTURES word: the background is striped, dotted or speckled
     texture_scale: float = 4.0    # px: the texture's period or grain size
     texture_seed: int = 0
+    texture_shade: float = 0.55   # the texture's ink: the background's colour x this on light parts, that far
+                                  # from white on dark ones
 
     def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True,
                 with_look: bool = True) -> str:
@@ -157,16 +159,18 @@ def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Imag
     cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
                              random.Random(scene.texture_seed))
     light = small.mean(-1, keepdims=True) > 100
-    shade = np.where(light, small * 0.55, small + 0.45 * (255 - small))
+    k = scene.texture_shade
+    shade = np.where(light, small * k, small + (1 - k) * (255 - small))
     out = small * (1 - cover[..., None]) + shade * cover[..., None]
     return Image.fromarray(out.round().astype(np.uint8)).resize(img.size, Image.BILINEAR)
 
 
 def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0,
-                 texture_p: float = 0.0) -> Scene:
+                 texture_p: float = 0.0, texture_shades: tuple[float, float] = (0.55, 0.55)) -> Scene:
     """A random training scene; held-out colour-shape pairs are redrawn unless allowed. With
     probability `outline_p` the shape is an outline 2-4 px wide, and with `texture_p` the background
-    is textured (no extra draws when they are 0)."""
+    is textured, its ink's shade drawn from `texture_shades` (no extra draws when they are 0, or the
+    shades one value)."""
     while True:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         if allow_held_out or (colour, shape) not in HELD_OUT:
@@ -184,6 +188,8 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
     if texture_p and rng.random() < texture_p:
         scene = replace(scene, texture=rng.choice(list(TEXTURES)), texture_scale=rng.choice((3.0, 4.0, 6.0)),
                         texture_seed=rng.getrandbits(31))
+        if texture_shades[0] != texture_shades[1]:
+            scene = replace(scene, texture_shade=rng.uniform(*texture_shades))
     return scene
 
 

@@ -78,7 +78,8 @@ def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tens
     meaning = WordMeaning(cfg, tokenizer) if cfg.prefix_meaning else None
     images, captions = [], []
     for _ in range(cfg.n_images):
-        scene = scenes.random_scene(rng, outline_p=cfg.outline_p, texture_p=cfg.texture_p)
+        scene = scenes.random_scene(rng, outline_p=cfg.outline_p, texture_p=cfg.texture_p,
+                                    texture_shades=tuple(cfg.texture_shades))
         images.append(np.asarray(scenes.render(scene)))
         captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
         captions += [free_caption(scene, caption_rng, parts, cfg, meaning) for _ in range(cfg.free_captions)]
