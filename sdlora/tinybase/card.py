@@ -194,14 +194,18 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
                   "come back flatter.", ""]
     words = figures.get("drawn_in_words")
     if words:
+        low, high = cfg.texture_shades
+        shades = (f"The build lays a texture over the background in a shade of it ({low:.0%} of a light "
+                  "background's value), so these are textures of that strength: dark ink, as in `datasets/hatch`, "
+                  "is further than any of them. " if low == high else
+                  f"The build lays a texture over the background in a shade of it, {low:.0%} to {high:.0%} of a "
+                  "light background's value (dark ink to a faint shade), and the caption does not say which. ")
         lines += ["## What its U-Net draws when asked", "",
                   "Large centred shapes on white, 6 colour-shape pairs x 2 seeds, drawn with and without the word "
                   "(`card.drawn_in_words`): the outline read as the lit share of the shape, a texture as the "
                   "background's texture energy (`sdlora.tinybase.stylestats`). *Drawn* is the build's own "
                   "pictures of those captions after a VAE round trip; *share* is how much of the way from plain "
-                  "pictures to them the word takes the U-Net. The build lays a texture over the background in a "
-                  "shade of it (55% of a light background's value), so these are textures of that strength: "
-                  "dark ink, as in `datasets/hatch`, is further than any of them. A style LoRA on the U-Net's "
+                  "pictures to them the word takes the U-Net. " + shades + "A style LoRA on the U-Net's "
                   "attention steers what the U-Net can draw: a look it draws little of when asked is hard to "
                   "teach it.", "",
                   "| word | statistic | without the word | with it | drawn | share |", "|---|---|---|---|---|---|"]
