@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
+from sdlora.tinybase.stages import vae_round_trip  # noqa: E402
 
 STRENGTHS = (0.0, 0.5, 1.0)
 SEEDS = (0, 1)
@@ -90,17 +91,6 @@ def unseen_contents(folder: Path, n: int = N_PROMPTS) -> list[tuple[str, str]]:
 
 def load_images(folder: Path) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-
-
-def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """Each image encoded (posterior mean) and decoded by the base's VAE: what the base can give back."""
-    import torch
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        x = x.to(vae.device, vae.dtype)
-        out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu()
-    arr = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
+from sdlora.safefiles import atomic_write_bytes
 from sdlora.tinybase import scenes, textures
 from sdlora.tinybase.card import drawn_in_words, evaluate, write_model_card
 from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params
@@ -46,23 +47,19 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfi
         model.to(torch.float32)
     info = {"config": asdict(cfg), "figures": figures, "held_out": [list(p) for p in scenes.HELD_OUT],
             "schedule": SD_SCHEDULE}
-    _write_text(out / "build.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_bytes(out / "build.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return pipe
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file beside `path`, so a failed write leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def load_build_config(folder: Path) -> BuildConfig:
-    """The BuildConfig a base folder was built with (its build.json), lists back as tuples."""
-    config = json.loads((folder / "build.json").read_text(encoding="utf-8"))["config"]
-    known = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-             if k in BuildConfig.__dataclass_fields__}
-    return BuildConfig(**known)
+    """The BuildConfig a base folder was built with (its build.json)."""
+    return build_config(json.loads((Path(folder) / "build.json").read_text(encoding="utf-8"))["config"])
+
+
+def build_config(config: dict) -> BuildConfig:
+    """A build.json "config" as a BuildConfig, lists back as tuples."""
+    return BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                          if k in BuildConfig.__dataclass_fields__})
 
 
 def remeasure(folder: Path, threads: int = 1) -> dict:
@@ -74,12 +71,12 @@ def remeasure(folder: Path, threads: int = 1) -> dict:
         raise SystemExit(f"{folder} is not a base built by `python -m sdlora.tinybase build` (no build.json or "
                          "model_index.json); give the folder of one")
     info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
-    cfg = load_build_config(folder)
+    cfg = build_config(info["config"])
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
-    _write_text(folder / "build.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_bytes(folder / "build.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     write_model_card(folder, cfg, info["figures"])
     log(f"drawn in words: {info['figures']['drawn_in_words']}; build.json and README.md rewritten in {folder}")
     return info["figures"]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdlora.safefiles import atomic_write_bytes
 from sdlora.tinybase import scenes
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def drawn_in_words(pipe: StableDiffusionPipeline, steps: int = 20, guidance: flo
     word; "drawn" is the statistic of the build's own pictures of those captions after a VAE round trip (every
     texture scale the build uses), "share" = (with - without) / (drawn - the plain pictures' value)."""
     from sdlora.tinybase import stylestats
-    from sdlora.tinybase.stages import to_pil
+    from sdlora.tinybase.stages import vae_round_trip
     plain = [scenes.Scene(colour=c, shape=s, size="large", position="in the center", background="white")
              for c, s in pairs]
 
@@ -74,21 +75,16 @@ def drawn_in_words(pipe: StableDiffusionPipeline, steps: int = 20, guidance: flo
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
 
-    def round_trip(images: list) -> list:
-        import numpy as np
-        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return to_pil(pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample)
-
-    prompts = [sc.caption() for sc in plain for _ in range(seeds)]
-    without_images = generate(prompts)
+    without_images = generate([sc.caption() for sc in plain for _ in range(seeds)])
+    plain_drawn = vae_round_trip(pipe.vae, [scenes.render(sc) for sc in plain])
     out = {}
     for word in LOOK_WORDS:
         stat = stylestats.fill_ratio if word == "outline" else stylestats.background_texture
         scales = (4.0,) if word == "outline" else TEXTURE_SCALES
-        drawn = round_trip([scenes.render(_look(sc, word, scale)) for sc in plain for scale in scales])
+        drawn = vae_round_trip(pipe.vae, [scenes.render(_look(sc, word, scale)) for sc in plain
+                                          for scale in scales])
         with_images = generate([_look(sc, word).caption() for sc in plain for _ in range(seeds)])
-        base, shown = stylestats.mean_stat(stat, round_trip([scenes.render(sc) for sc in plain])), \
-            stylestats.mean_stat(stat, drawn)
+        base, shown = stylestats.mean_stat(stat, plain_drawn), stylestats.mean_stat(stat, drawn)
         without, with_word = stylestats.mean_stat(stat, without_images), stylestats.mean_stat(stat, with_images)
         out[word] = {"without": round(without, 3), "with": round(with_word, 3), "drawn": round(shown, 3),
                      "share": round((with_word - without) / (shown - base), 3) if shown != base else float("nan")}
@@ -217,6 +213,4 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
     if ev and (ev["colour_acc"] < 0.9 or ev["shape_acc"] < 0.7):
         lines += ["**Below the quality bar** (prompt's colour >= 90%, shape >= 70% on held-out prompts).", ""]
     lines += [f"Note: {note}" for note in figures.get("notes", [])]
-    tmp = out / ".README.md.tmp"                      # whole or not at all
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out / "README.md")
+    atomic_write_bytes(out / "README.md", "\n".join(lines).encode("utf-8"))

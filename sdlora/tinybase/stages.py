@@ -154,6 +154,15 @@ def texture_round_trip(vae: AutoencoderKL, n: int = 8, seed: int = 99) -> dict[s
     return out
 
 
+@torch.no_grad()
+def vae_round_trip(vae: AutoencoderKL, images: list) -> list:
+    """Each RGB image encoded (posterior mean) and decoded by `vae`: what a base can give back of it."""
+    import numpy as np
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = x.to(vae.device, vae.dtype)
+    return to_pil(vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu())
+
+
 def to_pil(x: torch.Tensor) -> list:
     from PIL import Image
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
