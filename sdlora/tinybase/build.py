@@ -23,10 +23,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from sdlora.safefiles import atomic_write_bytes
 from sdlora.tinybase import scenes, textures
 from sdlora.tinybase.card import drawn_in_words, evaluate, write_model_card
-from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params
+from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params, write_whole
 from sdlora.tinybase.words import make_dataset, tokenize
 from sdlora.tinybase.stages import (train_vae, finetune_decoder, encode_latents, check_vae, texture_round_trip,
                                     train_denoiser)
@@ -47,7 +46,7 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfi
         model.to(torch.float32)
     info = {"config": asdict(cfg), "figures": figures, "held_out": [list(p) for p in scenes.HELD_OUT],
             "schedule": SD_SCHEDULE}
-    atomic_write_bytes(out / "build.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    write_whole(out / "build.json", json.dumps(info, indent=2) + "\n")
     return pipe
 
 
@@ -76,7 +75,7 @@ def remeasure(folder: Path, threads: int = 1) -> dict:
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
-    atomic_write_bytes(folder / "build.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    write_whole(folder / "build.json", json.dumps(info, indent=2) + "\n")
     write_model_card(folder, cfg, info["figures"])
     log(f"drawn in words: {info['figures']['drawn_in_words']}; build.json and README.md rewritten in {folder}")
     return info["figures"]

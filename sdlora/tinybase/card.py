@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdlora.safefiles import atomic_write_bytes
 from sdlora.tinybase import scenes
+from sdlora.tinybase.models import write_whole
 
 if TYPE_CHECKING:
     from sdlora.tinybase.models import BuildConfig
@@ -213,4 +213,4 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
     if ev and (ev["colour_acc"] < 0.9 or ev["shape_acc"] < 0.7):
         lines += ["**Below the quality bar** (prompt's colour >= 90%, shape >= 70% on held-out prompts).", ""]
     lines += [f"Note: {note}" for note in figures.get("notes", [])]
-    atomic_write_bytes(out / "README.md", "\n".join(lines).encode("utf-8"))
+    write_whole(out / "README.md", "\n".join(lines))

@@ -115,6 +115,14 @@ class BuildConfig:
                    unet_steps=60, warmup=20)
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so a failed write leaves the old file whole (the
+    build stands apart from sdlora.safefiles, whose atomic writer the product uses)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def log(msg: str) -> None:
     print(f"[tinybase {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
