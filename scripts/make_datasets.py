@@ -118,7 +118,7 @@ def silhouette(c: Content) -> np.ndarray:
 def hatch(c: Content) -> Image.Image:
     """The shape filled flat, on white covered with dark diagonal lines 6 px apart."""
     rgb = np.asarray(flat(c, WHITE, scenes.COLOURS[c.colour]), dtype=np.float32)
-    lines = textures.hatch(scenes.IMAGE_SIZE, HATCH_PERIOD, angle=45.0, width=0.45)
+    lines = textures.hatch(scenes.IMAGE_SIZE, HATCH_PERIOD, angle=stylestats.HATCH_ANGLE, width=0.45)
     out = textures.ink(rgb, lines * (1 - silhouette(c)), stylestats.HATCH_INK)
     return Image.fromarray(out.round().astype(np.uint8))
 

@@ -84,19 +84,19 @@ def replace_texture(scene, texture):
     return replace(scene, texture=texture)
 
 
-STYLE_VS_BASE = {
-    # style: (statistic, what the base draws)
-    "hatch": ("background_texture", base_like()),
-    "halftone": ("fill_texture", base_like()),
-    "dusk": ("dusk_distance", base_like()),
-    "dashed": ("dash_count", base_like(look="outline")),
-    "sage": ("sage_distance", base_like()),
-}
+STYLE_VS_BASE = [
+    # (style, statistic, what the base draws)
+    ("hatch", "background_texture", base_like()),
+    ("hatch", "hatch_lines", base_like()),
+    ("halftone", "fill_texture", base_like()),
+    ("dusk", "dusk_distance", base_like()),
+    ("dashed", "dash_count", base_like(look="outline")),
+    ("sage", "sage_distance", base_like()),
+]
 
 
-@pytest.mark.parametrize("style", list(STYLE_VS_BASE))
-def test_each_statistic_tells_its_dataset_from_what_the_base_draws(style):
-    name, base_image = STYLE_VS_BASE[style]
+@pytest.mark.parametrize("style, name, base_image", STYLE_VS_BASE, ids=[f"{s}-{n}" for s, n, _ in STYLE_VS_BASE])
+def test_each_statistic_tells_its_dataset_from_what_the_base_draws(style, name, base_image):
     stat = stylestats.STYLE_STATS[style][name]
     images = dataset(style)
     assert len(images) == 10
@@ -107,6 +107,42 @@ def test_each_statistic_tells_its_dataset_from_what_the_base_draws(style):
     # every training image is on the style's side of the base, by at least a quarter of the mean gap
     assert abs(gap) > 0 and (np.sign(gap) * (values - base) > 0.25 * abs(gap)).all(), (values, base)
     assert all(stylestats.colour_name(im) is not None for im in images)
+
+
+def grey(lum: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(lum[..., None], 3, -1).clip(0, 255).astype(np.uint8))
+
+
+def test_hatch_lines_counts_lines_in_the_hatch_direction_only():
+    paper = np.full((64, 64, 3), 245.0, dtype=np.float32)
+    lines = lambda angle: Image.fromarray(textures.ink(paper, textures.hatch(64, 6, angle=angle), stylestats.HATCH_INK)
+                                          .round().astype(np.uint8))
+    yy, xx = np.mgrid[0:64, 0:64]
+    checker = grey(np.where((yy // 3 + xx // 3) % 2, 70.0, 245.0))
+    noise = grey(np.random.default_rng(0).uniform(70, 245, (64, 64)))
+    texture = stylestats.background_texture
+    hatched = stylestats.hatch_lines(lines(stylestats.HATCH_ANGLE))
+    assert hatched > 100
+    assert np.mean([stylestats.hatch_lines(im) for im in dataset("hatch")]) > 100
+    # a checkerboard or noise has as much texture energy as the lines, and no direction
+    for other in (checker, noise):
+        assert texture(other) > 0.5 * texture(lines(stylestats.HATCH_ANGLE))
+        assert abs(stylestats.hatch_lines(other)) < 0.1 * hatched
+    # lines the other way change along the hatch direction instead: below zero; a plain background: zero
+    assert stylestats.hatch_lines(lines(stylestats.HATCH_ANGLE + 90)) < -0.5 * hatched
+    assert stylestats.hatch_lines(base_like()) == 0
+
+
+@pytest.mark.parametrize("angle", [0, 45, 90, 135])
+def test_line_contrast_reads_lines_by_their_direction(angle):
+    paper = np.full((64, 64, 3), 245.0, dtype=np.float32)
+    lines = textures.ink(paper, textures.hatch(64, 6, angle=angle), stylestats.HATCH_INK)
+    own = textures.line_contrast(lines, angle)
+    assert own > 100
+    assert textures.line_contrast(lines, angle + 90) == pytest.approx(-own)
+    assert abs(textures.line_contrast(lines, angle + 45)) < 0.05 * own
+    with pytest.raises(ValueError, match="angle=30"):
+        textures.line_contrast(lines, 30)
 
 
 def test_dataset_colours_read_back_as_captioned():

@@ -290,9 +290,14 @@ def test_card_says_what_the_unet_draws_when_asked_measured_again(tmp_path, build
     main(["card", "--out", str(copy)])
     after = json.loads((copy / "build.json").read_text())
     words = after["figures"].pop("drawn_in_words")
+    lines = after["figures"]["vae"].pop("lines_kept")
     shipped = json.loads(json.dumps(build_info))
     recorded = shipped["figures"].pop("drawn_in_words")
+    recorded_lines = shipped["figures"]["vae"].pop("lines_kept")
     assert after == shipped
+    # the VAE keeps vertical lines 6 px apart and loses most of diagonal ones (datasets/hatch's): measured again
+    assert lines == recorded_lines
+    assert lines["0"]["6"] >= 0.8 and lines["45"]["6"] <= 0.3, lines
     assert {p.relative_to(copy): hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*.safetensors")} \
         == weights and weights
     assert list(words) == list(recorded) == list(LOOK_WORDS)
@@ -302,6 +307,7 @@ def test_card_says_what_the_unet_draws_when_asked_measured_again(tmp_path, build
     assert words["outline"]["share"] >= 0.5 and words["speckled"]["share"] >= 0.5, words
     card, shipped_card = (copy / "README.md").read_text(), (BASE / "README.md").read_text()
     assert "## What its U-Net draws when asked" in card
+    assert "| 45 degrees | 13% | 69% |" in shipped_card and "| 45 degrees |" in card
     for word in recorded:
         assert f"| {word} |" in shipped_card and f"| {word} |" in card
 
@@ -324,6 +330,7 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
     assert info["figures"] == json.loads(json.dumps(figures))
     assert set(figures) >= {"vae", "scaling_factor", "params_m", "held_out_eval", "build_minutes", "drawn_in_words"}
     assert list(figures["drawn_in_words"]) == list(LOOK_WORDS) and figures["held_out_eval"]["n"] == 60
+    assert {a: list(row) for a, row in figures["vae"]["lines_kept"].items()} == {"0": ["6", "8"], "45": ["6", "8"]}
     base = load_base(str(out))
     assert base.vae.config.scaling_factor == pytest.approx(figures["scaling_factor"])
     assert recommended_lora_lr(out) == cfg.lora_lr and recommended_sampling(out) == (2, cfg.guidance)

@@ -28,7 +28,7 @@ from sdlora.tinybase.card import drawn_in_words, evaluate, write_model_card
 from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params, write_whole
 from sdlora.tinybase.words import make_dataset, tokenize
 from sdlora.tinybase.stages import (train_vae, finetune_decoder, encode_latents, check_vae, texture_round_trip,
-                                    train_denoiser)
+                                    lines_round_trip, train_denoiser)
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfig, figures: dict) -> StableDiffusionPipeline:
@@ -62,8 +62,9 @@ def build_config(config: dict) -> BuildConfig:
 
 
 def remeasure(folder: Path, threads: int = 1) -> dict:
-    """Measure a built base folder's figures that need no training (what its U-Net draws when asked) with the
-    code as it is now, and rewrite its build.json figures and model card: the weights are not touched."""
+    """Measure a built base folder's figures that need no training (what its U-Net draws when asked, the lines its
+    VAE gives back) with the code as it is now, and rewrite its build.json figures and model card: the weights are
+    not touched."""
     torch.set_num_threads(threads)
     folder = Path(folder)
     if not (folder / "build.json").is_file() or not (folder / "model_index.json").is_file():
@@ -75,9 +76,11 @@ def remeasure(folder: Path, threads: int = 1) -> dict:
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
+    info["figures"].setdefault("vae", {})["lines_kept"] = lines_round_trip(pipe.vae)
     write_whole(folder / "build.json", json.dumps(info, indent=2) + "\n")
     write_model_card(folder, cfg, info["figures"])
-    log(f"drawn in words: {info['figures']['drawn_in_words']}; build.json and README.md rewritten in {folder}")
+    log(f"drawn in words: {info['figures']['drawn_in_words']}; lines kept by the VAE: "
+        f"{info['figures']['vae']['lines_kept']}; build.json and README.md rewritten in {folder}")
     return info["figures"]
 
 
@@ -104,6 +107,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     vae.register_to_config(scaling_factor=scale)
     vae_figs = check_vae(vae, images, mean)
     vae_figs["texture_kept"] = texture_round_trip(vae)
+    vae_figs["lines_kept"] = lines_round_trip(vae)
     log(f"decoder fine-tuned; VAE recon {vae_figs}")
     unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
                                                     tokenizer)

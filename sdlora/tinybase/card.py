@@ -188,6 +188,19 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
             return ", ".join(found) or "none of them"
         lines += ["", f"Kept at least half: {finest(0.5)}. At least a third: {finest(1 / 3)}. Finer textures "
                   "come back flatter.", ""]
+    kept_lines = figures.get("vae", {}).get("lines_kept")
+    if kept_lines:
+        periods = list(next(iter(kept_lines.values())))
+        lines += ["Texture energy counts what comes back whatever its direction. Lines keep their look only if "
+                  "they keep their direction: the share of dark lines' contrast across them over along them "
+                  "(`textures.line_contrast`) left after a round trip, over cream, 4 phases each "
+                  "(`stages.lines_round_trip`; over 100%: sharper than drawn). Lines that lose their direction "
+                  "come back as a texture without it, which no LoRA can turn back into lines:", "",
+                  "| lines | " + " | ".join(f"{p} px apart" for p in periods) + " |",
+                  "|---|" + "---|" * len(periods)]
+        lines += [f"| {'vertical' if angle == '0' else angle + ' degrees'} | "
+                  + " | ".join(f"{v:.0%}" for v in row.values()) + " |" for angle, row in kept_lines.items()]
+        lines += [""]
     words = figures.get("drawn_in_words")
     if words:
         low, high = cfg.texture_shades

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sdlora.tinybase.scenes import COLOURS, holes
-from sdlora.tinybase.textures import texture_energy
+from sdlora.tinybase.textures import line_contrast, texture_energy
 
 # Pastel = the saturated colour mixed with white; 40% white keeps every colour's chroma
 # (max - min channel) >= 84, above scenes.foreground_mask's threshold of 70.
@@ -39,6 +39,7 @@ DUSK_DARK = 0.55                 # dusk: each colour at 55% of its value (dark j
 DUSK: dict[str, tuple[int, int, int]] = {name: tuple(round(DUSK_DARK * c) for c in rgb) for name, rgb in COLOURS.items()}
 SAGE = (196, 212, 176)           # sage background (chroma 36: never read as a shape)
 HATCH_INK = (70, 70, 78)         # hatch: the background's lines
+HATCH_ANGLE = 45.0               # hatch: the lines' angle, as textures.hatch draws it
 MIN_CHROMA = 60                  # px with max-min channel >= this are "the shape" (backgrounds are grey/cream)
 RING = 3                         # px: width of the band just outside the shape read as its outline
 MARGIN = 5                       # px: background pixels are at least this far from the shape
@@ -146,6 +147,14 @@ def background_texture(image) -> float:
     return texture_energy(rgb, 2, background_mask(shape_mask(rgb)))
 
 
+def hatch_lines(image) -> float:
+    """How much more the background's luminance (0..255) changes across the hatch style's 45-degree lines than
+    along them, 2 px each way: ~0 for a plain, noisy or checkered background (every direction alike), ~130
+    for the training images' dark 6 px lines on white. Texture energy alone also counts a checkerboard."""
+    rgb = _rgb(image)
+    return line_contrast(rgb, HATCH_ANGLE, 2, background_mask(shape_mask(rgb)))
+
+
 def fill_texture(image) -> float:
     """texture_energy (r = 2 px) inside the shape, 2 px in from its edge: ~0 filled flat, ~15 as 6 px halftone dots."""
     rgb = _rgb(image)
@@ -222,7 +231,7 @@ Statistic = Callable[[object], float]
 STYLE_STATS: dict[str, dict[str, Statistic]] = {
     "neon": {"fill_ratio": fill_ratio, "background_luminance": background_luminance},
     "pastel": {"outline_contrast": outline_contrast, "pastel_distance": pastel_distance},
-    "hatch": {"background_texture": background_texture},
+    "hatch": {"background_texture": background_texture, "hatch_lines": hatch_lines},
     "halftone": {"fill_texture": fill_texture},
     "dusk": {"dusk_distance": dusk_distance},
     "dashed": {"dash_count": dash_count},

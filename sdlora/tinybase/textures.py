@@ -148,5 +148,31 @@ def texture_energy(image, r: int = 2, mask: np.ndarray | None = None) -> float:
     return float(hp.mean())
 
 
+def _shifted_change(lum: np.ndarray, mask: np.ndarray, dy: int, dx: int) -> tuple[float, int]:
+    """(mean |lum(p) - lum(p + (dy, dx))| over the pixel pairs both in mask, how many pairs)."""
+    h, w = lum.shape
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    both = mask[ys, xs] & mask[yd, xd]
+    n = int(both.sum())
+    return (float(np.abs(lum[ys, xs] - lum[yd, xd])[both].mean()) if n else float("nan")), n
+
+
+def line_contrast(image, angle: float, step: int = 2, mask: np.ndarray | None = None) -> float:
+    """How much more luminance (0..255) changes across lines at `angle` degrees (as `hatch` draws them: 0
+    vertical, 45 diagonal) than along them, `step` px on each axis the direction moves on, over `mask` (all pixels if None): the lines' contrast with
+    their direction. ~0 for flat colour and for textures alike in every direction (noise, dots, a checkerboard);
+    negative for lines the other way. `angle` a multiple of 45 degrees; nan with fewer than 16 pixel pairs."""
+    if angle % 45:
+        raise ValueError(f"angle={angle}: line_contrast reads lines at multiples of 45 degrees")
+    lum = _luma(image) * 255.0
+    mask = np.ones(lum.shape, dtype=bool) if mask is None else mask
+    a = math.radians(angle)
+    sin, cos = (int(np.sign(round(v, 6))) for v in (math.sin(a), math.cos(a)))
+    across, along = (step * sin, step * cos), (step * cos, -step * sin)   # (dy, dx): the lines' normal, their run
+    (c_across, n), (c_along, m) = (_shifted_change(lum, mask, *d) for d in (across, along))
+    return c_across - c_along if min(n, m) >= 16 else float("nan")
+
+
 __all__ = ["KINDS", "SCALES", "hatch", "dots", "grain", "strokes", "pattern", "ink", "random_texture_image",
-           "local_mean", "texture_energy"]
+           "local_mean", "texture_energy", "line_contrast"]
