@@ -58,6 +58,18 @@ def test_texture_energy_is_zero_on_flat_colour_and_grows_with_contrast():
     assert 0 < textures.texture_energy(weak, 2) < textures.texture_energy(strong, 2)
 
 
+def test_direction_loss_tells_lines_from_lines_the_other_way_where_texture_loss_cannot():
+    from sdlora.tinybase.stages import direction_loss, texture_loss
+    lines = lambda angle: torch.from_numpy(textures.hatch(64, 6, angle=angle)).expand(1, 3, 64, 64) * 2 - 1
+    x, other = lines(45.0), lines(135.0)
+    assert float(direction_loss(x, x)) == 0.0
+    flat = torch.full_like(x, float(x.mean()))
+    # lines the other way: as much texture, another direction
+    assert float(texture_loss(other, x)) < 0.1 * float(texture_loss(flat, x))
+    assert float(direction_loss(other, x)) > 0.5 * float(direction_loss(flat, x)) > 0
+    assert float(direction_loss(torch.roll(x, 3, dims=-1), x)) < 0.2 * float(direction_loss(other, x))   # phase-free
+
+
 def test_texture_loss_is_zero_for_the_same_image_and_not_for_a_flattened_one():
     from sdlora.tinybase.stages import texture_loss
     x = torch.from_numpy(textures.hatch(32, 6)).expand(1, 3, 32, 32) * 2 - 1

@@ -338,3 +338,21 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
     for section in ("## What it draws", "## How it was trained", "## What its VAE gives back",
                     "## What its U-Net draws when asked"):
         assert section in card
+
+    # `refine` runs the build's last stage on it: the decoder alone changes; build.json says so, with new figures
+    import hashlib
+
+    from sdlora.tinybase.build import main
+    digest = lambda: {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in out.rglob("*.safetensors")}
+    before = digest()
+    main(["refine", "--out", str(out), "--set", "refine_steps=2", "--set", "line_images=8"])
+    after, refined = digest(), json.loads((out / "build.json").read_text())
+    assert {k for k in before if before[k] != after[k]} == {"vae/diffusion_pytorch_model.safetensors"}
+    assert load_build_config(out) == replace(cfg, refine_steps=2, line_images=8,
+                                             direction_weight=BuildConfig().direction_weight)
+    assert refined["figures"]["refine_minutes"] > 0 and refined["figures"]["vae"]["lines_kept"]
+    assert refined["figures"]["drawn_in_words"] and refined["figures"]["held_out_eval"]["n"] == 60
+    with pytest.raises(SystemExit, match="refined already"):
+        main(["refine", "--out", str(out), "--set", "refine_steps=2"])
+    assert digest() == after

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from sdlora.tinybase import scenes, textures
 from sdlora.tinybase.card import drawn_in_words, evaluate, write_model_card
 from sdlora.tinybase.models import DEFAULT_OUT, TOKENIZER_DIR, SD_SCHEDULE, BuildConfig, log, n_params, write_whole
 from sdlora.tinybase.words import make_dataset, tokenize
-from sdlora.tinybase.stages import (train_vae, finetune_decoder, encode_latents, check_vae, texture_round_trip,
-                                    lines_round_trip, train_denoiser)
+from sdlora.tinybase.stages import (train_vae, finetune_decoder, refine_decoder, encode_latents, check_vae,
+                                    texture_round_trip, lines_round_trip, train_denoiser)
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, cfg: BuildConfig, figures: dict) -> StableDiffusionPipeline:
@@ -84,33 +84,86 @@ def remeasure(folder: Path, threads: int = 1) -> dict:
     return info["figures"]
 
 
-def build(cfg: BuildConfig, out: Path) -> dict:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t_start = time.time()
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+def training_images(cfg: BuildConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scenes, their caption ids, the VAE's images: the scenes, then arbitrary-colour and textured images), drawn
+    from cfg's seeds: the same every time."""
     images, ids = make_dataset(cfg, tokenizer)
-    empty_ids = tokenize(tokenizer, [""])[0]
     log(f"{cfg.n_images} scenes drawn ({len(scenes.HELD_OUT)} colour-shape pairs held out)")
     rng = random.Random(cfg.seed + 5)
     extra = [np.asarray(scenes.random_colour_image(rng, outline_p=cfg.vae_outline_p)) for _ in range(cfg.vae_colour_images)]
     extra += [np.asarray(textures.random_texture_image(rng)) for _ in range(cfg.vae_texture_images)]
     vae_images = torch.cat([images, torch.from_numpy(np.stack(extra)).permute(0, 3, 1, 2).float() / 127.5 - 1]) \
         if extra else images
+    return images, ids, vae_images
+
+
+def vae_figures(vae, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    """The card's VAE figures: reconstruction of the scenes, texture energy and lines' direction kept."""
+    figs = check_vae(vae, images, mean)
+    figs["texture_kept"] = texture_round_trip(vae)
+    figs["lines_kept"] = lines_round_trip(vae)
+    return figs
+
+
+def refine(folder: Path, sets: dict, threads: int = 1) -> dict:
+    """Run the build's last VAE stage (stages.refine_decoder, with `sets` over the folder's build config) on a
+    built base: only the decoder's weights change; build.json (config and figures) and the card are rewritten."""
+    torch.set_num_threads(threads)
+    folder = Path(folder)
+    if not (folder / "build.json").is_file() or not (folder / "vae").is_dir():
+        raise SystemExit(f"{folder} is not a base built by `python -m sdlora.tinybase build` (no build.json or vae/); "
+                         "give the folder of one")
+    info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
+    if info["config"].get("refine_steps"):
+        raise SystemExit(f"{folder}'s decoder was refined already (refine_steps={info['config']['refine_steps']} in "
+                         "its build.json): refine a base built without that stage")
+    cfg = replace(build_config(info["config"]), **sets)
+    if not cfg.refine_steps:
+        raise SystemExit("refine: give --set refine_steps=N (N > 0)")
+    t0 = time.time()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    images, _, vae_images = training_images(cfg, tokenizer)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    vae = refine_decoder(cfg, vae, vae_images)
+    info["config"] = asdict(cfg)
+    info["figures"]["vae"] = vae_figures(vae, images, encode_latents(vae, images[:64])[0])
+    info["figures"]["refine_minutes"] = (time.time() - t0) / 60
+    vae.to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
+    info["figures"]["held_out_eval"] = {k: result[k] for k in ("colour_acc", "shape_acc", "s_per_image_batched", "n")}
+    info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
+    write_whole(folder / "build.json", json.dumps(info, indent=2) + "\n")
+    write_model_card(folder, cfg, info["figures"])
+    log(f"decoder refined in {info['figures']['refine_minutes']:.1f} min: VAE {info['figures']['vae']}; held-out "
+        f"colour {result['colour_acc']:.0%}, shape {result['shape_acc']:.0%}; build.json and README.md rewritten")
+    return info["figures"]
+
+
+def build(cfg: BuildConfig, out: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    images, ids, vae_images = training_images(cfg, tokenizer)
+    empty_ids = tokenize(tokenizer, [""])[0]
     vae = train_vae(cfg, vae_images)
     mean, std = encode_latents(vae, images)
     scale = 1.0 / mean.std().item()                    # as SD's 0.18215: unit-spread latents
     log(f"latents cached; scaling_factor {scale:.4f}; VAE recon {check_vae(vae, images, mean)}")
     # the decoder fine-tunes on every VAE image (scenes first: their latents are what the U-Net learns)
-    all_mean, all_std = encode_latents(vae, vae_images[len(images):]) if extra else (mean[:0], std[:0])
+    all_mean, all_std = encode_latents(vae, vae_images[len(images):]) if len(vae_images) > len(images) else (mean[:0], std[:0])
     vae = finetune_decoder(cfg, vae, (torch.cat([mean, all_mean]), torch.cat([std, all_std])), vae_images)
     vae.register_to_config(scaling_factor=scale)
-    vae_figs = check_vae(vae, images, mean)
-    vae_figs["texture_kept"] = texture_round_trip(vae)
-    vae_figs["lines_kept"] = lines_round_trip(vae)
-    log(f"decoder fine-tuned; VAE recon {vae_figs}")
+    log(f"decoder fine-tuned; VAE recon {check_vae(vae, images, mean)}")
     unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
                                                     tokenizer)
+    if cfg.refine_steps:
+        vae = refine_decoder(cfg, vae, vae_images)
+    vae_figs = vae_figures(vae, images, mean)
+    log(f"VAE {vae_figs}")
     cfg = replace(cfg, unet_steps=steps_done, max_minutes=0.0)
     figures = {"vae": vae_figs, "scaling_factor": scale, "train_minutes": (time.time() - t_start) / 60,
                "params_m": {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}}
@@ -142,19 +195,35 @@ def main(argv: list[str] | None = None) -> None:
                                     "as it is now, and rewrite its build.json figures and model card (weights untouched)")
     c.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the base folder (default {DEFAULT_OUT})")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    r = sub.add_parser("refine", help="run the build's last stage, the decoder's refinement (stages.refine_decoder), "
+                                      "on a base built without it: only the decoder's weights change")
+    r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the base folder (default {DEFAULT_OUT})")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="refine_steps, line_images, direction_weight (default: BuildConfig's)")
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     if args.command == "card":
         remeasure(args.out, args.threads)
         return
-    cfg = BuildConfig.quick() if args.quick else BuildConfig()
-    if args.unet_steps:
-        cfg = replace(cfg, unet_steps=args.unet_steps)
+    sets = {}
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in BuildConfig.__dataclass_fields__:
             parser.error(f"--set {item}: {name!r} is not a BuildConfig field")
-        value = json.loads(value)
-        cfg = replace(cfg, **{name: tuple(value) if isinstance(value, list) else value})
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: {value!r} is not JSON (a number, true/false, a [list] or a \"string\")")
+        sets[name] = tuple(value) if isinstance(value, list) else value
+    if args.command == "refine":
+        defaults = BuildConfig()
+        stage = {k: getattr(defaults, k) for k in ("refine_steps", "line_images", "direction_weight")}
+        refine(args.out, {**stage, **sets}, args.threads)
+        return
+    cfg = BuildConfig.quick() if args.quick else BuildConfig()
+    if args.unet_steps:
+        cfg = replace(cfg, unet_steps=args.unet_steps)
+    cfg = replace(cfg, **sets)
     if args.batch:
         cfg = replace(cfg, batch=args.batch)
     if args.threads:

@@ -85,6 +85,14 @@ class BuildConfig:
     kl_weight: float = 1e-6             # SD's KL weight for its f=8 KL-autoencoder
     decoder_steps: int = 1000           # then the decoder alone, encoder frozen
     decoder_lr: float = 3e-4
+    # Last, the decoder alone again (stages.refine_decoder), after the U-Net, which reads only the encoder's
+    # latents and so is the same without this stage: whole images, the VAE images plus line_images of lines at 4
+    # angles 4-8 px apart, and a loss on each latent cell's change in 4 directions (weight direction_weight).
+    # The latents held the lines' direction and the decoder did not give it back: 45-degree lines 6 px apart
+    # kept 13% of it, as a mush with the lines' texture energy. 0 steps: no such stage.
+    refine_steps: int = 0
+    line_images: int = 0
+    direction_weight: float = 0.0
     text_hidden: int = 64               # CLIP text width = U-Net cross_attention_dim
     text_layers: int = 2
     unet_channels: tuple = (32, 64, 128)  # at 16x16, 8x8 and 4x4 latents
