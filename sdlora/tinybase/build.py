@@ -61,20 +61,30 @@ def build_config(config: dict) -> BuildConfig:
                           if k in BuildConfig.__dataclass_fields__})
 
 
-def remeasure(folder: Path, threads: int = 1) -> dict:
-    """Measure a built base folder's figures that need no training (what its U-Net draws when asked, the lines its
-    VAE gives back) with the code as it is now, and rewrite its build.json figures and model card: the weights are
-    not touched."""
+def _built_base(folder: Path, threads: int) -> tuple[Path, dict]:
+    """(folder, its build.json) of a base `build` saved, with torch on `threads`; a clear error for any other folder."""
     torch.set_num_threads(threads)
     folder = Path(folder)
     if not (folder / "build.json").is_file() or not (folder / "model_index.json").is_file():
         raise SystemExit(f"{folder} is not a base built by `python -m sdlora.tinybase build` (no build.json or "
                          "model_index.json); give the folder of one")
-    info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
-    cfg = build_config(info["config"])
+    return folder, json.loads((folder / "build.json").read_text(encoding="utf-8"))
+
+
+def _pipeline(folder: Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def remeasure(folder: Path, threads: int = 1) -> dict:
+    """Measure a built base folder's figures that need no training (what its U-Net draws when asked, the lines its
+    VAE gives back) with the code as it is now, and rewrite its build.json figures and model card: the weights are
+    not touched."""
+    folder, info = _built_base(folder, threads)
+    cfg = build_config(info["config"])
+    pipe = _pipeline(folder)
     info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
     info["figures"].setdefault("vae", {})["lines_kept"] = lines_round_trip(pipe.vae)
     write_whole(folder / "build.json", json.dumps(info, indent=2) + "\n")
@@ -108,12 +118,7 @@ def vae_figures(vae, images: torch.Tensor, mean: torch.Tensor) -> dict:
 def refine(folder: Path, sets: dict, threads: int = 1) -> dict:
     """Run the build's last VAE stage (stages.refine_decoder, with `sets` over the folder's build config) on a
     built base: only the decoder's weights change; build.json (config and figures) and the card are rewritten."""
-    torch.set_num_threads(threads)
-    folder = Path(folder)
-    if not (folder / "build.json").is_file() or not (folder / "vae").is_dir():
-        raise SystemExit(f"{folder} is not a base built by `python -m sdlora.tinybase build` (no build.json or vae/); "
-                         "give the folder of one")
-    info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
+    folder, info = _built_base(folder, threads)
     if info["config"].get("refine_steps"):
         raise SystemExit(f"{folder}'s decoder was refined already (refine_steps={info['config']['refine_steps']} in "
                          "its build.json): refine a base built without that stage")
@@ -129,9 +134,7 @@ def refine(folder: Path, sets: dict, threads: int = 1) -> dict:
     info["figures"]["vae"] = vae_figures(vae, images, encode_latents(vae, images[:64])[0])
     info["figures"]["refine_minutes"] = (time.time() - t0) / 60
     vae.to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(folder)
     result = evaluate(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
     info["figures"]["held_out_eval"] = {k: result[k] for k in ("colour_acc", "shape_acc", "s_per_image_batched", "n")}
     info["figures"]["drawn_in_words"] = drawn_in_words(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
