@@ -89,7 +89,9 @@ class BuildConfig:
     # latents and so is the same without this stage: whole images, the VAE images plus line_images of lines at 4
     # angles 4-8 px apart, and a loss on each latent cell's change in 4 directions (weight direction_weight).
     # The latents held the lines' direction and the decoder did not give it back: 45-degree lines 6 px apart
-    # kept 13% of it, as a mush with the lines' texture energy. 0 steps: no such stage.
+    # kept 13% of it, as a mush with the lines' texture energy. 0 steps: no such stage. On the shipped base (1,500
+    # steps, 4,000 line images, weight 2) it kept 72%, but default LoRAs drew few more lines and met fewer bars
+    # (README, Learning quality), so the shipped base was built, and stays, without it.
     refine_steps: int = 0
     line_images: int = 0
     direction_weight: float = 0.0
