@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                                       "on a base built without it: only the decoder's weights change")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the base folder (default {DEFAULT_OUT})")
     r.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help="refine_steps, line_images, direction_weight (default: BuildConfig's)")
+                   help="refine_steps (needed), line_images, direction_weight")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     if args.command == "card":
@@ -219,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--set {item}: {value!r} is not JSON (a number, true/false, a [list] or a \"string\")")
         sets[name] = tuple(value) if isinstance(value, list) else value
     if args.command == "refine":
-        defaults = BuildConfig()
-        stage = {k: getattr(defaults, k) for k in ("refine_steps", "line_images", "direction_weight")}
-        refine(args.out, {**stage, **sets}, args.threads)
+        refine(args.out, sets, args.threads)
         return
     cfg = BuildConfig.quick() if args.quick else BuildConfig()
     if args.unet_steps:

@@ -178,30 +178,38 @@ def check_vae(vae: AutoencoderKL, images: torch.Tensor, mean: torch.Tensor) -> d
 
 
 @torch.no_grad()
+def _share_kept(vae: AutoencoderKL, coverages: list, measure) -> float:
+    """measure(image) after a VAE round trip (encode mean, decode) over measure(image) before, in the mean over
+    images of dark ink laid over cream where each coverage map (64, 64) says."""
+    import numpy as np
+
+    from sdlora.tinybase import textures
+    ims = []
+    for coverage in coverages:
+        paper = np.empty((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), dtype=np.float32)
+        paper[:] = (240, 230, 205)
+        ims.append(textures.ink(paper, coverage, (40, 30, 30), 0.8))
+    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2) / 127.5 - 1
+    back = vae.decode(vae.encode(x).latent_dist.mean).sample
+    before = np.mean([measure(im) for im in to_pil(x)])
+    after = np.mean([measure(im) for im in to_pil(back)])
+    return round(float(after / before), 3)
+
+
 def texture_round_trip(vae: AutoencoderKL, n: int = 8, seed: int = 99) -> dict[str, dict[str, float]]:
     """{kind: {scale px: share of texture energy kept}} after a VAE round trip (encode mean, decode), for each
     texture of sdlora.tinybase.textures in dark ink over cream, n images each; 1 = all kept, 0 = flattened.
     The energy is read at a radius that suits the scale (1 px up to 3 px, 2 px up to 6, 4 px above)."""
     import random
 
-    import numpy as np
-
     from sdlora.tinybase import textures
     rng, out = random.Random(seed), {}
     for kind in textures.KINDS:
         out[kind] = {}
         for scale in textures.SCALES:
-            ims = []
-            for _ in range(n):
-                paper = np.empty((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), dtype=np.float32)
-                paper[:] = (240, 230, 205)
-                ims.append(textures.ink(paper, textures.pattern(kind, scenes.IMAGE_SIZE, scale, rng), (40, 30, 30), 0.8))
-            x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2) / 127.5 - 1
-            back = vae.decode(vae.encode(x).latent_dist.mean).sample
             r = 1 if scale <= 3 else 2 if scale <= 6 else 4
-            before = np.mean([textures.texture_energy(im, r) for im in to_pil(x)])
-            after = np.mean([textures.texture_energy(im, r) for im in to_pil(back)])
-            out[kind][str(scale)] = round(float(after / before), 3)
+            coverages = [textures.pattern(kind, scenes.IMAGE_SIZE, scale, rng) for _ in range(n)]
+            out[kind][str(scale)] = _share_kept(vae, coverages, lambda im: textures.texture_energy(im, r))
     return out
 
 
@@ -214,24 +222,13 @@ def lines_round_trip(vae: AutoencoderKL, n: int = 4) -> dict[str, dict[str, floa
     """{angle: {period px: share of the lines' directional contrast kept}} after a VAE round trip, for dark lines
     (textures.hatch, 45% of the period wide) over cream at n phases each: texture energy counts what comes back
     without its direction (a checkerboard of the same energy), textures.line_contrast only what keeps it."""
-    import numpy as np
-
     from sdlora.tinybase import textures
     out = {}
     for angle in LINE_ANGLES:
         out[str(angle)] = {}
         for period in LINE_PERIODS:
-            ims = []
-            for i in range(n):
-                paper = np.empty((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), dtype=np.float32)
-                paper[:] = (240, 230, 205)
-                lines = textures.hatch(scenes.IMAGE_SIZE, period, angle=angle, phase=i / n)
-                ims.append(textures.ink(paper, lines, (40, 30, 30), 0.8))
-            x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2) / 127.5 - 1
-            back = vae.decode(vae.encode(x).latent_dist.mean).sample
-            before = np.mean([textures.line_contrast(im, angle) for im in to_pil(x)])
-            after = np.mean([textures.line_contrast(im, angle) for im in to_pil(back)])
-            out[str(angle)][str(period)] = round(float(after / before), 3)
+            coverages = [textures.hatch(scenes.IMAGE_SIZE, period, angle=angle, phase=i / n) for i in range(n)]
+            out[str(angle)][str(period)] = _share_kept(vae, coverages, lambda im: textures.line_contrast(im, angle))
     return out
 
 

@@ -149,7 +149,7 @@ def background_texture(image) -> float:
 
 def hatch_lines(image) -> float:
     """How much more the background's luminance (0..255) changes across the hatch style's 45-degree lines than
-    along them, 2 px each way: ~0 for a plain, noisy or checkered background (every direction alike), ~130
+    along them, 2 px each way: ~0 for a plain, noisy or checkered background (every direction alike), ~143
     for the training images' dark 6 px lines on white. Texture energy alone also counts a checkerboard."""
     rgb = _rgb(image)
     return line_contrast(rgb, HATCH_ANGLE, 2, background_mask(shape_mask(rgb)))

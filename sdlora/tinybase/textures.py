@@ -160,9 +160,10 @@ def _shifted_change(lum: np.ndarray, mask: np.ndarray, dy: int, dx: int) -> tupl
 
 def line_contrast(image, angle: float, step: int = 2, mask: np.ndarray | None = None) -> float:
     """How much more luminance (0..255) changes across lines at `angle` degrees (as `hatch` draws them: 0
-    vertical, 45 diagonal) than along them, `step` px on each axis the direction moves on, over `mask` (all pixels if None): the lines' contrast with
-    their direction. ~0 for flat colour and for textures alike in every direction (noise, dots, a checkerboard);
-    negative for lines the other way. `angle` a multiple of 45 degrees; nan with fewer than 16 pixel pairs."""
+    vertical, 45 diagonal) than along them, `step` px on each axis the direction moves on, over `mask` (all
+    pixels if None): the lines' contrast with their direction. ~0 for flat colour and for textures alike in
+    every direction (noise, dots, a checkerboard); negative for lines the other way. `angle` a multiple of 45
+    degrees; nan with fewer than 16 pixel pairs."""
     if angle % 45:
         raise ValueError(f"angle={angle}: line_contrast reads lines at multiples of 45 degrees")
     lum = _luma(image) * 255.0
