@@ -1,18 +1,21 @@
 """Style quality: train a LoRA on each example style dataset and judge it with the style's own statistics.
 
-For every dataset in datasets/ that sdlora.tinybase.stylestats knows, one LoRA is trained with sdlora's
+For every dataset in datasets/ that sdlora.tinybase.stylestats knows, a LoRA is trained with sdlora's
 defaults (or the settings given; strength calibration included, so a file's strength 1 may be a share of
-what was trained: `--set calibrate_strength=false` draws the trained update as it is), then prompts with the trigger and colour-shape pairs the dataset
-never shows are drawn at strengths 0, 0.5 and 1, and the same prompts without the trigger at 0 and 1,
-with fixed seeds. Per statistic the table gives:
+what was trained: `--set calibrate_strength=false` draws the trained update as it is) for each training
+seed (`--seeds`, default 0 1 2: one seed's figures can swing by tens of points, enough to flip a verdict),
+then prompts with the trigger and colour-shape pairs the dataset never shows are drawn at strengths 0, 0.5
+and 1, and the same prompts without the trigger at 0 and 1, with fixed sampling seeds. The table gives each
+seed's row, then their mean (the verdict's), per statistic:
 
 - **ceiling**: the statistic of the training images after a round trip through the base's VAE
   (encode, decode): what the base can give back of them, the most a LoRA on the U-Net can be asked for,
   so the share of the way is measured to it (over 100% is an overshoot).
-- **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling.
+- **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling (for the mean,
+  of the seeds' mean curve; at 1 also the seeds' range).
 - **monotone**: every step up in strength moves toward the ceiling, or back by less than 2% of the way.
 - **untriggered**: how far prompts without the trigger move at strength 1, over how far prompts
-  with it move.
+  with it move (for the mean, the seeds' mean moves).
 - **colour kept**: share of images at strength 1 whose shape is still the prompt's colour.
 
 `--words` also draws, with no LoRA, the same prompts with the style told in the base's own caption words
@@ -24,8 +27,8 @@ cannot steer it far enough.
 base, images, steps, rank, learning rate and resolution, with its one instance prompt
 "an image in <trigger> style", and judges its LoRA the same way: both rows are printed.
 
-    python bench/style_quality.py                          # every style, defaults (about 2 min per style on CPU)
-    python bench/style_quality.py --styles neon hatch --set steps=600
+    python bench/style_quality.py                          # every style, defaults (about 3 min per style on CPU)
+    python bench/style_quality.py --styles neon hatch --set steps=600 --seeds 0   # a quick, one-seed look
     python bench/style_quality.py --reference ~/diffusers/examples/dreambooth/train_dreambooth_lora.py
 """
 from __future__ import annotations
@@ -51,7 +54,8 @@ from sdlora.tinybase import scenes, stylestats  # noqa: E402
 from sdlora.tinybase.stages import vae_round_trip  # noqa: E402
 
 STRENGTHS = (0.0, 0.5, 1.0)
-SEEDS = (0, 1)
+SEEDS = (0, 1)                # sampling seeds of each prompt
+TRAIN_SEEDS = (0, 1, 2)       # a LoRA per seed: one seed's figures swing by tens of points (neon's fill 57% / 46%)
 N_PROMPTS = 6
 SAMPLING = {"steps": 20, "guidance": 5.0}    # the tiny base's recommended sampling (its build.json)
 MONOTONIC_SLACK = 0.02
@@ -103,14 +107,16 @@ class Row:
     colour_kept: float = float("nan")
     colour_base: float = float("nan")                # the same at strength 0: the base's own
     lora: str = ""
+    seed: int | None = None                          # the training seed; None: the mean over several
+    seeds_passing: tuple[int, int] | None = None     # a mean's (seeds whose own row passes, seeds)
 
     def passes(self) -> bool:
         return all(s["way"][-1] >= BARS["way"] and s["monotone"] and s["untriggered"] <= BARS["untriggered"]
                    for s in self.stats.values()) and self.colour_kept >= BARS["colour"]
 
 
-def judge(gen, style: str, lora: str, trainer: str, seconds: float) -> Row:
-    """Draw the style's prompts with `lora` and measure every statistic of the style."""
+def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | None = None) -> Row:
+    """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style."""
     from sdlora import GenerateConfig, LoraChoice
     folder = DATASETS / style
     trigger = dataset_trigger(folder)
@@ -124,7 +130,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float) -> Row:
     plain = {s: draw(s, [p for p, _ in contents]) for s in (0.0, 1.0)}
     training = load_images(folder)
     ceiling_images = vae_round_trip(gen.base.vae, training)
-    row = Row(style, trainer, seconds, lora=lora)
+    row = Row(style, trainer, seconds, lora=lora, seed=seed)
     for name, stat in stylestats.STYLE_STATS[style].items():
         curve = [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS]
         base, ceiling = curve[0], stylestats.mean_stat(stat, ceiling_images)
@@ -153,7 +159,8 @@ def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: l
     for r, images in enumerate(rows):
         for c, im in enumerate(images):
             grid.paste(im.resize((size, size)), (c * size, r * size))
-    grid.save(out / f"style_quality_{row.style}_{row.trainer}.png")
+    seed = "" if row.seed is None else f"_seed{row.seed}"
+    grid.save(out / f"style_quality_{row.style}_{row.trainer}{seed}.png")
 
 
 def outlined(content: str) -> str:
@@ -232,26 +239,54 @@ def train_reference(script: Path, style: str, base_dir: Path, out: Path, setting
     return str(lora), time.time() - t0
 
 
+def mean_row(rows: list[Row]) -> Row:
+    """One style's rows from several training seeds as one: each statistic's curve averaged (so its way, and
+    whether it is monotone, are the mean curve's), prompts without the trigger judged by their mean move over
+    the triggered prompts' mean move, colour kept averaged, and the range of the way at 1 over the seeds."""
+    first = rows[0]
+    out = Row(first.style, first.trainer, float(np.mean([r.seconds for r in rows])),
+              colour_kept=float(np.mean([r.colour_kept for r in rows])),
+              colour_base=float(np.mean([r.colour_base for r in rows])),
+              seeds_passing=(sum(r.passes() for r in rows), len(rows)))
+    for name, s in first.stats.items():
+        per = [r.stats[name] for r in rows]
+        curve = [float(np.mean(v)) for v in zip(*(p["curve"] for p in per))]
+        untrig = [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))]
+        base, ceiling = curve[0], s["ceiling"]
+        way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
+        out.stats[name] = {
+            "training": s["training"], "ceiling": ceiling, "base": base, "curve": curve, "way": way,
+            "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
+            "untriggered": abs(untrig[1] - untrig[0]) / max(abs(curve[-1] - curve[0]), 1e-9),
+            "untriggered_curve": untrig, "way_range": (min(p["way"][-1] for p in per), max(p["way"][-1] for p in per))}
+    return out
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| style | statistic | trainer | training | ceiling | base | way @0.5 | way @1 | monotone | untriggered "
              "| colour kept | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name, s in row.stats.items():
-            lines.append(f"| {row.style} | {name} | {row.trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
-                         f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%} | "
+            spread = f" ({s['way_range'][0]:.0%} to {s['way_range'][1]:.0%})" if "way_range" in s else ""
+            trainer = row.trainer if row.seed is None else f"{row.trainer} (seed {row.seed})"
+            lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
+                         f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "
                          f"{'yes' if s['monotone'] else 'no'} | {s['untriggered']:.2f}x | {row.colour_kept:.0%} | "
                          f"{row.seconds:.0f} |")
     return "\n".join(lines)
 
 
 def verdict(rows: list[Row]) -> str:
+    """PASS or MISS on sdlora's rows (the means, where there are several seeds), and how many seeds pass alone."""
     ours = [r for r in rows if r.trainer != "reference"]
     missed = [r.style for r in ours if not r.passes()]
     bars = (f"way @1 >= {BARS['way']:.0%}, monotone, untriggered <= {BARS['untriggered']:.2f}x, "
             f"colour kept >= {BARS['colour']:.0%}")
+    alone = [f"{r.style} {r.seeds_passing[0]}/{r.seeds_passing[1]}" for r in ours if r.seeds_passing]
+    seeds = f"; seeds passing alone: {', '.join(alone)}" if alone else ""
     if not missed:
-        return f"PASS: every style ({len(ours)}) meets {bars}"
-    return f"MISS on {', '.join(missed)} ({len(ours) - len(missed)} of {len(ours)} meet {bars})"
+        return f"PASS: every style ({len(ours)}) meets {bars}{seeds}"
+    return f"MISS on {', '.join(missed)} ({len(ours) - len(missed)} of {len(ours)} meet {bars}){seeds}"
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -274,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FIELD=VALUE",
                         help="a LoraSpec field for sdlora's run, e.g. rank=8, self_attention=true")
     parser.add_argument("--label", default="sdlora", help="the trainer column's name for sdlora's rows")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(TRAIN_SEEDS),
+                        help="training seeds: each style is trained once per seed and judged by the mean "
+                             f"(default {' '.join(map(str, TRAIN_SEEDS))}; one seed's verdict can flip with the seed)")
     parser.add_argument("--words", action="store_true",
                         help="also draw the styles the base has caption words for (neon, hatch) in those words, "
                              "with no LoRA")
@@ -294,29 +332,43 @@ def main(argv: list[str] | None = None) -> None:
     from sdlora.bases.load import load_base
     torch.set_num_threads(a.threads)
     train_set, lora_set = parse_sets(a.set), parse_sets(a.lora)
+    if "seed" in train_set:
+        parser.error("give training seeds with --seeds, not --set seed=...")
+    if len(set(a.seeds)) != len(a.seeds):
+        parser.error(f"--seeds {' '.join(map(str, a.seeds))}: each seed once")
     gen = Generator(load_base(a.base))
-    rows: list[Row] = []
+    rows: list[Row] = []          # one per style, trainer and seed
     with tempfile.TemporaryDirectory(prefix="style-quality-") as scratch:
         tmp = a.runs or Path(scratch)
         for style in a.styles or styles():
-            lora, seconds, config = train_ours(style, a.base, tmp, train_set, lora_set)
-            rows.append(judge(gen, style, lora, a.label, seconds))
-            print(f"{style}: {a.label} {seconds:.0f}s", flush=True)
-            if a.reference:
-                train, spec = config["train"], config["lora"]
-                settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": train["seed"],
-                            "resolution": config["resolution"]}
-                ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
-                rows.append(judge(gen, style, ref, "reference", ref_s))
-                print(f"{style}: reference {ref_s:.0f}s", flush=True)
-    print(table(rows))
-    print(verdict(rows))
+            for seed in a.seeds:
+                lora, seconds, config = train_ours(style, a.base, tmp, {**train_set, "seed": seed}, lora_set)
+                rows.append(judge(gen, style, lora, a.label, seconds, seed))
+                print(f"{style}: {a.label} seed {seed} {seconds:.0f}s", flush=True)
+                if a.reference:
+                    train, spec = config["train"], config["lora"]
+                    settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": seed,
+                                "resolution": config["resolution"]}
+                    ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
+                    rows.append(judge(gen, style, ref, "reference", ref_s, seed))
+                    print(f"{style}: reference seed {seed} {ref_s:.0f}s", flush=True)
+    shown = rows
+    if len(a.seeds) > 1:
+        print("Each seed:")
+        print(table(rows))
+        shown = [mean_row([r for r in rows if (r.style, r.trainer) == key])
+                 for key in dict.fromkeys((r.style, r.trainer) for r in rows)]
+        print(f"Mean over seeds {', '.join(map(str, a.seeds))} (way @1: the mean, then the seeds' range):")
+    print(table(shown))
+    print(verdict(shown))
     worded = [r for style in (a.styles or styles()) if a.words and style in IN_WORDS for r in in_words(gen, style)]
     if worded:
         print("The base alone, asked in its own words:")
         print(words_table(worded))
     if a.json:
-        a.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n", encoding="utf-8")
+        figures = {"seeds": a.seeds, "rows": [r.__dict__ for r in rows],
+                   "means": [r.__dict__ for r in shown] if shown is not rows else []}
+        a.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Spec: bench/style_quality.py judges a recipe by the mean over its training seeds, and says how each seed did.
+
+One seed's LoRA can pass where another of the same recipe misses, so a style's verdict is that of the seeds'
+mean curve, with the range of their way at strength 1 and how many seeds pass alone shown beside it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import style_quality as sq  # noqa: E402
+
+
+def seed_row(seed: int, curve: list[float], untriggered: list[float], colour: float) -> sq.Row:
+    """A row as judge() makes it, for a statistic whose base is curve[0] and whose ceiling is 0."""
+    base, ceiling = curve[0], 0.0
+    way = [(v - base) / (ceiling - base) for v in curve]
+    stat = {"training": 0.0, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
+            "monotone": all(b - a >= -sq.MONOTONIC_SLACK for a, b in zip(way, way[1:])),
+            "untriggered": abs(untriggered[1] - untriggered[0]) / abs(curve[-1] - curve[0]),
+            "untriggered_curve": untriggered}
+    return sq.Row("dusk", "sdlora", 40.0 + seed, {"dusk_distance": stat}, colour_kept=colour, colour_base=1.0,
+                  seed=seed)
+
+
+def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
+    # seed 0: 90% of the way but back at 0.5 (not monotone); seed 1: 60%, short of the bar
+    rows = [seed_row(0, [1.0, 1.05, 0.1], [1.0, 0.9], 1.0), seed_row(1, [1.0, 0.7, 0.4], [1.0, 1.0], 0.5)]
+    assert [r.passes() for r in rows] == [False, False]
+    mean = sq.mean_row(rows)
+    stat = mean.stats["dusk_distance"]
+    assert stat["curve"] == pytest.approx([1.0, 0.875, 0.25])
+    assert stat["way"] == pytest.approx([0.0, 0.125, 0.75])
+    assert stat["monotone"]
+    assert stat["way_range"] == pytest.approx((0.6, 0.9))
+    # prompts without the trigger: their mean move (0.05) over the triggered prompts' mean move (0.75)
+    assert stat["untriggered"] == pytest.approx(0.05 / 0.75)
+    assert mean.colour_kept == pytest.approx(0.75) and mean.seconds == pytest.approx(40.5)
+    assert mean.seeds_passing == (0, 2) and mean.seed is None
+    assert mean.passes()
+    assert sq.verdict([mean]).startswith("PASS") and "seeds passing alone: dusk 0/2" in sq.verdict([mean])
+    table = sq.table([mean, *rows])
+    assert "| 75% (60% to 90%) |" in table
+    assert "| sdlora (seed 1) |" in table and "| sdlora |" in table
+
+
+def test_a_mean_short_of_the_bar_misses_though_a_seed_passes():
+    rows = [seed_row(0, [1.0, 0.8, 0.5], [1.0, 1.0], 1.0), seed_row(1, [1.0, 0.6, 0.2], [1.0, 1.0], 1.0)]
+    assert [r.passes() for r in rows] == [False, True]
+    mean = sq.mean_row(rows)
+    assert mean.stats["dusk_distance"]["way"][-1] == pytest.approx(0.65)
+    assert not mean.passes()
+    assert sq.verdict([mean]) == ("MISS on dusk (0 of 1 meet way @1 >= 70%, monotone, untriggered <= 0.33x, "
+                                  "colour kept >= 70%); seeds passing alone: dusk 1/2")
