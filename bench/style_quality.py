@@ -17,6 +17,8 @@ seed's row, then their mean (the verdict's), per statistic:
 - **untriggered**: how far prompts without the trigger move at strength 1, over how far prompts
   with it move (for the mean, the seeds' mean moves).
 - **colour kept**: share of images at strength 1 whose shape is still the prompt's colour.
+- **file scale**: the share of the trained update that strength calibration wrote into the file (1: all
+  of it; for the mean, the seeds' mean): seeds that calibrate differently differ most.
 
 `--words` also draws, with no LoRA, the same prompts with the style told in the base's own caption words
 where it has them (neon: "<shape> outline ... on a black background"; hatch: "... on a striped white
@@ -108,6 +110,7 @@ class Row:
     colour_base: float = float("nan")                # the same at strength 0: the base's own
     lora: str = ""
     seed: int | None = None                          # the training seed; None: the mean over several
+    scale: float | None = None                       # the file's strength scale from calibration (None: not written)
     seeds_passing: tuple[int, int] | None = None     # a mean's (seeds whose own row passes, seeds)
 
     def passes(self) -> bool:
@@ -130,7 +133,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     plain = {s: draw(s, [p for p, _ in contents]) for s in (0.0, 1.0)}
     training = load_images(folder)
     ceiling_images = vae_round_trip(gen.base.vae, training)
-    row = Row(style, trainer, seconds, lora=lora, seed=seed)
+    row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
     for name, stat in stylestats.STYLE_STATS[style].items():
         curve = [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS]
         base, ceiling = curve[0], stylestats.mean_stat(stat, ceiling_images)
@@ -146,6 +149,14 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
     save_grid(row, triggered, plain, training, ceiling_images)
     return row
+
+
+def strength_scale(lora: str) -> float | None:
+    """The share of the trained update that strength calibration wrote into the file (its metadata), if any."""
+    from safetensors import safe_open
+    with safe_open(lora, "pt") as f:
+        value = (f.metadata() or {}).get("sdlora_strength_scale")
+    return float(value) if value is not None else None
 
 
 def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: list) -> None:
@@ -244,7 +255,9 @@ def mean_row(rows: list[Row]) -> Row:
     whether it is monotone, are the mean curve's), prompts without the trigger judged by their mean move over
     the triggered prompts' mean move, colour kept averaged, and the range of the way at 1 over the seeds."""
     first = rows[0]
+    scales = [r.scale for r in rows]
     out = Row(first.style, first.trainer, float(np.mean([r.seconds for r in rows])),
+              scale=None if None in scales else float(np.mean(scales)),
               colour_kept=float(np.mean([r.colour_kept for r in rows])),
               colour_base=float(np.mean([r.colour_base for r in rows])),
               seeds_passing=(sum(r.passes() for r in rows), len(rows)))
@@ -264,7 +277,7 @@ def mean_row(rows: list[Row]) -> Row:
 
 def table(rows: list[Row]) -> str:
     lines = ["| style | statistic | trainer | training | ceiling | base | way @0.5 | way @1 | monotone | untriggered "
-             "| colour kept | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| colour kept | file scale | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name, s in row.stats.items():
             spread = f" ({s['way_range'][0]:.0%} to {s['way_range'][1]:.0%})" if "way_range" in s else ""
@@ -272,7 +285,7 @@ def table(rows: list[Row]) -> str:
             lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
                          f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "
                          f"{'yes' if s['monotone'] else 'no'} | {s['untriggered']:.2f}x | {row.colour_kept:.0%} | "
-                         f"{row.seconds:.0f} |")
+                         f"{'-' if row.scale is None else f'{row.scale:g}'} | {row.seconds:.0f} |")
     return "\n".join(lines)
 
 

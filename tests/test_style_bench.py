@@ -31,6 +31,7 @@ def seed_row(seed: int, curve: list[float], untriggered: list[float], colour: fl
 def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
     # seed 0: 90% of the way but back at 0.5 (not monotone); seed 1: 60%, short of the bar
     rows = [seed_row(0, [1.0, 1.05, 0.1], [1.0, 0.9], 1.0), seed_row(1, [1.0, 0.7, 0.4], [1.0, 1.0], 0.5)]
+    rows[0].scale, rows[1].scale = 1.0, 0.5              # calibration kept all of seed 0's update, half of seed 1's
     assert [r.passes() for r in rows] == [False, False]
     mean = sq.mean_row(rows)
     stat = mean.stats["dusk_distance"]
@@ -45,7 +46,8 @@ def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
     assert mean.passes()
     assert sq.verdict([mean]).startswith("PASS") and "seeds passing alone: dusk 0/2" in sq.verdict([mean])
     table = sq.table([mean, *rows])
-    assert "| 75% (60% to 90%) |" in table
+    assert "| 75% (60% to 90%) |" in table and "| 0.75 |" in table and "| 0.5 |" in table
+    assert mean.scale == pytest.approx(0.75)
     assert "| sdlora (seed 1) |" in table and "| sdlora |" in table
 
 
@@ -54,6 +56,6 @@ def test_a_mean_short_of_the_bar_misses_though_a_seed_passes():
     assert [r.passes() for r in rows] == [False, True]
     mean = sq.mean_row(rows)
     assert mean.stats["dusk_distance"]["way"][-1] == pytest.approx(0.65)
-    assert not mean.passes()
+    assert not mean.passes() and mean.scale is None and "| - |" in sq.table([mean])
     assert sq.verdict([mean]) == ("MISS on dusk (0 of 1 meet way @1 >= 70%, monotone, untriggered <= 0.33x, "
                                   "colour kept >= 70%); seeds passing alone: dusk 1/2")
