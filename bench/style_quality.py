@@ -285,7 +285,7 @@ def table(rows: list[Row]) -> str:
             lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
                          f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "
                          f"{'yes' if s['monotone'] else 'no'} | {s['untriggered']:.2f}x | {row.colour_kept:.0%} | "
-                         f"{'-' if row.scale is None else f'{row.scale:g}'} | {row.seconds:.0f} |")
+                         f"{'-' if row.scale is None else f'{row.scale:.2g}'} | {row.seconds:.0f} |")
     return "\n".join(lines)
 
 
