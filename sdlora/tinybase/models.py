@@ -101,9 +101,9 @@ class BuildConfig:
     # Cross-attention per level. SD attends at its three high-resolution levels; here 16x16 attention
     # costs 1.5x per step, and with it (True, True, False) drew the prompt's shape in 17% of held-out
     # images after the 2,239 steps that fit the time budget (colour 92%), against 94% for this layout.
-    # (True, True, True), all 3,575 steps in 50 min, kept the held-out figures (colour 100%, shape 98%), but
-    # default LoRAs met every bar of bench/style_quality.py on 1 of the 7 example styles (hatch 73% of the
-    # way; neon's fill 13%, dusk 54%, sage 41%), against 4 of 7 on this layout.
+    # (True, True, True), all 3,575 steps in 50-57 min, kept the held-out figures (colour 100%, shape 98%);
+    # default LoRAs met every bar of bench/style_quality.py (the mean of 3 training seeds) on 2 of the 7
+    # example styles there as here (pastel's outline 95% of the way, here 57%; neon's fill 41%, here 48%).
     unet_cross_attention: tuple = (False, True, True)
     unet_steps: int = 3575              # what fitted in 56 minutes with a second build on the other core
     batch: int = 32
