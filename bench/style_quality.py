@@ -135,20 +135,25 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     ceiling_images = vae_round_trip(gen.base.vae, training)
     row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
     for name, stat in stylestats.STYLE_STATS[style].items():
-        curve = [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS]
-        base, ceiling = curve[0], stylestats.mean_stat(stat, ceiling_images)
-        way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
-        moved = abs(curve[-1] - curve[0])
-        untrig = [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)]
-        row.stats[name] = {
-            "training": stylestats.mean_stat(stat, training), "ceiling": ceiling, "base": base, "curve": curve,
-            "way": way, "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
-            "untriggered": abs(untrig[1] - untrig[0]) / max(moved, 1e-9), "untriggered_curve": untrig}
+        row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
+                                  [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS],
+                                  [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)])
     colours = [c for _, c in contents for _ in SEEDS]
     row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
     save_grid(row, triggered, plain, training, ceiling_images)
     return row
+
+
+def figures(training: float, ceiling: float, curve: list[float], untriggered: list[float]) -> dict:
+    """A statistic's figures from its value on the training images and their VAE round trips (the ceiling),
+    with the trigger at each of STRENGTHS (`curve`; the first is the base's) and without it at 0 and 1."""
+    base = curve[0]
+    way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
+    return {"training": training, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
+            "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
+            "untriggered": abs(untriggered[1] - untriggered[0]) / max(abs(curve[-1] - curve[0]), 1e-9),
+            "untriggered_curve": untriggered}
 
 
 def strength_scale(lora: str) -> float | None:
@@ -263,15 +268,10 @@ def mean_row(rows: list[Row]) -> Row:
               seeds_passing=(sum(r.passes() for r in rows), len(rows)))
     for name, s in first.stats.items():
         per = [r.stats[name] for r in rows]
-        curve = [float(np.mean(v)) for v in zip(*(p["curve"] for p in per))]
-        untrig = [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))]
-        base, ceiling = curve[0], s["ceiling"]
-        way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
-        out.stats[name] = {
-            "training": s["training"], "ceiling": ceiling, "base": base, "curve": curve, "way": way,
-            "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
-            "untriggered": abs(untrig[1] - untrig[0]) / max(abs(curve[-1] - curve[0]), 1e-9),
-            "untriggered_curve": untrig, "way_range": (min(p["way"][-1] for p in per), max(p["way"][-1] for p in per))}
+        out.stats[name] = figures(s["training"], s["ceiling"],
+                                  [float(np.mean(v)) for v in zip(*(p["curve"] for p in per))],
+                                  [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))])
+        out.stats[name]["way_range"] = (min(p["way"][-1] for p in per), max(p["way"][-1] for p in per))
     return out
 
 

@@ -18,14 +18,17 @@ from bench import style_quality as sq  # noqa: E402
 
 def seed_row(seed: int, curve: list[float], untriggered: list[float], colour: float) -> sq.Row:
     """A row as judge() makes it, for a statistic whose base is curve[0] and whose ceiling is 0."""
-    base, ceiling = curve[0], 0.0
-    way = [(v - base) / (ceiling - base) for v in curve]
-    stat = {"training": 0.0, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
-            "monotone": all(b - a >= -sq.MONOTONIC_SLACK for a, b in zip(way, way[1:])),
-            "untriggered": abs(untriggered[1] - untriggered[0]) / abs(curve[-1] - curve[0]),
-            "untriggered_curve": untriggered}
+    stat = sq.figures(0.0, 0.0, curve, untriggered)
     return sq.Row("dusk", "sdlora", 40.0 + seed, {"dusk_distance": stat}, colour_kept=colour, colour_base=1.0,
                   seed=seed)
+
+
+def test_a_statistic_s_figures():
+    stat = sq.figures(0.0, 0.2, [1.0, 1.05, 0.4], [1.0, 0.94])
+    assert stat["way"] == pytest.approx([0.0, -0.0625, 0.75])
+    assert not stat["monotone"]                               # back by 6% of the way at 0.5: more than the slack
+    assert stat["untriggered"] == pytest.approx(0.1)          # 0.06 over 0.6
+    assert sq.figures(0.0, 0.2, [1.0, 1.01, 0.4], [1.0, 1.0])["monotone"]   # back by 1.25%: the slack's wobble
 
 
 def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
