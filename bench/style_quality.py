@@ -118,8 +118,11 @@ class Row:
                    for s in self.stats.values()) and self.colour_kept >= BARS["colour"]
 
 
-def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | None = None) -> Row:
-    """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style."""
+def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | None = None,
+          unchanged: dict | None = None) -> Row:
+    """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style.
+    `unchanged`, kept by the caller across LoRAs of the same base, holds per style what no LoRA changes (the
+    images at strength 0, the training images and their VAE round trips), drawn once."""
     from sdlora import GenerateConfig, LoraChoice
     folder = DATASETS / style
     trigger = dataset_trigger(folder)
@@ -129,10 +132,15 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
         return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), [LoraChoice(lora, strength)])
                 for p in prompts for s in SEEDS]
 
-    triggered = {s: draw(s, [f"{trigger}, {p}" for p, _ in contents]) for s in STRENGTHS}
-    plain = {s: draw(s, [p for p, _ in contents]) for s in (0.0, 1.0)}
-    training = load_images(folder)
-    ceiling_images = vae_round_trip(gen.base.vae, training)
+    triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
+    unchanged = {} if unchanged is None else unchanged
+    if style not in unchanged:                     # strength 0 draws the base, whichever the LoRA
+        training = load_images(folder)
+        unchanged[style] = (draw(0.0, triggered_prompts), draw(0.0, plain_prompts), training,
+                            vae_round_trip(gen.base.vae, training))
+    base_triggered, base_plain, training, ceiling_images = unchanged[style]
+    triggered = {0.0: base_triggered, **{s: draw(s, triggered_prompts) for s in STRENGTHS if s}}
+    plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
     row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
     for name, stat in stylestats.STYLE_STATS[style].items():
         row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
@@ -351,19 +359,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds {' '.join(map(str, a.seeds))}: each seed once")
     gen = Generator(load_base(a.base))
     rows: list[Row] = []          # one per style, trainer and seed
+    unchanged: dict = {}          # per style, what every LoRA's judging shares
     with tempfile.TemporaryDirectory(prefix="style-quality-") as scratch:
         tmp = a.runs or Path(scratch)
         for style in a.styles or styles():
             for seed in a.seeds:
                 lora, seconds, config = train_ours(style, a.base, tmp, {**train_set, "seed": seed}, lora_set)
-                rows.append(judge(gen, style, lora, a.label, seconds, seed))
+                rows.append(judge(gen, style, lora, a.label, seconds, seed, unchanged))
                 print(f"{style}: {a.label} seed {seed} {seconds:.0f}s", flush=True)
                 if a.reference:
                     train, spec = config["train"], config["lora"]
                     settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": seed,
                                 "resolution": config["resolution"]}
                     ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
-                    rows.append(judge(gen, style, ref, "reference", ref_s, seed))
+                    rows.append(judge(gen, style, ref, "reference", ref_s, seed, unchanged))
                     print(f"{style}: reference seed {seed} {ref_s:.0f}s", flush=True)
     shown = rows
     if len(a.seeds) > 1:
@@ -379,9 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         print("The base alone, asked in its own words:")
         print(words_table(worded))
     if a.json:
-        figures = {"seeds": a.seeds, "rows": [r.__dict__ for r in rows],
-                   "means": [r.__dict__ for r in shown] if shown is not rows else []}
-        a.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        report = {"seeds": a.seeds, "rows": [r.__dict__ for r in rows],
+                  "means": [r.__dict__ for r in shown] if shown is not rows else []}
+        a.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
