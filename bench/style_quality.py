@@ -12,8 +12,11 @@ seed's row, then their mean (the verdict's), per statistic:
   (encode, decode): what the base can give back of them, the most a LoRA on the U-Net can be asked for,
   so the share of the way is measured to it (over 100% is an overshoot).
 - **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling (for the mean,
-  of the seeds' mean curve; at 1 also the seeds' range).
-- **monotone**: every step up in strength moves toward the ceiling, or back by less than 2% of the way.
+  of the seeds' mean curve; at 1 also the seeds' range). The ± after the way at 1 is its standard error
+  over the images (each paired with its strength-0 image): what other sampling seeds could change.
+- **monotone**: no step up in strength moves back from the ceiling by more than the measurement can tell:
+  a step is backwards when its images move back by over 2% of the way and by over twice the standard
+  error of their move (each image paired with the same prompt and seed at the lower strength).
 - **untriggered**: how far prompts without the trigger move at strength 1, over how far prompts
   with it move (for the mean, the seeds' mean moves).
 - **colour kept**: share of images at strength 1 whose shape is still the prompt's colour.
@@ -60,7 +63,8 @@ SEEDS = (0, 1)                # sampling seeds of each prompt
 TRAIN_SEEDS = (0, 1, 2)       # a LoRA per seed: one seed's figures swing by tens of points (neon's fill 57% / 46%)
 N_PROMPTS = 6
 SAMPLING = {"steps": 20, "guidance": 5.0}    # the tiny base's recommended sampling (its build.json)
-MONOTONIC_SLACK = 0.02
+MONOTONIC_SLACK = 0.02        # a step back under this share of the way is a wobble, however sure
+MONOTONIC_NOISE = 2.0         # ... and so is one within this many standard errors of the images' paired move
 DATASETS = ROOT / "datasets"
 # the bars of the learning-quality issue: share of the way at 1, untriggered ratio, colour kept
 BARS = {"way": 0.70, "untriggered": 1 / 3, "colour": 0.70}
@@ -143,9 +147,13 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
     row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
     for name, stat in stylestats.STYLE_STATS[style].items():
+        values = [np.array([stat(im) for im in triggered[s]], dtype=np.float64) for s in STRENGTHS]
         row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
                                   [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS],
-                                  [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)])
+                                  [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)],
+                                  [paired_move(a, b) for a, b in zip(values, values[1:])],
+                                  paired_move(values[0], values[-1]))
+        row.stats[name]["values"] = [v.tolist() for v in values]
     colours = [c for _, c in contents for _ in SEEDS]
     row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
@@ -153,13 +161,34 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     return row
 
 
-def figures(training: float, ceiling: float, curve: list[float], untriggered: list[float]) -> dict:
+def paired_move(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of b - a over the images where both are defined: each image at two strengths,
+    the same prompt and sampling seed."""
+    d = (b - a)[np.isfinite(a) & np.isfinite(b)]
+    if len(d) == 0:
+        return float("nan"), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def figures(training: float, ceiling: float, curve: list[float], untriggered: list[float],
+            moves: list[tuple[float, float]] | None = None, total: tuple[float, float] | None = None) -> dict:
     """A statistic's figures from its value on the training images and their VAE round trips (the ceiling),
-    with the trigger at each of STRENGTHS (`curve`; the first is the base's) and without it at 0 and 1."""
+    with the trigger at each of STRENGTHS (`curve`; the first is the base's) and without it at 0 and 1.
+    `moves` gives each step up in strength as the images' paired move (mean, standard error) and `total` the
+    move from the first strength to the last (without them: the curve's steps, known exactly): a step is
+    backwards only when it goes back by more than MONOTONIC_SLACK of the way and MONOTONIC_NOISE standard
+    errors. `step_back` is each step's move back in shares of the way (negative: forward) with its standard
+    error; `way_se` the standard error of the way at the last strength."""
     base = curve[0]
-    way = [(v - base) / (ceiling - base) if ceiling != base else float("nan") for v in curve]
+    span = ceiling - base
+    way = [(v - base) / span if span else float("nan") for v in curve]
+    moves = moves or [(b - a, 0.0) for a, b in zip(curve, curve[1:])]
+    total = total or (curve[-1] - curve[0], 0.0)
+    step_back = [(-move / span, se / abs(span)) if span else (float("nan"), float("nan")) for move, se in moves]
+    monotone = all(not (back > MONOTONIC_SLACK and back > MONOTONIC_NOISE * se) for back, se in step_back)
     return {"training": training, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
-            "monotone": bool(all(b - a >= -MONOTONIC_SLACK for a, b in zip(way, way[1:]))),
+            "monotone": bool(monotone), "step_back": step_back, "moves": [list(m) for m in moves],
+            "way_se": total[1] / abs(span) if span else float("nan"), "total": list(total),
             "untriggered": abs(untriggered[1] - untriggered[0]) / max(abs(curve[-1] - curve[0]), 1e-9),
             "untriggered_curve": untriggered}
 
@@ -264,8 +293,8 @@ def train_reference(script: Path, style: str, base_dir: Path, out: Path, setting
 
 
 def mean_row(rows: list[Row]) -> Row:
-    """One style's rows from several training seeds as one: each statistic's curve averaged (so its way, and
-    whether it is monotone, are the mean curve's), prompts without the trigger judged by their mean move over
+    """One style's rows from several training seeds as one: each statistic's curve averaged (so its way is the
+    mean curve's, and whether it is monotone is judged on the seeds' mean moves and their standard error), prompts without the trigger judged by their mean move over
     the triggered prompts' mean move, colour kept averaged, and the range of the way at 1 over the seeds."""
     first = rows[0]
     scales = [r.scale for r in rows]
@@ -278,9 +307,18 @@ def mean_row(rows: list[Row]) -> Row:
         per = [r.stats[name] for r in rows]
         out.stats[name] = figures(s["training"], s["ceiling"],
                                   [float(np.mean(v)) for v in zip(*(p["curve"] for p in per))],
-                                  [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))])
+                                  [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))],
+                                  [seed_mean(m) for m in zip(*(p["moves"] for p in per))],
+                                  seed_mean([p["total"] for p in per]))
         out.stats[name]["way_range"] = (min(p["way"][-1] for p in per), max(p["way"][-1] for p in per))
     return out
+
+
+def seed_mean(moves) -> tuple[float, float]:
+    """The mean of the seeds' (mean, standard error) moves, and its standard error (the seeds' sampling errors
+    taken as independent)."""
+    means, errors = zip(*moves)
+    return float(np.mean(means)), float(np.sqrt(np.sum(np.square(errors))) / len(errors))
 
 
 def table(rows: list[Row]) -> str:
@@ -289,6 +327,7 @@ def table(rows: list[Row]) -> str:
     for row in rows:
         for name, s in row.stats.items():
             spread = f" ({s['way_range'][0]:.0%} to {s['way_range'][1]:.0%})" if "way_range" in s else ""
+            spread = f" ±{s['way_se']:.0%}{spread}" if np.isfinite(s.get("way_se", np.nan)) else spread
             trainer = row.trainer if row.seed is None else f"{row.trainer} (seed {row.seed})"
             lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
                          f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,26 @@ def test_a_statistic_s_figures():
     assert sq.figures(0.0, 0.2, [1.0, 1.01, 0.4], [1.0, 1.0])["monotone"]   # back by 1.25%: the slack's wobble
 
 
+def test_a_step_back_within_the_images_noise_is_no_step_back():
+    # four images, each the same prompt and sampling seed at 0, 0.5 and 1: at 0.5 two move forward, two back more
+    at = [np.array(v) for v in ([1.0] * 4, [1.25, 0.85, 1.25, 0.85], [0.3, 0.5, 0.3, 0.5])]
+    step = sq.paired_move(at[0], at[1])
+    assert step == pytest.approx((0.05, 0.2 / 3 ** 0.5))            # the paired moves' mean and standard error
+    curve = [float(v.mean()) for v in at]
+    noisy = sq.figures(0.0, 0.2, curve, [1.0, 1.0], [step, sq.paired_move(at[1], at[2])], sq.paired_move(at[0], at[2]))
+    assert noisy["way"] == pytest.approx([0.0, -0.0625, 0.75])
+    assert noisy["step_back"][0] == pytest.approx((0.0625, 0.25 / 3 ** 0.5))   # in shares of the way
+    assert noisy["monotone"]                                         # back 6% of the way, but within 2 x 14%
+    assert noisy["way_se"] == pytest.approx(0.125 / 3 ** 0.5)
+    # every image back by the same 6%: sure, so a step back
+    sure = [1.05] * 4
+    assert not sq.figures(0.0, 0.2, curve, [1.0, 1.0], [sq.paired_move(at[0], np.array(sure)), (-0.65, 0.0)])["monotone"]
+    # an image where the statistic is undefined at one strength leaves that pair out, not the others
+    nan = float("nan")
+    assert sq.paired_move(np.array([1.0, 1.0, nan]), np.array([1.05, 1.15, 2.0])) == pytest.approx((0.1, 0.05))
+    assert all(np.isnan(sq.paired_move(np.array([nan]), np.array([1.0]))))
+
+
 def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
     # seed 0: 90% of the way but back at 0.5 (not monotone); seed 1: 60%, short of the bar
     rows = [seed_row(0, [1.0, 1.05, 0.1], [1.0, 0.9], 1.0), seed_row(1, [1.0, 0.7, 0.4], [1.0, 1.0], 0.5)]
@@ -39,6 +60,8 @@ def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
     mean = sq.mean_row(rows)
     stat = mean.stats["dusk_distance"]
     assert stat["curve"] == pytest.approx([1.0, 0.875, 0.25])
+    # judged on the seeds' mean moves: the mean, and the standard error of a mean of independent estimates
+    assert sq.seed_mean([(0.05, 0.03), (-0.3, 0.04)]) == pytest.approx((-0.125, 0.025))
     assert stat["way"] == pytest.approx([0.0, 0.125, 0.75])
     assert stat["monotone"]
     assert stat["way_range"] == pytest.approx((0.6, 0.9))
@@ -49,7 +72,7 @@ def test_the_mean_of_seeds_is_judged_on_the_mean_curve():
     assert mean.passes()
     assert sq.verdict([mean]).startswith("PASS") and "seeds passing alone: dusk 0/2" in sq.verdict([mean])
     table = sq.table([mean, *rows])
-    assert "| 75% (60% to 90%) |" in table and "| 0.75 |" in table and "| 0.5 |" in table
+    assert "| 75% ±0% (60% to 90%) |" in table and "| 0.75 |" in table and "| 0.5 |" in table
     assert mean.scale == pytest.approx(0.75)
     assert "| sdlora (seed 1) |" in table and "| sdlora |" in table
 

@@ -6,8 +6,9 @@ built-in `tiny` base, then prompts that carry the trigger and colour-shape pairs
 are drawn at strengths 0, 0.5 and 1 with fixed seeds, and judged with the style's statistics
 (sdlora.tinybase.stylestats) against the ceiling the base's VAE gives back:
 
-- each statistic moves monotonically from the base's value (strength 0) toward the ceiling (a step back
-  under 2% of that distance is read as the measurement's wobble), and covers >= 70% of it at strength 1;
+- each statistic moves monotonically from the base's value (strength 0) toward the ceiling (a step back is
+  read as the measurement's wobble when it is under 2% of that distance or within twice the standard error of
+  the images' paired moves), and covers >= 70% of it at strength 1;
 - the prompt's colour is still read back in >= 70% of the images at strength 1 (and, as a precondition,
   at 0: a base that cannot draw the colour fails there);
 - without the trigger, strength 1 moves each statistic at most 1/3 as far as with it;
