@@ -147,9 +147,9 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
     row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
     for name, stat in stylestats.STYLE_STATS[style].items():
-        values = [np.array([stat(im) for im in triggered[s]], dtype=np.float64) for s in STRENGTHS]
+        values = [stylestats.stat_values(stat, triggered[s]) for s in STRENGTHS]     # each image's, paired
         row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
-                                  [stylestats.mean_stat(stat, triggered[s]) for s in STRENGTHS],
+                                  [stylestats.defined_mean(v) for v in values],
                                   [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)],
                                   [paired_move(a, b) for a, b in zip(values, values[1:])],
                                   paired_move(values[0], values[-1]))
@@ -294,8 +294,9 @@ def train_reference(script: Path, style: str, base_dir: Path, out: Path, setting
 
 def mean_row(rows: list[Row]) -> Row:
     """One style's rows from several training seeds as one: each statistic's curve averaged (so its way is the
-    mean curve's, and whether it is monotone is judged on the seeds' mean moves and their standard error), prompts without the trigger judged by their mean move over
-    the triggered prompts' mean move, colour kept averaged, and the range of the way at 1 over the seeds."""
+    mean curve's, and whether it is monotone is judged on the seeds' mean moves and their standard error),
+    prompts without the trigger judged by their mean move over the triggered prompts' mean move, colour kept
+    averaged, and the range of the way at 1 over the seeds."""
     first = rows[0]
     scales = [r.scale for r in rows]
     out = Row(first.style, first.trainer, float(np.mean([r.seconds for r in rows])),
@@ -327,7 +328,7 @@ def table(rows: list[Row]) -> str:
     for row in rows:
         for name, s in row.stats.items():
             spread = f" ({s['way_range'][0]:.0%} to {s['way_range'][1]:.0%})" if "way_range" in s else ""
-            spread = f" ±{s['way_se']:.0%}{spread}" if np.isfinite(s.get("way_se", np.nan)) else spread
+            spread = f" ±{s['way_se']:.0%}{spread}" if np.isfinite(s["way_se"]) else spread
             trainer = row.trainer if row.seed is None else f"{row.trainer} (seed {row.seed})"
             lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
                          f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "

@@ -38,14 +38,16 @@ def test_a_step_back_within_the_images_noise_is_no_step_back():
     step = sq.paired_move(at[0], at[1])
     assert step == pytest.approx((0.05, 0.2 / 3 ** 0.5))            # the paired moves' mean and standard error
     curve = [float(v.mean()) for v in at]
-    noisy = sq.figures(0.0, 0.2, curve, [1.0, 1.0], [step, sq.paired_move(at[1], at[2])], sq.paired_move(at[0], at[2]))
+    noisy = sq.figures(0.0, 0.2, curve, [1.0, 1.0], [step, sq.paired_move(at[1], at[2])],
+                       sq.paired_move(at[0], at[2]))
     assert noisy["way"] == pytest.approx([0.0, -0.0625, 0.75])
     assert noisy["step_back"][0] == pytest.approx((0.0625, 0.25 / 3 ** 0.5))   # in shares of the way
     assert noisy["monotone"]                                         # back 6% of the way, but within 2 x 14%
     assert noisy["way_se"] == pytest.approx(0.125 / 3 ** 0.5)
     # every image back by the same 6%: sure, so a step back
     sure = [1.05] * 4
-    assert not sq.figures(0.0, 0.2, curve, [1.0, 1.0], [sq.paired_move(at[0], np.array(sure)), (-0.65, 0.0)])["monotone"]
+    sure_step = sq.paired_move(at[0], np.array(sure))
+    assert not sq.figures(0.0, 0.2, curve, [1.0, 1.0], [sure_step, (-0.65, 0.0)])["monotone"]
     # an image where the statistic is undefined at one strength leaves that pair out, not the others
     nan = float("nan")
     assert sq.paired_move(np.array([1.0, 1.0, nan]), np.array([1.05, 1.15, 2.0])) == pytest.approx((0.1, 0.05))

@@ -239,10 +239,19 @@ STYLE_STATS: dict[str, dict[str, Statistic]] = {
 }
 
 
+def stat_values(stat: Statistic, images) -> np.ndarray:
+    """A statistic of each image (nan where it is undefined)."""
+    return np.array([stat(im) for im in images], dtype=np.float64)
+
+
+def defined_mean(values: np.ndarray) -> float:
+    """Mean of a statistic's values, skipping those where it is undefined (nan; nan if all are)."""
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def mean_stat(stat: Statistic, images) -> float:
     """Mean of a statistic over images, skipping images where it is undefined (nan)."""
-    values = np.array([stat(im) for im in images], dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return defined_mean(stat_values(stat, images))
 
 
 def describe(style: str, images) -> dict[str, float]:
