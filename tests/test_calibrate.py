@@ -18,30 +18,42 @@ class Said(Callbacks):
         self.messages.append(text)
 
 
-def test_latent_stats_are_each_channels_mean_spread_and_grain():
-    lat = torch.zeros(1, 2, 4, 4)
-    lat[0, 0] = torch.tensor([[1.0, -1.0] * 2, [-1.0, 1.0] * 2] * 2)   # a checkerboard of +-1
-    lat[0, 1] = 3.0                                                    # flat
-    stats = calibrate.latent_stats(lat)
-    mean, spread, grain = stats[0, :2], stats[0, 2:4], stats[0, 4:]
-    assert mean.tolist() == pytest.approx([0.0, 3.0])
-    assert spread[0] == pytest.approx(float(lat[0, 0].std())) and spread[1] == 0
-    assert grain.tolist() == pytest.approx([4.0, 0.0])                  # |+-2| across plus |+-2| down
+def test_image_stats_are_each_channels_mean_and_spread_then_luminance_texture_per_scale():
+    img = torch.zeros(2, 3, 8, 8)
+    img[0, 0] = torch.tensor([[1.0, 0.0] * 4, [0.0, 1.0] * 4] * 4)     # red: a 1 px checkerboard
+    img[0, 1] = 0.5                                                     # green: flat
+    img[1, 2] = torch.tensor([1.0, 1.0, 0.0, 0.0] * 2)                  # blue: stripes 2 px on, 2 px off, across
+    stats = calibrate.image_stats(img)
+    assert stats.shape == (2, 8 + len(calibrate.TEXTURE_SCALES))
+    mean, spread, chroma, texture = stats[:, :3], stats[:, 3:6], stats[:, 6:8], stats[:, 8:]
+    assert mean[0].tolist() == pytest.approx([0.5, 0.5, 0.0]) and mean[1].tolist() == pytest.approx([0, 0, 0.5])
+    assert spread[0].tolist() == pytest.approx([float(img[0, 0].std()), 0, 0])
+    # image 0's pixels are (1, 0.5, 0) or (0, 0.5, 0): chroma 1 or 0.5 in equal shares; image 1's 1 or 0
+    assert chroma.flatten().tolist() == pytest.approx([0.75, float(torch.tensor([1.0, 0.5] * 32).std()),
+                                                       0.5, float(torch.tensor([1.0, 0.0] * 32).std())])
+    r, b = calibrate.LUMA[0], calibrate.LUMA[2]
+    # the checkerboard changes at every pixel (across and down) and averages away over 2 px blocks
+    assert texture[0].tolist() == pytest.approx([2 * r, 0, 0], abs=1e-6)
+    # the stripes change at 3 of 7 steps across at 1 px, at every step over 2 px blocks, not over 4 px blocks
+    assert texture[1].tolist() == pytest.approx([3 / 7 * b, b, 0], abs=1e-6)
 
 
 def test_distance_is_zero_for_the_training_images_and_grows_with_the_gap():
-    trained = calibrate.latent_stats(torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    trained = calibrate.image_stats(torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
     assert calibrate.distance(trained, trained) == 0
-    near, far = calibrate.distance(trained + 0.1, trained), calibrate.distance(trained + 0.5, trained)
+    near, far = calibrate.distance(trained + 0.01, trained), calibrate.distance(trained + 0.05, trained)
     assert 0 < near < far and far == pytest.approx(25 * near, rel=1e-4)
 
 
 @pytest.mark.parametrize("trained_at, picked", [(0.5, 0.5), (0.75, 0.75), (1.0, 1.0), (0.87, 1.0)])
 def test_calibrate_picks_the_strength_whose_samples_look_like_the_training_images(trained_at, picked):
-    """0.87: 0.75 is closer, but not clearly (under 0.8 of strength 1's distance): the file stays as trained."""
+    """0.87: 0.75 is closer, but not clearly (under 0.8 of strength 1's distance): the file stays as trained.
+    The style tints the images and adds 1 px dots, both in proportion to the strength."""
     g = torch.Generator().manual_seed(1)
-    start = [torch.randn(4, 8, 8, generator=g) for _ in range(6)]
-    style = torch.randn(4, 1, 1, generator=g) * 2 + torch.randn(4, 8, 8, generator=g)
+    start = [0.3 + 0.2 * torch.rand(3, 16, 16, generator=g) for _ in range(6)]
+    dots = torch.zeros(3, 16, 16)
+    dots[:, ::2, ::2] = 0.3
+    style = torch.tensor([0.2, -0.1, 0.05])[:, None, None] + dots
     captions = [f"zqx, image {i}" for i in range(6)]
     drawn = []
 
@@ -52,10 +64,23 @@ def test_calibrate_picks_the_strength_whose_samples_look_like_the_training_image
     found = calibrate.calibrate(draw, captions, [s + trained_at * style for s in start], (20, 5.0), seed=7)
     assert found.strength == picked
     assert sorted(found.distances) == sorted(calibrate.STRENGTHS)
-    assert found.distances[picked] == 0 if picked == trained_at else \
+    assert found.distances[picked] == pytest.approx(0, abs=1e-9) if picked == trained_at else \
         calibrate.CLEARLY_CLOSER * found.distances[1.0] < found.distances[0.75] < found.distances[1.0]
     assert len(drawn) == 6 * len(calibrate.STRENGTHS) and {s for _, s, _ in drawn} == set(range(7, 13))
     assert "guidance 5" in found.describe()
+
+
+def test_calibration_compares_the_samples_with_the_training_images_as_the_vae_gives_them_back(tiny_base):
+    """The loop's targets: each training image's cached latents decoded; for an image the VAE keeps well,
+    close to the image itself."""
+    from sdlora.training.batches import Batches
+    batches = Batches(tiny_base, torch.device("cpu"), batch_size=1, flip=False, text_encoder_trains=False)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    back = batches.decode_latents(batches.encode_pixels(x * 2 - 1))
+    assert back.shape == x.shape and 0 <= float(back.min()) and float(back.max()) <= 1
+    with torch.no_grad():
+        expected = tiny_base.vae.decode(tiny_base.vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5
+    torch.testing.assert_close(back, expected.clamp(0, 1), rtol=1e-4, atol=1e-5)
 
 
 def test_the_file_is_the_trained_update_scaled_by_the_calibrated_strength(tmp_path, style_dir, monkeypatch):

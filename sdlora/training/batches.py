@@ -146,6 +146,22 @@ class Batches:
                     vae.to(torch.float16)
         return lat.float() * vae.config.scaling_factor
 
+    def decode_latents(self, lat: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) images in 0..1 of scaled latents (n, 4, h, w), one at a time: with encode_pixels, the
+        base VAE's round trip of an image (what a LoRA on the U-Net can give back of it)."""
+        vae = self.base.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        with torch.no_grad():
+            if upcast:
+                vae.to(torch.float32)
+            try:
+                x = torch.cat([vae.decode((one[None] / vae.config.scaling_factor).to(self.device, vae.dtype)).sample
+                               for one in lat])
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
     def cache(self, paths: list, captions: list[str], sizes: list[tuple[int, int]],
               originals: list[tuple[int, int]] | None = None) -> Cached:
         """Latents of `paths`, each at its (width, height), and embeddings of `captions` (len(paths) * variants

@@ -348,10 +348,11 @@ class _Trainer:
                 out = pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=width,
                                  height=height, generator=torch.Generator(device="cpu").manual_seed(seed),
                                  output_type="pt")
-            return self.batches.encode_pixels(out.images.float() * 2 - 1).cpu()   # as the training images were
+            return out.images.float().cpu()
 
-        latents = [lat[0].cpu() for lat in self.examples.latents]      # each image unflipped, as trained
-        found = calibrate.calibrate(draw, [it.caption for it in self.plan.items], latents, (steps, guidance),
+        n = min(calibrate.N_CAPTIONS, len(self.plan.items))           # each image unflipped, as trained
+        targets = [self.batches.decode_latents(lat[:1])[0].cpu() for lat in self.examples.latents[:n]]
+        found = calibrate.calibrate(draw, [it.caption for it in self.plan.items], targets, (steps, guidance),
                                     self.cfg.seed)
         self.cb.on_message(found.describe())
         return found
