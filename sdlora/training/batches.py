@@ -11,6 +11,7 @@ and the empty prompt is all zeros (its pipeline's force_zeros_for_empty_prompt, 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -130,36 +131,33 @@ class Batches:
                                 "or use mixed_precision='no' (fp16 VAEs overflow on some images)")
         return lat.float()
 
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 4, h, w) scaled posterior-mean latents of images x (n, 3, H, W) in -1..1, one at a time."""
+    @contextlib.contextmanager
+    def vae_as_its_pipeline_runs(self):
+        """The base's VAE inside the block, without gradients: a VAE that overflows in fp16 (SDXL 1.0's; its
+        config says force_upcast) runs in fp32, as its pipeline decodes; an fp16-safe one stays in fp16."""
         vae = self.base.vae
-        # a VAE that overflows in fp16 (SDXL 1.0's; its config says force_upcast) encodes in fp32, as its
-        # pipeline decodes; an fp16-safe one (force_upcast false) stays in fp16
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         with torch.no_grad():
             if upcast:
                 vae.to(torch.float32)
             try:
-                lat = torch.cat([vae.encode(one[None].to(self.device, vae.dtype)).latent_dist.mean for one in x])
+                yield vae
             finally:
                 if upcast:
                     vae.to(torch.float16)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 4, h, w) scaled posterior-mean latents of images x (n, 3, H, W) in -1..1, one at a time."""
+        with self.vae_as_its_pipeline_runs() as vae:
+            lat = torch.cat([vae.encode(one[None].to(self.device, vae.dtype)).latent_dist.mean for one in x])
         return lat.float() * vae.config.scaling_factor
 
     def decode_latents(self, lat: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) images in 0..1 of scaled latents (n, 4, h, w), one at a time: with encode_pixels, the
         base VAE's round trip of an image (what a LoRA on the U-Net can give back of it)."""
-        vae = self.base.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        with torch.no_grad():
-            if upcast:
-                vae.to(torch.float32)
-            try:
-                x = torch.cat([vae.decode((one[None] / vae.config.scaling_factor).to(self.device, vae.dtype)).sample
-                               for one in lat])
-            finally:
-                if upcast:
-                    vae.to(torch.float16)
+        with self.vae_as_its_pipeline_runs() as vae:
+            x = torch.cat([vae.decode((one[None] / vae.config.scaling_factor).to(self.device, vae.dtype)).sample
+                           for one in lat])
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def cache(self, paths: list, captions: list[str], sizes: list[tuple[int, int]],
