@@ -277,16 +277,20 @@ def test_a_named_vae_trains_and_an_fp16_safe_one_stays_in_fp16(tmp_path, style_d
     assert all(torch.equal(a, b) for a, b in zip(file_vae.state_dict().values(), safe.state_dict().values()))
     with pytest.raises(BaseModelError, match="could not load the VAE"):
         load_vae(str(tmp_path / "nope"), like)
-    # encoding: a VAE whose config says it overflows in fp16 encodes in fp32 and goes back to fp16; a safe one stays
+    # a VAE whose config says it overflows in fp16 encodes and decodes in fp32 and goes back to fp16; a safe one
+    # stays
     base = load_base("tiny-random-xl", fresh=True)
     image = next(p for p in style_dir.iterdir() if p.suffix == ".png")
     for vae, upcast in ((like, True), (folder_vae, False)):
         base.vae = vae.half()
         seen = []
-        hook = base.vae.encoder.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
-        Batches(base, torch.device("cpu"), 1, False, False).encode(image, (64, 64))
-        hook.remove()
-        assert seen == [torch.float32 if upcast else torch.float16] and base.vae.dtype == torch.float16
+        hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+                 for m in (base.vae.encoder.conv_in, base.vae.decoder.conv_in)]
+        batches = Batches(base, torch.device("cpu"), 1, False, False)
+        batches.decode_latents(batches.encode(image, (64, 64)))            # calibration's round trip too
+        for hook in hooks:
+            hook.remove()
+        assert seen == [torch.float32 if upcast else torch.float16] * 2 and base.vae.dtype == torch.float16
     res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
                 cfg(tmp_path, vae=str(tmp_path / "vae-fp16-fix")))
     assert json.loads((res.run_dir / "config.json").read_text())["train"]["vae"].endswith("vae-fp16-fix")
