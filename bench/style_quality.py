@@ -123,17 +123,18 @@ class Row:
 
 
 def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | None = None,
-          unchanged: dict | None = None) -> Row:
+          unchanged: dict | None = None, scale: float = 1.0) -> Row:
     """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style.
     `unchanged`, kept by the caller across LoRAs of the same base, holds per style what no LoRA changes (the
-    images at strength 0, the training images and their VAE round trips), drawn once."""
+    images at strength 0, the training images and their VAE round trips), drawn once. `scale` judges the file
+    as if its up weights were scaled by it (each strength drawn at strength x scale)."""
     from sdlora import GenerateConfig, LoraChoice
     folder = DATASETS / style
     trigger = dataset_trigger(folder)
     contents = unseen_contents(folder)
 
     def draw(strength: float, prompts: list[str]) -> list[Image.Image]:
-        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), [LoraChoice(lora, strength)])
+        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), [LoraChoice(lora, strength * scale)])
                 for p in prompts for s in SEEDS]
 
     triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
@@ -145,7 +146,9 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     base_triggered, base_plain, training, ceiling_images = unchanged[style]
     triggered = {0.0: base_triggered, **{s: draw(s, triggered_prompts) for s in STRENGTHS if s}}
     plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
-    row = Row(style, trainer, seconds, lora=lora, seed=seed, scale=strength_scale(lora))
+    written = strength_scale(lora)
+    row = Row(style, trainer, seconds, lora=lora, seed=seed,
+              scale=written if scale == 1 else scale * (1.0 if written is None else written))
     for name, stat in stylestats.STYLE_STATS[style].items():
         values = [stylestats.stat_values(stat, triggered[s]) for s in STRENGTHS]     # each image's, paired
         row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
@@ -157,7 +160,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     colours = [c for _, c in contents for _ in SEEDS]
     row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
-    save_grid(row, triggered, plain, training, ceiling_images)
+    save_grid(row, triggered, plain, training, ceiling_images, "" if scale == 1 else f"_x{scale:g}")
     return row
 
 
@@ -201,9 +204,9 @@ def strength_scale(lora: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: list) -> None:
-    """test-artifacts/style_quality_<style>_<trainer>.png: a row per strength with the trigger, then without it
-    at 0 and 1, then the training images and their VAE round trips."""
+def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: list, suffix: str = "") -> None:
+    """test-artifacts/style_quality_<style>_<trainer>[_seed<seed>]<suffix>.png: a row per strength with the
+    trigger, then without it at 0 and 1, then the training images and their VAE round trips."""
     out = ROOT / "test-artifacts"
     out.mkdir(exist_ok=True)
     rows = list(triggered.values()) + list(plain.values()) + [training, ceiling]
@@ -213,7 +216,7 @@ def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: l
         for c, im in enumerate(images):
             grid.paste(im.resize((size, size)), (c * size, r * size))
     seed = "" if row.seed is None else f"_seed{row.seed}"
-    grid.save(out / f"style_quality_{row.style}_{row.trainer}{seed}.png")
+    grid.save(out / f"style_quality_{row.style}_{row.trainer}{seed}{suffix}.png")
 
 
 def outlined(content: str) -> str:

@@ -5,6 +5,7 @@ mean curve, with the range of their way at strength 1 and how many seeds pass al
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -87,3 +88,27 @@ def test_a_mean_short_of_the_bar_misses_though_a_seed_passes():
     assert not mean.passes() and mean.scale is None and "| - |" in sq.table([mean])
     assert sq.verdict([mean]) == ("MISS on dusk (0 of 1 meet way @1 >= 70%, monotone, untriggered <= 0.33x, "
                                   "colour kept >= 70%); seeds passing alone: dusk 1/2")
+
+
+def test_calibration_measures_are_scored_by_the_judge_s_verdict_at_the_scale_they_pick():
+    from bench import calibration_measures as cm
+    passes = seed_row(0, [1.0, 0.5, 0.1], [1.0, 1.0], 1.0)        # 90% of the way, monotone, selective
+    misses = seed_row(0, [1.0, 0.8, 0.6], [1.0, 1.0], 1.0)        # 40% of the way
+    assert passes.passes() and not misses.passes()
+    a = cm.Probe("dusk", 0, {0.5: misses, 0.75: passes, 1.0: passes},
+                 {"pixels": [{0.5: 3.0, 0.75: 1.0, 1.0: 2.0}] * 2,
+                  "latents": [{0.5: 1.0, 0.75: 2.0, 1.0: 2.0}, {0.5: 2.0, 0.75: 2.0, 1.0: 2.1}]})
+    b = cm.Probe("dusk", 1, {0.5: passes, 0.75: misses, 1.0: misses},
+                 {"pixels": [{0.5: 1.0, 0.75: 2.0, 1.0: 3.0}] * 2, "latents": [{0.5: 3.0, 0.75: 2.0, 1.0: 1.0}] * 2})
+    # 0.5 at 1.0 <= 0.8 x 2.0; then 0.75 (the higher of two equal) at 2.0 is not clearly closer than 2.1: 1
+    assert a.picks("latents") == [0.5, 1.0] and a.picks("pixels") == [0.75, 0.75] and b.picks("pixels") == [0.5, 0.5]
+    lines = {line["measure"]: line for line in cm.summary([a, b])}
+    assert lines["pixels"] == {"measure": "pixels", "same": 2, "sets": [(2, 1), (2, 1)]}
+    # set 0: a at 0.5 and b at 1 both miss; set 1: a at 1 passes, b at 1 misses, and their mean (65%) misses
+    assert lines["latents"] == {"measure": "latents", "same": 1, "sets": [(0, 0), (1, 0)]}
+    assert lines["every file at 1"]["sets"] == [(1, 0)] and lines["passing at some scale"]["sets"] == [(2, None)]
+    table = cm.summary_table(list(lines.values()), 2)
+    assert "| pixels | 2 of 2 | 2/1, 2/1 |" in table and "| passing at some scale | - | 2 |" in table
+    # a --json report read back (--merge) gives the same table
+    again = cm.from_json(json.loads(json.dumps(cm.to_json([a, b]))))
+    assert cm.summary(again) == cm.summary([a, b]) and again[0].rows[0.75].passes()

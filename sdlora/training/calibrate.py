@@ -83,10 +83,15 @@ def calibrate(draw: Callable[[str, int, float], torch.Tensor], captions: list[st
     for s in STRENGTHS:
         drawn = torch.cat([image_stats(draw(captions[i], seed + i, s)) for i in range(n)])
         distances[s] = distance(drawn, trained)
-    best = min(STRENGTHS, key=lambda s: (distances[s], -s))
+    return Calibration(choose(distances), distances, sampling)
+
+
+def choose(distances: dict[float, float]) -> float:
+    """The strength of the smallest distance (of equal ones, the highest), but 1 unless it is clearly closer."""
+    best = min(distances, key=lambda s: (distances[s], -s))
     if 1.0 in distances and distances[best] > CLEARLY_CLOSER * distances[1.0]:
         best = 1.0                                                   # not clearly closer: keep what was trained
-    return Calibration(best, distances, sampling)
+    return best
 
 
-__all__ = ["Calibration", "calibrate", "image_stats", "distance", "STRENGTHS", "N_CAPTIONS", "CLEARLY_CLOSER", "SAMPLING"]
+__all__ = ["Calibration", "calibrate", "choose", "image_stats", "distance", "STRENGTHS", "N_CAPTIONS", "CLEARLY_CLOSER", "SAMPLING"]
