@@ -23,8 +23,10 @@ def test_image_stats_are_each_channels_mean_and_spread_then_luminance_texture_pe
     img[0, 0] = torch.tensor([[1.0, 0.0] * 4, [0.0, 1.0] * 4] * 4)     # red: a 1 px checkerboard
     img[0, 1] = 0.5                                                     # green: flat
     img[1, 2] = torch.tensor([1.0, 1.0, 0.0, 0.0] * 2)                  # blue: stripes 2 px on, 2 px off, across
-    stats = calibrate.image_stats(img)
-    assert stats.shape == (2, 8 + len(calibrate.TEXTURE_SCALES))
+    stats = calibrate.image_stats(img)                                 # 8 px: scales 1 to 8 // 16, so 1 alone
+    assert stats.shape == (2, 9)
+    stats = calibrate.image_stats(img, (1, 2, 4))
+    assert stats.shape == (2, 11)
     mean, spread, chroma, texture = stats[:, :3], stats[:, 3:6], stats[:, 6:8], stats[:, 8:]
     assert mean[0].tolist() == pytest.approx([0.5, 0.5, 0.0]) and mean[1].tolist() == pytest.approx([0, 0, 0.5])
     assert spread[0].tolist() == pytest.approx([float(img[0, 0].std()), 0, 0])
@@ -36,6 +38,13 @@ def test_image_stats_are_each_channels_mean_and_spread_then_luminance_texture_pe
     assert texture[0].tolist() == pytest.approx([2 * r, 0, 0], abs=1e-6)
     # the stripes change at 3 of 7 steps across at 1 px, at every step over 2 px blocks, not over 4 px blocks
     assert texture[1].tolist() == pytest.approx([3 / 7 * b, b, 0], abs=1e-6)
+
+
+def test_texture_is_measured_from_a_pixel_up_to_a_sixteenth_of_the_image():
+    assert calibrate.texture_scales(64) == (1, 2, 4)                    # `tiny`
+    assert calibrate.texture_scales(512) == (1, 2, 4, 8, 16, 32)        # SD 1.5
+    assert calibrate.texture_scales(1024)[-1] == 64 and calibrate.texture_scales(63) == (1, 2)
+    assert calibrate.texture_scales(8) == (1,)
 
 
 def test_distance_is_zero_for_the_training_images_and_grows_with_the_gap():
@@ -117,3 +126,18 @@ def test_dora_files_are_not_calibrated_and_the_run_says_so(tmp_path, style_dir):
     assert any(m.startswith("strength calibration: skipped") and "DoRA" in m for m in cb.messages)
     with safe_open(str(res.lora_path), "pt") as f:
         assert "sdlora_strength_scale" not in f.metadata()
+
+
+def test_images_of_different_buckets_are_measured_at_the_same_scales():
+    """Training images of several shapes: every image's texture is measured over the same block sizes (those
+    of the smallest side), so their statistics line up."""
+    g = torch.Generator().manual_seed(2)
+    start = [torch.rand(3, h, w, generator=g) * 0.5 for h, w in ((64, 64), (32, 48), (48, 32))]
+    style = torch.tensor([0.3, 0.1, -0.1])[:, None, None]
+    captions = ["zqx, a", "zqx, b", "zqx, c"]
+
+    def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
+        return (start[captions.index(caption)] + strength * style).clamp(0, 1)[None]
+
+    found = calibrate.calibrate(draw, captions, [(s + 0.5 * style).clamp(0, 1) for s in start], (20, 5.0))
+    assert found.strength == 0.5 and found.distances[0.5] == pytest.approx(0, abs=1e-9)

@@ -11,9 +11,11 @@ scales down, so a file never does more than what was trained.
 
 Closeness is measured in pixels, against the training images as the base's VAE gives them back (encoded
 and decoded: what a LoRA on the U-Net can reach), on a few statistics of each image: each colour channel's
-mean and spread, how colourful its pixels are (mean and spread of their chroma), and how much the luminance changes between neighbouring pixels at 1, 2 and 4 px (fine
-texture, dots and lines, coarse structure). On the example styles' LoRAs this picks the same strength
-from one set of sampling seeds to the next far more often than the same statistics of the latents did.
+mean and spread, how colourful its pixels are (mean and spread of their chroma), and how much the
+luminance changes between neighbouring pixels over 1, 2, 4, ... px up to a sixteenth of the image's side
+(grain, dots and lines, coarser structure). On the example styles' LoRAs this picks the same strength
+from one set of sampling seeds to the next far more often than the same kind of statistics of the
+latents did (bench/calibration_measures.py).
 """
 from __future__ import annotations
 
@@ -43,20 +45,31 @@ class Calibration:
                 f"texture statistics to the training images at each strength: {figures}): {what}")
 
 
-TEXTURE_SCALES = (1, 2, 4)        # px: luminance changes between neighbours at each of these scales
+COARSEST = 16                      # the coarsest texture scale is this fraction of the image's side (1/16)
 LUMA = (0.2126, 0.7152, 0.0722)    # Rec. 709 weights
 
 
-def image_stats(images: torch.Tensor) -> torch.Tensor:
-    """(n, 8 + len(TEXTURE_SCALES)) per image of images (n, 3, H, W) in 0..1, of any size: each colour
-    channel's mean and standard deviation, the mean and standard deviation of the pixels' chroma (their
-    largest channel minus their smallest: how colourful), then the mean |difference| of neighbouring pixels'
-    luminance (across plus down) with the image averaged over k x k px blocks, for each k in TEXTURE_SCALES."""
+def texture_scales(side: int) -> tuple[int, ...]:
+    """1, 2, 4, ... px up to side / COARSEST: from a pixel's grain to a sixteenth of the image (on `tiny`'s 64 px:
+    1, 2 and 4; at 512 px: 1 to 32)."""
+    scales = [1]
+    while scales[-1] * 2 <= side // COARSEST:
+        scales.append(scales[-1] * 2)
+    return tuple(scales)
+
+
+def image_stats(images: torch.Tensor, scales: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(n, 8 + len(scales)) per image of images (n, 3, H, W) in 0..1: each colour channel's mean and standard
+    deviation, the mean and standard deviation of the pixels' chroma (their largest channel minus their
+    smallest: how colourful), then the mean |difference| of neighbouring pixels' luminance (across plus down)
+    with the image averaged over k x k px blocks, for each k in `scales` (default: texture_scales of the
+    shorter side)."""
     x = images.float()
+    scales = scales or texture_scales(min(x.shape[-2:]))
     chroma = x.amax(1) - x.amin(1)
     luma = (x * torch.tensor(LUMA, dtype=x.dtype, device=x.device)[:, None, None]).sum(1, keepdim=True)
     texture = []
-    for k in TEXTURE_SCALES:
+    for k in scales:
         y = torch.nn.functional.avg_pool2d(luma, k) if k > 1 else luma
         texture.append((y[..., 1:, :] - y[..., :-1, :]).abs().mean((1, 2, 3)) +
                        (y[..., 1:] - y[..., :-1]).abs().mean((1, 2, 3)))
@@ -78,10 +91,11 @@ def calibrate(draw: Callable[[str, int, float], torch.Tensor], captions: list[st
     pipeline samples; `targets[i]` is training image i (3, H, W) in 0..1 as the base's VAE gives it back
     (encoded as trained, then decoded). A lower strength is picked only when it is clearly closer than 1."""
     n = min(N_CAPTIONS, len(captions))
-    trained = torch.cat([image_stats(t[None]) for t in targets[:n]])
+    scales = texture_scales(min(min(t.shape[-2:]) for t in targets[:n]))     # the same for every image
+    trained = torch.cat([image_stats(t[None], scales) for t in targets[:n]])
     distances = {}
     for s in STRENGTHS:
-        drawn = torch.cat([image_stats(draw(captions[i], seed + i, s)) for i in range(n)])
+        drawn = torch.cat([image_stats(draw(captions[i], seed + i, s), scales) for i in range(n)])
         distances[s] = distance(drawn, trained)
     return Calibration(choose(distances), distances, sampling)
 
@@ -94,4 +108,5 @@ def choose(distances: dict[float, float]) -> float:
     return best
 
 
-__all__ = ["Calibration", "calibrate", "choose", "image_stats", "distance", "STRENGTHS", "N_CAPTIONS", "CLEARLY_CLOSER", "SAMPLING"]
+__all__ = ["Calibration", "calibrate", "choose", "image_stats", "texture_scales", "distance", "STRENGTHS", "N_CAPTIONS",
+           "CLEARLY_CLOSER", "SAMPLING"]
