@@ -77,12 +77,11 @@ def to_tensor(images):
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
 
 
-def encode(vae, images):
-    """Scaled posterior-mean latents of RGB images, as training encodes them."""
-    import torch
-    with torch.no_grad():
-        x = (to_tensor(images) * 2 - 1).to(vae.device, vae.dtype)
-        return torch.cat([vae.encode(one[None]).latent_dist.mean for one in x]).float() * vae.config.scaling_factor
+def encode(base, images):
+    """Scaled posterior-mean latents of RGB images, as training encodes them (Batches.encode_pixels)."""
+    from sdlora.training.batches import Batches
+    batches = Batches(base, base.vae.device, batch_size=1, flip=False, text_encoder_trains=False)
+    return batches.encode_pixels(to_tensor(images) * 2 - 1)
 
 
 def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) -> dict:
@@ -96,7 +95,7 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
     training = [Image.open(sq.DATASETS / style / name).convert("RGB") for name, _ in items]
     vae = gen.base.vae
     trained = {"pixels": calibrate.image_stats(to_tensor(vae_round_trip(vae, training))),
-               "latents": latent_stats(encode(vae, training))}
+               "latents": latent_stats(encode(gen.base, training))}
     out = {m: [] for m in MEASURES}
     for k in range(sets):
         per = {m: {} for m in MEASURES}
@@ -104,7 +103,7 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
             drawn = [gen.generate(GenerateConfig(prompt=caption, seed=seed + k * SET_STRIDE + i, **sq.SAMPLING),
                                   [LoraChoice(lora, s)]) for i, (_, caption) in enumerate(items)]
             per["pixels"][s] = calibrate.distance(calibrate.image_stats(to_tensor(drawn)), trained["pixels"])
-            per["latents"][s] = calibrate.distance(latent_stats(encode(vae, drawn)), trained["latents"])
+            per["latents"][s] = calibrate.distance(latent_stats(encode(gen.base, drawn)), trained["latents"])
         for m in MEASURES:
             out[m].append(per[m])
     return out
