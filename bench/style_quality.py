@@ -35,6 +35,9 @@ base, images, steps, rank, learning rate and resolution, with its one instance p
     python bench/style_quality.py                          # every style, defaults (about 3 min per style on CPU)
     python bench/style_quality.py --styles neon hatch --set steps=600 --seeds 0   # a quick, one-seed look
     python bench/style_quality.py --reference ~/diffusers/examples/dreambooth/train_dreambooth_lora.py
+    python bench/style_quality.py --styles neon pastel hatch halftone --json a.json   # two processes on two
+    python bench/style_quality.py --styles dusk dashed sage --json b.json               # cores, then:
+    python bench/style_quality.py --merge a.json b.json                                 # one table and verdict
 """
 from __future__ import annotations
 
@@ -353,6 +356,33 @@ def verdict(rows: list[Row]) -> str:
     return f"MISS on {', '.join(missed)} ({len(ours) - len(missed)} of {len(ours)} meet {bars}){seeds}"
 
 
+def load_rows(paths: list[Path]) -> list[Row]:
+    """The per-seed rows of --json reports (runs split over processes or seeds), in the order given; a style,
+    trainer and seed in two reports is refused."""
+    rows: list[Row] = []
+    seen: dict[tuple, Path] = {}
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+            loaded = [Row(**r) for r in report["rows"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge {path}: not a report of this benchmark's --json ({e})")
+        for r in loaded:
+            key = (r.style, r.trainer, r.seed)
+            if key in seen:
+                raise SystemExit(f"--merge: {r.style}, {r.trainer}, seed {r.seed} is in both {seen[key]} and {path}; "
+                                 "give each run once")
+            seen[key] = path
+        rows += loaded
+    return rows
+
+
+def means(rows: list[Row]) -> list[Row]:
+    """One mean_row per style and trainer, in the rows' order."""
+    return [mean_row([r for r in rows if (r.style, r.trainer) == key])
+            for key in dict.fromkeys((r.style, r.trainer) for r in rows)]
+
+
 def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -384,7 +414,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: join the --json reports of runs split over processes or seeds, and "
+                             "print their table and verdict (with --json, write the joined report)")
     a = parser.parse_args(argv)
+    if a.merge:
+        rows = load_rows(a.merge)
+        seeds = sorted({r.seed for r in rows})
+        print("Each seed:")
+        print(table(rows))
+        shown = means(rows)
+        print(f"Mean over seeds {', '.join(map(str, seeds))} (way @1: the mean, then the seeds' range):")
+        print(table(shown))
+        print(verdict(shown))
+        if a.json:
+            report = {"seeds": seeds, "rows": [r.__dict__ for r in rows], "means": [r.__dict__ for r in shown]}
+            a.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return
     if a.reference and not a.reference.is_file():
         parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
     base_dir = ROOT / "sdlora" / "base_model" if a.base == "tiny" else Path(a.base)
@@ -421,8 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(a.seeds) > 1:
         print("Each seed:")
         print(table(rows))
-        shown = [mean_row([r for r in rows if (r.style, r.trainer) == key])
-                 for key in dict.fromkeys((r.style, r.trainer) for r in rows)]
+        shown = means(rows)
         print(f"Mean over seeds {', '.join(map(str, a.seeds))} (way @1: the mean, then the seeds' range):")
     print(table(shown))
     print(verdict(shown))

@@ -112,3 +112,25 @@ def test_calibration_measures_are_scored_by_the_judge_s_verdict_at_the_scale_the
     # a --json report read back (--merge) gives the same table
     again = cm.from_json(json.loads(json.dumps(cm.to_json([a, b]))))
     assert cm.summary(again) == cm.summary([a, b]) and again[0].rows[0.75].passes()
+
+
+def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
+    rows = [seed_row(0, [1.0, 0.8, 0.5], [1.0, 1.0], 1.0), seed_row(1, [1.0, 0.6, 0.2], [1.0, 1.0], 1.0)]
+    reports = []
+    for row in rows:                                   # one process per seed, each with its own --json
+        reports.append(tmp_path / f"seed{row.seed}.json")
+        reports[-1].write_text(json.dumps({"seeds": [row.seed], "rows": [row.__dict__], "means": []}))
+    joined = tmp_path / "joined.json"
+    sq.main(["--merge", *map(str, reports), "--json", str(joined)])
+    out = capsys.readouterr().out
+    assert "Mean over seeds 0, 1" in out and "| dusk | dusk_distance | sdlora | " in out
+    assert out.strip().endswith(sq.verdict([sq.mean_row(rows)]))
+    report = json.loads(joined.read_text())
+    assert report["seeds"] == [0, 1] and [r["seed"] for r in report["rows"]] == [0, 1]
+    assert report["means"][0]["stats"]["dusk_distance"]["way"][-1] == pytest.approx(0.65)
+    # the same seed in two reports is refused, naming both
+    with pytest.raises(SystemExit, match="seed 0 is in both .*seed0.json and .*seed0.json"):
+        sq.main(["--merge", str(reports[0]), str(reports[0])])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="other.json: not a report"):
+        sq.main(["--merge", str(tmp_path / "other.json")])
