@@ -32,6 +32,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def reference_missing(python: str) -> str | None:
+    """Why diffusers' DreamBooth LoRA script cannot run under `python` (it imports torchvision, which sdlora does
+    not need, at its top), or None when it can: checked before any training, not minutes in."""
+    import subprocess
+    done = subprocess.run([python, "-c", "import torchvision.transforms"], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return (f"{python} cannot import torchvision, which the reference script imports ({last}); install the "
+            f"torchvision built for its torch")
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is present, else cpu (cuda runs in fp16)")

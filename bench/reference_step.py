@@ -11,6 +11,8 @@ median step CPU time (and wall time). Variants of sdlora (`--ours NAME="FLAGS"`)
 
     python bench/reference_step.py --reference ~/diffusers/examples/dreambooth/train_dreambooth_lora.py
     python bench/reference_step.py --reference PATH --ours default= --ours "pass=--isolation pass" --rounds 4
+    python bench/reference_step.py --reference PATH --ours default= \
+        --ours "qkvo-every4=--cross-attention qkvo --isolation-every 4" --steps 10 --mean   # a pass every 4th step
 
 Target (learning-quality issue): sdlora's default step <= 0.70x the reference's.
 """
@@ -29,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench import _common as C  # noqa: E402
 
 TARGET = 0.70
 # Run as `python reference_step.py --hook OUT PROGRAM ARGS...`: records each backward call's clocks, then runs
@@ -58,12 +62,13 @@ def run_hooked(out: str, argv: list[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
 
 
-def step_times(marks: list, warmup: int) -> tuple[float, float]:
-    """Median (wall, cpu) seconds between consecutive backward calls, after `warmup` steps."""
+def step_times(marks: list, warmup: int, mean: bool = False) -> tuple[float, float]:
+    """Median (or mean) (wall, cpu) seconds between consecutive backward calls, after `warmup` steps."""
     gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])][warmup:]
     if not gaps:
         raise SystemExit(f"only {len(marks)} steps were timed; raise --steps")
-    return statistics.median(g[0] for g in gaps), statistics.median(g[1] for g in gaps)
+    centre = statistics.fmean if mean else statistics.median
+    return centre(g[0] for g in gaps), centre(g[1] for g in gaps)
 
 
 def make_folder(base: str, dest: Path) -> None:
@@ -113,11 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mean", action="store_true",
+                        help="the mean step instead of the median: for variants whose steps differ (--isolation-every "
+                             "N: time a multiple of N steps, e.g. --steps 10 --warmup 1 for N = 4 or 8)")
     parser.add_argument("--ours", action="append", default=None, metavar='NAME="FLAGS"',
                         help='an sdlora variant: its name and extra `sdlora train` flags (default: default=)')
     a = parser.parse_args(argv)
     if not a.reference.is_file():
         parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
+    missing = C.reference_missing(sys.executable)
+    if missing:
+        parser.error(missing)
     variants = dict(v.split("=", 1) for v in (a.ours or ["default="]))
     with tempfile.TemporaryDirectory(prefix="reference-step-") as tmp:
         tmp = Path(tmp)
@@ -141,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(a.rounds):
             for name, cmd in [("reference", reference), *ours.items()]:
                 marks = timed(cmd, tmp / f"{name}-{r}.json", a.threads)
-                results[name].append(step_times(marks, a.warmup))
+                results[name].append(step_times(marks, a.warmup, a.mean))
                 wall, cpu = results[name][-1]
                 print(f"round {r + 1}: {name:12s} step {wall:.2f} s wall, {cpu:.2f} s cpu", flush=True)
     print(f"\n{a.base}, {a.resolution} px, rank {a.rank}, batch 1, {a.threads} thread(s), {a.rounds} rounds, "
-          f"{a.steps - a.warmup} timed steps each")
+          f"{a.steps - 1 - a.warmup} timed steps each ({'mean' if a.mean else 'median'} step)")
     print("| trainer | step wall s | step cpu s | cpu / reference | wall / reference | target |")
     print("|---|---|---|---|---|---|")
     ref = results["reference"]

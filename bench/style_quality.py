@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench import _common as C  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 from sdlora.tinybase.stages import vae_round_trip  # noqa: E402
 
@@ -433,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.reference and not a.reference.is_file():
         parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
+    missing = a.reference and C.reference_missing(a.reference_python)
+    if missing:
+        parser.error(missing)
     base_dir = ROOT / "sdlora" / "base_model" if a.base == "tiny" else Path(a.base)
     if a.reference and not (base_dir / "model_index.json").is_file():
         parser.error(f"--reference needs a diffusers folder as --base (the script loads one); {a.base} is not")

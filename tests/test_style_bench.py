@@ -134,3 +134,29 @@ def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="other.json: not a report"):
         sq.main(["--merge", str(tmp_path / "other.json")])
+
+
+def test_a_step_is_the_time_between_backward_calls_and_its_mean_counts_every_step_of_a_cycle():
+    from bench import reference_step as rs
+    # (wall, cpu) at each backward call: steps of 1 s, but every 4th step also runs isolation's pass (3 s)
+    gaps = [1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+    marks = [(0.0, 0.0)]
+    for gap in gaps:
+        marks.append((marks[-1][0] + gap, marks[-1][1] + gap / 2))
+    assert rs.step_times(marks, warmup=1) == pytest.approx((1.0, 0.5))            # the median misses the pass
+    assert rs.step_times(marks, warmup=1, mean=True) == pytest.approx((1.5, 0.75))  # 8 steps, 2 passes
+    with pytest.raises(SystemExit, match="raise --steps"):
+        rs.step_times(marks[:2], warmup=1)
+
+
+def test_a_python_that_cannot_run_the_reference_script_is_refused_before_any_training(tmp_path):
+    from bench import _common as C
+    broken, fine = tmp_path / "broken-python", tmp_path / "fine-python"
+    broken.write_text("#!/bin/sh\necho 'Traceback ...' >&2\necho \"ModuleNotFoundError: No module named 'torchvision'\" >&2\n"
+                      "exit 1\n")
+    fine.write_text("#!/bin/sh\nexit 0\n")
+    for f in (broken, fine):
+        f.chmod(0o755)
+    why = C.reference_missing(str(broken))
+    assert str(broken) in why and "No module named 'torchvision'" in why and "install the torchvision" in why
+    assert C.reference_missing(str(fine)) is None
