@@ -13,7 +13,8 @@ a LoRA is trained with calibration off (the other settings as given) and:
   strength per set with calibrate.choose.
 
 Measures:
-- **pixels** (sdlora's): calibrate.image_stats of the samples against the training images' VAE round trips;
+- **pixels** (sdlora's): calibrate.image_stats of the samples against the training images' VAE round trips,
+  decoded from their latents as training's calibration decodes them (float, not 8-bit);
 - **latents** (the previous one): each latent channel's mean, spread and neighbour difference, of the samples
   encoded by the VAE, against the training images' latents.
 
@@ -77,11 +78,20 @@ def to_tensor(images):
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
 
 
+def batches_of(base):
+    from sdlora.training.batches import Batches
+    return Batches(base, base.vae.device, batch_size=1, flip=False, text_encoder_trains=False)
+
+
 def encode(base, images):
     """Scaled posterior-mean latents of RGB images, as training encodes them (Batches.encode_pixels)."""
-    from sdlora.training.batches import Batches
-    batches = Batches(base, base.vae.device, batch_size=1, flip=False, text_encoder_trains=False)
-    return batches.encode_pixels(to_tensor(images) * 2 - 1)
+    return batches_of(base).encode_pixels(to_tensor(images) * 2 - 1)
+
+
+def round_trip(base, images):
+    """(n, 3, H, W) in 0..1: the images' latents decoded as calibration decodes the cached training latents
+    (Batches.decode_latents: float, not rounded to 8 bits)."""
+    return batches_of(base).decode_latents(encode(base, images))
 
 
 def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) -> dict:
@@ -89,12 +99,10 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
     from PIL import Image
 
     from sdlora import GenerateConfig, LoraChoice
-    from sdlora.tinybase.stages import vae_round_trip
     from sdlora.training import calibrate
     items = list(captions.items())[:calibrate.N_CAPTIONS]
     training = [Image.open(sq.DATASETS / style / name).convert("RGB") for name, _ in items]
-    vae = gen.base.vae
-    trained = {"pixels": calibrate.image_stats(to_tensor(vae_round_trip(vae, training))),
+    trained = {"pixels": calibrate.image_stats(round_trip(gen.base, training)),
                "latents": latent_stats(encode(gen.base, training))}
     out = {m: [] for m in MEASURES}
     for k in range(sets):
