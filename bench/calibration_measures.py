@@ -78,20 +78,9 @@ def to_tensor(images):
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
 
 
-def batches_of(base):
-    from sdlora.training.batches import Batches
-    return Batches(base, base.vae.device, batch_size=1, flip=False, text_encoder_trains=False)
-
-
-def encode(base, images):
+def encode(batches, images):
     """Scaled posterior-mean latents of RGB images, as training encodes them (Batches.encode_pixels)."""
-    return batches_of(base).encode_pixels(to_tensor(images) * 2 - 1)
-
-
-def round_trip(base, images):
-    """(n, 3, H, W) in 0..1: the images' latents decoded as calibration decodes the cached training latents
-    (Batches.decode_latents: float, not rounded to 8 bits)."""
-    return batches_of(base).decode_latents(encode(base, images))
+    return batches.encode_pixels(to_tensor(images) * 2 - 1)
 
 
 def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) -> dict:
@@ -100,10 +89,13 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
 
     from sdlora import GenerateConfig, LoraChoice
     from sdlora.training import calibrate
+    from sdlora.training.batches import Batches
     items = list(captions.items())[:calibrate.N_CAPTIONS]
     training = [Image.open(sq.DATASETS / style / name).convert("RGB") for name, _ in items]
-    trained = {"pixels": calibrate.image_stats(round_trip(gen.base, training)),
-               "latents": latent_stats(encode(gen.base, training))}
+    batches = Batches(gen.base, gen.base.vae.device, batch_size=1, flip=False, text_encoder_trains=False)
+    latents = encode(batches, training)
+    # the pixels' targets: the training latents decoded as training's calibration decodes them (float, not 8-bit)
+    trained = {"pixels": calibrate.image_stats(batches.decode_latents(latents)), "latents": latent_stats(latents)}
     out = {m: [] for m in MEASURES}
     for k in range(sets):
         per = {m: {} for m in MEASURES}
@@ -111,7 +103,7 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
             drawn = [gen.generate(GenerateConfig(prompt=caption, seed=seed + k * SET_STRIDE + i, **sq.SAMPLING),
                                   [LoraChoice(lora, s)]) for i, (_, caption) in enumerate(items)]
             per["pixels"][s] = calibrate.distance(calibrate.image_stats(to_tensor(drawn)), trained["pixels"])
-            per["latents"][s] = calibrate.distance(latent_stats(encode(gen.base, drawn)), trained["latents"])
+            per["latents"][s] = calibrate.distance(latent_stats(encode(batches, drawn)), trained["latents"])
         for m in MEASURES:
             out[m].append(per[m])
     return out

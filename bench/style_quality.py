@@ -384,6 +384,23 @@ def means(rows: list[Row]) -> list[Row]:
             for key in dict.fromkeys((r.style, r.trainer) for r in rows)]
 
 
+def report(rows: list[Row], seeds: list[int], path: Path | None) -> None:
+    """Print the rows' table (each seed's, then the means, where there are several seeds) and the verdict; with
+    `path`, also write every figure there as JSON (what --merge reads)."""
+    shown = rows
+    if len(seeds) > 1:
+        print("Each seed:")
+        print(table(rows))
+        shown = means(rows)
+        print(f"Mean over seeds {', '.join(map(str, seeds))} (way @1: the mean, then the seeds' range):")
+    print(table(shown))
+    print(verdict(shown))
+    if path:
+        figures = {"seeds": seeds, "rows": [r.__dict__ for r in rows],
+                   "means": [r.__dict__ for r in shown] if shown is not rows else []}
+        path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+
+
 def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -421,16 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if a.merge:
         rows = load_rows(a.merge)
-        seeds = sorted({r.seed for r in rows})
-        print("Each seed:")
-        print(table(rows))
-        shown = means(rows)
-        print(f"Mean over seeds {', '.join(map(str, seeds))} (way @1: the mean, then the seeds' range):")
-        print(table(shown))
-        print(verdict(shown))
-        if a.json:
-            report = {"seeds": seeds, "rows": [r.__dict__ for r in rows], "means": [r.__dict__ for r in shown]}
-            a.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        report(rows, sorted({r.seed for r in rows}), a.json)
         return
     if a.reference and not a.reference.is_file():
         parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
@@ -467,22 +475,11 @@ def main(argv: list[str] | None = None) -> None:
                     ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
                     rows.append(judge(gen, style, ref, "reference", ref_s, seed, unchanged))
                     print(f"{style}: reference seed {seed} {ref_s:.0f}s", flush=True)
-    shown = rows
-    if len(a.seeds) > 1:
-        print("Each seed:")
-        print(table(rows))
-        shown = means(rows)
-        print(f"Mean over seeds {', '.join(map(str, a.seeds))} (way @1: the mean, then the seeds' range):")
-    print(table(shown))
-    print(verdict(shown))
+    report(rows, a.seeds, a.json)
     worded = [r for style in (a.styles or styles()) if a.words and style in IN_WORDS for r in in_words(gen, style)]
     if worded:
         print("The base alone, asked in its own words:")
         print(words_table(worded))
-    if a.json:
-        report = {"seeds": a.seeds, "rows": [r.__dict__ for r in rows],
-                  "means": [r.__dict__ for r in shown] if shown is not rows else []}
-        a.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
