@@ -325,3 +325,41 @@ def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(t
     train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4),
           cfg(tmp_path, steps=6, isolation="pass", isolation_every=3, trigger_isolation=2.0))
     assert batches == [(True, 6.0), (False, 6.0), (False, 6.0), (True, 6.0), (False, 6.0), (False, 6.0)]
+
+
+def test_min_snr_weights_each_example_and_pass_isolation_keeps_its_own_weight():
+    """With Min-SNR and pass isolation together, each example's squared error is weighted by its timestep's
+    min(SNR, gamma) / SNR, and the untriggered half is added at the isolation weight (2 here), not at Min-SNR's."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sdlora.training.batches import Cond
+    from sdlora.training.objective import Objective
+
+    class Toy(torch.nn.Module):             # a stand-in U-Net: a prediction that depends on the text
+        def __init__(self, gain):
+            super().__init__()
+            self.gain = gain
+
+        def forward(self, x, t, encoder_hidden_states):
+            return SimpleNamespace(sample=self.gain * x + encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1))
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    toy, frozen = Toy(0.5), Toy(0.4)        # the trained U-Net, and the frozen base it is kept near
+    lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = Cond(torch.full((3, 77, 8), 0.3))
+    plain = Cond(torch.full((3, 77, 8), -0.2))
+    objective = Objective(sched, "epsilon", TrainConfig(min_snr_gamma=5.0), torch.float32)
+    got = objective.loss(toy, frozen, lat, cond, torch.Generator().manual_seed(7), lambda: (plain, plain), 2.0)
+
+    noisy, t, noise = objective.noisy(lat, torch.Generator().manual_seed(7))
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    w = torch.clamp(snr, max=5.0) / snr
+    assert not torch.allclose(w, torch.ones(3))             # the draw has timesteps Min-SNR weighs down
+    main = ((toy(noisy, t, cond.hidden).sample - noise) ** 2).mean(dim=(1, 2, 3))
+    kept = ((toy(noisy, t, plain.hidden).sample - frozen(noisy, t, plain.hidden).sample) ** 2).mean(dim=(1, 2, 3))
+    assert float(kept.min()) > 0
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(float((w * main).mean() + 2.0 * (w * kept).mean()), rel=1e-5)

@@ -89,8 +89,8 @@ class Objective:
             pred = unet(noisy, t, **cond.unet_kwargs(self.dtype)).sample.float()
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma:
-            weight = self.min_snr_weight(t, lat.device)
-            per = per * (torch.cat([weight, weight]) if isolate else weight)
+            snr_weight = self.min_snr_weight(t, lat.device)
+            per = per * (torch.cat([snr_weight, snr_weight]) if isolate else snr_weight)
         if isolate:
             main, kept = per.chunk(2)
             return main.mean() + weight * kept.mean()
