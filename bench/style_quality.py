@@ -8,9 +8,13 @@ then prompts with the trigger and colour-shape pairs the dataset never shows are
 and 1, and the same prompts without the trigger at 0 and 1, with fixed sampling seeds. The table gives each
 seed's row, then their mean (the verdict's), per statistic:
 
-- **ceiling**: the statistic of the training images after a round trip through the base's VAE
-  (encode, decode): what the base can give back of them, the most a LoRA on the U-Net can be asked for,
-  so the share of the way is measured to it (over 100% is an overshoot).
+- **styled**: the statistic of the judged prompts' contents drawn in the style by the generator that drew
+  the dataset (scripts/make_datasets.py, which draws each dataset image back pixel for pixel): what the style
+  is for these very prompts, as a style's statistics depend on the content (a medium star's outline is most
+  of the star, a large circle's is not).
+- **ceiling**: the same images after a round trip through the base's VAE (encode, decode): what the base can
+  give back of the style for these prompts, the most a LoRA on the U-Net can be asked for, so the share of the
+  way is measured to it (over 100% is an overshoot).
 - **way @0.5 / @1**: share of the way from the base's value (strength 0) to the ceiling (for the mean,
   of the seeds' mean curve; at 1 also the seeds' range). The ± after the way at 1 is its standard error
   over the images (each paired with its strength-0 image): what other sampling seeds could change.
@@ -103,8 +107,19 @@ def unseen_contents(folder: Path, n: int = N_PROMPTS) -> list[tuple[str, str]]:
     return out[:n]
 
 
-def load_images(folder: Path) -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+def styled_targets(style: str, contents: list[tuple[str, str]]) -> list[Image.Image]:
+    """Each content prompt ('a large red circle in the center') drawn in `style` by the generator that drew the
+    dataset, once per sampling seed (SEEDS), in the order judge() draws them: the style's own look for them."""
+    from scripts import make_datasets
+    out = []
+    for prompt, colour in contents:
+        size, rest = prompt.removeprefix("a ").split(" ", 1)
+        shape, position = rest.removeprefix(f"{colour} ").split(" ", 1)
+        if size not in scenes.SIZES or shape not in scenes.SHAPES or position not in scenes.POSITIONS:
+            raise ValueError(f"{prompt!r} is not a content caption of the base ('a <size> {colour} <shape> <position>')")
+        image = make_datasets.STYLES[style].render(make_datasets.Content(colour, shape, size, position, (0, 0)))
+        out += [image.convert("RGB")] * len(SEEDS)
+    return out
 
 
 @dataclass
@@ -113,7 +128,7 @@ class Row:
     style: str
     trainer: str
     seconds: float
-    stats: dict = field(default_factory=dict)       # name -> {training, ceiling, base, curve, untriggered, ...}
+    stats: dict = field(default_factory=dict)       # name -> {styled, ceiling, base, curve, untriggered, ...}
     colour_kept: float = float("nan")
     colour_base: float = float("nan")                # the same at strength 0: the base's own
     lora: str = ""
@@ -130,7 +145,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
           unchanged: dict | None = None, scale: float = 1.0) -> Row:
     """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style.
     `unchanged`, kept by the caller across LoRAs of the same base, holds per style what no LoRA changes (the
-    images at strength 0, the training images and their VAE round trips), drawn once. `scale` judges the file
+    images at strength 0, the prompts drawn in the style and their VAE round trips), drawn once. `scale` judges the file
     as if its up weights were scaled by it (each strength drawn at strength x scale)."""
     from sdlora import GenerateConfig, LoraChoice
     folder = DATASETS / style
@@ -144,10 +159,10 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
     unchanged = {} if unchanged is None else unchanged
     if style not in unchanged:                     # strength 0 draws the base, whichever the LoRA
-        training = load_images(folder)
-        unchanged[style] = (draw(0.0, triggered_prompts), draw(0.0, plain_prompts), training,
-                            vae_round_trip(gen.base.vae, training))
-    base_triggered, base_plain, training, ceiling_images = unchanged[style]
+        styled = styled_targets(style, contents)
+        unchanged[style] = (draw(0.0, triggered_prompts), draw(0.0, plain_prompts), styled,
+                            vae_round_trip(gen.base.vae, styled))
+    base_triggered, base_plain, styled, ceiling_images = unchanged[style]
     triggered = {0.0: base_triggered, **{s: draw(s, triggered_prompts) for s in STRENGTHS if s}}
     plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
     written = strength_scale(lora)
@@ -155,7 +170,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
               scale=written if scale == 1 else scale * (1.0 if written is None else written))
     for name, stat in stylestats.STYLE_STATS[style].items():
         values = [stylestats.stat_values(stat, triggered[s]) for s in STRENGTHS]     # each image's, paired
-        row.stats[name] = figures(stylestats.mean_stat(stat, training), stylestats.mean_stat(stat, ceiling_images),
+        row.stats[name] = figures(stylestats.mean_stat(stat, styled), stylestats.mean_stat(stat, ceiling_images),
                                   [stylestats.defined_mean(v) for v in values],
                                   [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)],
                                   [paired_move(a, b) for a, b in zip(values, values[1:])],
@@ -164,7 +179,7 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     colours = [c for _, c in contents for _ in SEEDS]
     row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
-    save_grid(row, triggered, plain, training, ceiling_images, "" if scale == 1 else f"_x{scale:g}")
+    save_grid(row, triggered, plain, styled, ceiling_images, "" if scale == 1 else f"_x{scale:g}")
     return row
 
 
@@ -177,9 +192,9 @@ def paired_move(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
-def figures(training: float, ceiling: float, curve: list[float], untriggered: list[float],
+def figures(styled: float, ceiling: float, curve: list[float], untriggered: list[float],
             moves: list[tuple[float, float]] | None = None, total: tuple[float, float] | None = None) -> dict:
-    """A statistic's figures from its value on the training images and their VAE round trips (the ceiling),
+    """A statistic's figures from its value on the prompts drawn in the style and their VAE round trips (the ceiling),
     with the trigger at each of STRENGTHS (`curve`; the first is the base's) and without it at 0 and 1.
     `moves` gives each step up in strength as the images' paired move (mean, standard error) and `total` the
     move from the first strength to the last (without them: the curve's steps, known exactly): a step is
@@ -193,7 +208,7 @@ def figures(training: float, ceiling: float, curve: list[float], untriggered: li
     total = total or (curve[-1] - curve[0], 0.0)
     step_back = [(-move / span, se / abs(span)) if span else (float("nan"), float("nan")) for move, se in moves]
     monotone = all(not (back > MONOTONIC_SLACK and back > MONOTONIC_NOISE * se) for back, se in step_back)
-    return {"training": training, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
+    return {"styled": styled, "ceiling": ceiling, "base": base, "curve": curve, "way": way,
             "monotone": bool(monotone), "step_back": step_back, "moves": [list(m) for m in moves],
             "way_se": total[1] / abs(span) if span else float("nan"), "total": list(total),
             "untriggered": abs(untriggered[1] - untriggered[0]) / max(abs(curve[-1] - curve[0]), 1e-9),
@@ -208,12 +223,13 @@ def strength_scale(lora: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def save_grid(row: Row, triggered: dict, plain: dict, training: list, ceiling: list, suffix: str = "") -> None:
+def save_grid(row: Row, triggered: dict, plain: dict, styled: list, ceiling: list, suffix: str = "") -> None:
     """test-artifacts/style_quality_<style>_<trainer>[_seed<seed>]<suffix>.png: a row per strength with the
-    trigger, then without it at 0 and 1, then the training images and their VAE round trips."""
+    trigger, then without it at 0 and 1, then the prompts drawn in the style and their VAE round trips (each
+    column one prompt and sampling seed)."""
     out = ROOT / "test-artifacts"
     out.mkdir(exist_ok=True)
-    rows = list(triggered.values()) + list(plain.values()) + [training, ceiling]
+    rows = list(triggered.values()) + list(plain.values()) + [styled, ceiling]
     size = scenes.IMAGE_SIZE
     grid = Image.new("RGB", (size * max(map(len, rows)), size * len(rows)), (255, 255, 255))
     for r, images in enumerate(rows):
@@ -246,7 +262,7 @@ def in_words(gen, style: str) -> list[dict]:
         return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), []) for p in prompts for s in SEEDS]
 
     plain, told = draw(contents), draw([IN_WORDS[style](c) for c in contents])
-    ceiling_images = vae_round_trip(gen.base.vae, load_images(DATASETS / style))
+    ceiling_images = vae_round_trip(gen.base.vae, styled_targets(style, unseen_contents(DATASETS / style)))
     out = []
     for name, stat in stylestats.STYLE_STATS[style].items():
         base, words, ceiling = (stylestats.mean_stat(stat, ims) for ims in (plain, told, ceiling_images))
@@ -313,7 +329,7 @@ def mean_row(rows: list[Row]) -> Row:
               seeds_passing=(sum(r.passes() for r in rows), len(rows)))
     for name, s in first.stats.items():
         per = [r.stats[name] for r in rows]
-        out.stats[name] = figures(s["training"], s["ceiling"],
+        out.stats[name] = figures(s["styled"], s["ceiling"],
                                   [float(np.mean(v)) for v in zip(*(p["curve"] for p in per))],
                                   [float(np.mean(v)) for v in zip(*(p["untriggered_curve"] for p in per))],
                                   [seed_mean(m) for m in zip(*(p["moves"] for p in per))],
@@ -330,14 +346,14 @@ def seed_mean(moves) -> tuple[float, float]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| style | statistic | trainer | training | ceiling | base | way @0.5 | way @1 | monotone | untriggered "
+    lines = ["| style | statistic | trainer | styled | ceiling | base | way @0.5 | way @1 | monotone | untriggered "
              "| colour kept | file scale | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name, s in row.stats.items():
             spread = f" ({s['way_range'][0]:.0%} to {s['way_range'][1]:.0%})" if "way_range" in s else ""
             spread = f" ±{s['way_se']:.0%}{spread}" if np.isfinite(s["way_se"]) else spread
             trainer = row.trainer if row.seed is None else f"{row.trainer} (seed {row.seed})"
-            lines.append(f"| {row.style} | {name} | {trainer} | {s['training']:.3f} | {s['ceiling']:.3f} | "
+            lines.append(f"| {row.style} | {name} | {trainer} | {s['styled']:.3f} | {s['ceiling']:.3f} | "
                          f"{s['base']:.3f} | {s['way'][1]:.0%} | {s['way'][-1]:.0%}{spread} | "
                          f"{'yes' if s['monotone'] else 'no'} | {s['untriggered']:.2f}x | {row.colour_kept:.0%} | "
                          f"{'-' if row.scale is None else f'{row.scale:.2g}'} | {row.seconds:.0f} |")
@@ -368,6 +384,9 @@ def load_rows(paths: list[Path]) -> list[Row]:
             loaded = [Row(**r) for r in report["rows"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge {path}: not a report of this benchmark's --json ({e})")
+        if any("styled" not in s for r in loaded for s in r.stats.values()):
+            raise SystemExit(f"--merge {path}: an older report, whose ceiling was the training images' round trips "
+                             "and not the judged prompts drawn in the style; run it again to join it")
         for r in loaded:
             key = (r.style, r.trainer, r.seed)
             if key in seen:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import style_quality as sq  # noqa: E402
+from sdlora.tinybase import stylestats  # noqa: E402
 
 
 def seed_row(seed: int, curve: list[float], untriggered: list[float], colour: float) -> sq.Row:
@@ -134,6 +136,42 @@ def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="other.json: not a report"):
         sq.main(["--merge", str(tmp_path / "other.json")])
+    # a report from before the ceiling was the judged prompts drawn in the style cannot join
+    old = json.loads(reports[1].read_text())
+    stat = old["rows"][0]["stats"]["dusk_distance"]
+    stat["training"] = stat.pop("styled")
+    (tmp_path / "older.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="older.json: an older report"):
+        sq.main(["--merge", str(reports[0]), str(tmp_path / "older.json")])
+
+
+@pytest.mark.parametrize("style", sq.styles())
+def test_the_style_s_target_for_a_prompt_is_drawn_by_the_generator_that_drew_its_dataset(style):
+    """The generator styled_targets() draws with gives back every image of datasets/<style> pixel for pixel
+    from its caption's content, so the judge's targets for unseen prompts are the dataset's style; and each
+    target is its prompt: its colour read back, the shape in the middle, one image per sampling seed."""
+    from scripts import make_datasets
+    folder = sq.DATASETS / style
+    kind = make_datasets.STYLES[style]
+    for i, content in enumerate(make_datasets.contents(kind.seed, kind.n)):
+        assert (folder / f"{i:02d}.txt").read_text(encoding="utf-8").strip() == content.caption()
+        drawn = np.asarray(kind.render(content).convert("RGB"))
+        assert np.array_equal(drawn, np.asarray(Image.open(folder / f"{i:02d}.png").convert("RGB"))), f"{style} {i}"
+    contents = sq.unseen_contents(folder)
+    targets = sq.styled_targets(style, contents)
+    assert len(targets) == len(contents) * len(sq.SEEDS)
+    for k, (prompt, colour) in enumerate(contents):
+        image = targets[k * len(sq.SEEDS)]
+        assert stylestats.colour_name(image) == colour, prompt
+        ys, xs = np.nonzero(stylestats.silhouette(np.asarray(image)))
+        middle = ((ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2)
+        assert abs(middle[0] - image.height / 2) < 3 and abs(middle[1] - image.width / 2) < 3, (prompt, middle)
+    medium = sq.styled_targets(style, [("a medium red circle in the center", "red")])[0]
+    large = sq.styled_targets(style, [("a large red circle in the center", "red")])[0]
+    width = [np.ptp(np.nonzero(stylestats.shape_mask(np.asarray(im)))[1]) for im in (medium, large)]
+    assert width[0] < width[1], width
+    with pytest.raises(ValueError, match="'a huge red circle in the center' is not a content caption"):
+        sq.styled_targets(style, [("a huge red circle in the center", "red")])
 
 
 def test_a_step_is_the_time_between_backward_calls_and_its_mean_counts_every_step_of_a_cycle():
