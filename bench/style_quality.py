@@ -42,6 +42,10 @@ base, images, steps, rank, learning rate and resolution, with its one instance p
     python bench/style_quality.py --styles neon pastel hatch halftone --json a.json   # two processes on two
     python bench/style_quality.py --styles dusk dashed sage --json b.json               # cores, then:
     python bench/style_quality.py --merge a.json b.json                                 # one table and verdict
+
+A report written before the ceiling was the judged prompts drawn in the style (its statistics have a
+"training" figure, not "styled") is judged again by --merge from the curves and paired moves it kept: the
+figures a fresh run gives the same LoRAs.
 """
 from __future__ import annotations
 
@@ -373,9 +377,11 @@ def verdict(rows: list[Row]) -> str:
     return f"MISS on {', '.join(missed)} ({len(ours) - len(missed)} of {len(ours)} meet {bars}){seeds}"
 
 
-def load_rows(paths: list[Path]) -> list[Row]:
+def load_rows(paths: list[Path], targets=None) -> list[Row]:
     """The per-seed rows of --json reports (runs split over processes or seeds), in the order given; a style,
-    trainer and seed in two reports is refused."""
+    trainer and seed in two reports is refused. Rows of an older report, judged against the training images'
+    round trips, are judged again against the styled ceiling (`rejudged`) with `targets(style)` (the styled
+    images and their round trips); without `targets` such a report is refused."""
     rows: list[Row] = []
     seen: dict[tuple, Path] = {}
     for path in paths:
@@ -384,9 +390,14 @@ def load_rows(paths: list[Path]) -> list[Row]:
             loaded = [Row(**r) for r in report["rows"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge {path}: not a report of this benchmark's --json ({e})")
-        if any("styled" not in s for r in loaded for s in r.stats.values()):
+        old = sum(map(judged_the_old_way, loaded))
+        if old and targets is None:
             raise SystemExit(f"--merge {path}: an older report, whose ceiling was the training images' round trips "
                              "and not the judged prompts drawn in the style; run it again to join it")
+        if old:
+            loaded = [rejudged(r, *targets(r.style)) if judged_the_old_way(r) else r for r in loaded]
+            print(f"{path}: {old} rows judged against the training images' round trips, judged again against "
+                  "the judged prompts drawn in the style", flush=True)
         for r in loaded:
             key = (r.style, r.trainer, r.seed)
             if key in seen:
@@ -395,6 +406,26 @@ def load_rows(paths: list[Path]) -> list[Row]:
             seen[key] = path
         rows += loaded
     return rows
+
+
+def judged_the_old_way(row: Row) -> bool:
+    """Whether a report's row was judged against the training images' round trips (before the styled ceiling)."""
+    return any("styled" not in s for s in row.stats.values())
+
+
+def rejudged(row: Row, styled: list, ceiling_images: list) -> Row:
+    """`row`, judged against the training images' round trips, judged against `styled` (the row's prompts drawn
+    in its style) and their round trips: every figure follows from the curves and paired moves the report kept,
+    so nothing is drawn again."""
+    out = Row(**{**row.__dict__, "stats": {}})
+    for name, s in row.stats.items():
+        stat = stylestats.STYLE_STATS[row.style][name]
+        out.stats[name] = figures(stylestats.mean_stat(stat, styled), stylestats.mean_stat(stat, ceiling_images),
+                                  s["curve"], s["untriggered_curve"], [tuple(m) for m in s["moves"]],
+                                  tuple(s["total"]))
+        if "values" in s:
+            out.stats[name]["values"] = s["values"]
+    return out
 
 
 def means(rows: list[Row]) -> list[Row]:
@@ -453,10 +484,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: join the --json reports of runs split over processes or seeds, and "
-                             "print their table and verdict (with --json, write the joined report)")
+                             "print their table and verdict (with --json, write the joined report); an older "
+                             "report, judged against the training images' round trips, is judged again (with "
+                             "--base: the base it was judged on)")
     a = parser.parse_args(argv)
     if a.merge:
-        rows = load_rows(a.merge)
+        cache: dict = {}
+
+        def targets(style: str) -> tuple[list, list]:       # drawn only for an older report's styles
+            if not cache:
+                from sdlora.bases.load import load_base
+                cache["vae"] = load_base(a.base).vae
+            if style not in cache:
+                styled = styled_targets(style, unseen_contents(DATASETS / style))
+                cache[style] = (styled, vae_round_trip(cache["vae"], styled))
+            return cache[style]
+        rows = load_rows(a.merge, targets)
         report(rows, sorted({r.seed for r in rows}), a.json)
         return
     if a.reference and not a.reference.is_file():

@@ -136,13 +136,35 @@ def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="other.json: not a report"):
         sq.main(["--merge", str(tmp_path / "other.json")])
-    # a report from before the ceiling was the judged prompts drawn in the style cannot join
-    old = json.loads(reports[1].read_text())
-    stat = old["rows"][0]["stats"]["dusk_distance"]
-    stat["training"] = stat.pop("styled")
-    (tmp_path / "older.json").write_text(json.dumps(old))
+
+
+
+def test_a_report_judged_against_the_training_images_is_judged_again_from_its_curves(tmp_path):
+    """A report from before the ceiling was the judged prompts drawn in the style keeps each statistic's curves
+    and paired moves: judged again against the styled images, its figures are those a fresh judge would give
+    the same images; without the styled images such a report is refused."""
+    styled = sq.styled_targets("dusk", sq.unseen_contents(sq.DATASETS / "dusk"))
+    ceiling = [Image.fromarray((np.asarray(im) * 0.9).astype(np.uint8)) for im in styled]   # a stand-in round trip
+    stat = stylestats.STYLE_STATS["dusk"]["dusk_distance"]
+    target = (stylestats.mean_stat(stat, styled), stylestats.mean_stat(stat, ceiling))
+    moves, total = [(-0.05, 0.01), (-0.1, 0.02)], (-0.15, 0.02)
+    fresh = sq.figures(*target, [0.25, 0.2, 0.1], [0.25, 0.24], moves, total)
+    row = sq.Row("dusk", "sdlora", 40.0, {"dusk_distance": dict(fresh)}, colour_kept=1.0, colour_base=1.0, seed=0)
+    old = row.__dict__ | {"stats": {"dusk_distance": {**sq.figures(0.007, 0.093, [0.25, 0.2, 0.1], [0.25, 0.24],
+                                                                   moves, total)}}}
+    old["stats"]["dusk_distance"]["training"] = old["stats"]["dusk_distance"].pop("styled")
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps({"seeds": [0], "rows": [old], "means": []}))
+    assert sq.judged_the_old_way(sq.Row(**old))
     with pytest.raises(SystemExit, match="older.json: an older report"):
-        sq.main(["--merge", str(reports[0]), str(tmp_path / "older.json")])
+        sq.load_rows([path])
+    again = sq.load_rows([path], lambda style: (styled, ceiling))
+    assert not sq.judged_the_old_way(again[0])
+    got = again[0].stats["dusk_distance"]
+    assert set(got) == set(fresh)
+    for key, value in fresh.items():
+        np.testing.assert_allclose(np.asarray(got[key], dtype=float), np.asarray(value, dtype=float), err_msg=key)
+    assert again[0].stats["dusk_distance"]["way"][-1] == pytest.approx((0.1 - 0.25) / (target[1] - 0.25))
 
 
 @pytest.mark.parametrize("style", sq.styles())
