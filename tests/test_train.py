@@ -245,23 +245,28 @@ def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_p
     assert len(off.captions) == n
 
 
-def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untriggered_states(tiny_base):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_key_value_isolation_penalty_is_the_mean_squared_change_of_the_untriggered_states(tiny_base, dora):
     """KeyValueIsolation's penalty, computed from the states' second moment once, equals the mean over the
     key/value modules of the squared change their adapters make to the untriggered token states' outputs, relative
-    to those outputs' own square, measured by running the modules."""
+    to those outputs' own square, measured by running the modules; with DoRA, whose magnitudes rescale every
+    output, too."""
     from sdlora.training import adapters
     from sdlora.training.objective import KeyValueIsolation
-    adapters.inject(tiny_base.unet, None, LoraSpec(rank=4, alpha=2.0, cross_attention="kv"))
+    adapters.inject(tiny_base.unet, None, LoraSpec(rank=4, alpha=2.0, cross_attention="kv", use_dora=dora))
     names = [n for n, m in tiny_base.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))
              and hasattr(m, "lora_A")]
     layers = adapters.key_value_layers(tiny_base.unet)
     assert len(layers) == len(names) > 0
     states = torch.randn(3, 77, tiny_base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
     iso = KeyValueIsolation(layers, states)
-    assert float(iso.penalty().detach()) == 0.0                 # B starts at zero: nothing changes yet
+    assert float(iso.penalty().detach()) == pytest.approx(0.0, abs=1e-12)   # B starts at zero: nothing changes yet
     g = torch.Generator().manual_seed(1)
-    for _, b, _, _ in layers:
+    for _, b, _, _, magnitude in layers:
         b.data = torch.randn(b.shape, generator=g)
+        assert (magnitude is not None) == dora
+        if dora:                                                # rows rescaled by 0.8 to 1.2 of their norm
+            magnitude.data = magnitude.data * (0.8 + 0.4 * torch.rand(magnitude.shape, generator=g))
     modules = dict(tiny_base.unet.named_modules())
     measured = []
     with torch.no_grad():

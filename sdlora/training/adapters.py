@@ -90,16 +90,18 @@ def inject(unet: torch.nn.Module, text_encoders: torch.nn.Module | dict | None, 
     return adapted
 
 
-def key_value_layers(unet: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]]:
-    """(A weight, B weight, scale, the frozen base weight in fp32) of every LoRA on a cross-attention key or value
-    projection (attn2.to_k / to_v): the adapters that read only the prompt's token states."""
+def key_value_layers(unet: torch.nn.Module) -> list[tuple]:
+    """(A weight, B weight, scale, the frozen base weight in fp32, DoRA's magnitude vector or None) of every LoRA
+    on a cross-attention key or value projection (attn2.to_k / to_v): the adapters that read only the prompt."""
     from sdlora.bases.precision import dequantized_weight
     out = []
     for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer) and name.endswith(("attn2.to_k", "attn2.to_v")) \
                 and ADAPTER in getattr(module, "lora_A", {}):
+            magnitude = getattr(module, "lora_magnitude_vector", {})
             out.append((module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, module.scaling[ADAPTER],
-                        dequantized_weight(module.get_base_layer())))
+                        dequantized_weight(module.get_base_layer()),
+                        magnitude[ADAPTER].weight if ADAPTER in magnitude else None))
     return out
 
 

@@ -27,26 +27,45 @@ class KeyValueIsolation:
     """Trigger isolation without a second U-Net pass: a penalty on what the cross-attention key/value adapters
     do to the prompts without the trigger.
 
-    to_k and to_v of attn2 read only the text states, so if their LoRA update B A leaves every token state of
-    the untriggered captions (and of the empty caption) unchanged, the U-Net draws those prompts exactly as
-    the frozen base does, guidance's empty prompt included. With S the (n, d) stack of those states and
-    C = S^T S / n, the mean square of a module's output change over them is scale^2 tr(B A C A^T B^T), and
-    that of its base output tr(W C W^T): the penalty is the mean over the modules of their ratio (so its
-    weight means the same on every base), from C computed once: a few small matmuls per step."""
+    to_k and to_v of attn2 read only the text states, so if their adapters leave every token state of the
+    untriggered captions (and of the empty caption) unchanged, the U-Net draws those prompts exactly as the
+    frozen base does, guidance's empty prompt included. With S the (n, d) stack of those states and
+    C = S^T S / n, a module whose output changes by D x (D an (out, d) matrix) changes them by a mean square of
+    tr(D C D^T), against tr(W C W^T) for its base output W x: the penalty is the mean over the modules of their
+    ratio (so its weight means the same on every base), from C computed once: a few small matmuls per step.
+    For LoRA D = scale B A. For DoRA, whose magnitudes m rescale each output row to m / ||W + scale B A||
+    (PEFT's, the norm taken as a constant), D = diag(g - 1) W + diag(g) scale B A with g that ratio: the
+    magnitudes move every prompt's keys and values, so they are held too. Each term needs W only times
+    (C A^T) or A^T, never an (out, d) product."""
 
     def __init__(self, layers: list, states: torch.Tensor):
         flat = states.reshape(-1, states.shape[-1]).float()
         c = flat.T @ flat / len(flat)                                # (d, d)
         self.second_moment = c
-        self.layers = [(a, b, scale) for a, b, scale, _ in layers]  # (lora A weight, B weight, scale)
-        self.base_energy = [float(torch.trace(w @ c.to(w.device) @ w.T)) for *_, w in layers]
+        self.layers = []
+        for a, b, scale, w, magnitude in layers:
+            c_dev = c.to(w.device)
+            base = (w @ c_dev * w).sum(dim=1)                        # (W C W^T)_ii: each output's base energy
+            row_norm2 = (w * w).sum(dim=1) if magnitude is not None else None
+            self.layers.append((a, b, scale, w, magnitude, base, row_norm2))
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for (a, b, scale), energy in zip(self.layers, self.base_energy):
+        for a, b, scale, w, magnitude, base, row_norm2 in self.layers:
             c = self.second_moment.to(a.device)
-            inner = a.float() @ c @ a.float().T                      # (r, r)
-            total = total + scale ** 2 * ((b.float() @ inner) * b.float()).sum() / max(energy, 1e-12)
+            a32, b32 = a.float(), b.float()
+            lora = ((b32 @ (a32 @ c @ a32.T)) * b32).sum(dim=1)       # (B A C A^T B^T)_ii
+            if magnitude is None:
+                change = scale ** 2 * lora
+            else:
+                w_at = w @ a32.T                                     # (out, r)
+                with torch.no_grad():                                # PEFT detaches the norm
+                    norm2 = row_norm2 + 2 * scale * (b32 * w_at).sum(dim=1) \
+                        + scale ** 2 * ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+                g = magnitude.float() / norm2.clamp_min(1e-12).sqrt()
+                cross = ((w @ (c @ a32.T)) * b32).sum(dim=1)          # (W C A^T B^T)_ii
+                change = (g - 1) ** 2 * base + 2 * scale * (g - 1) * g * cross + scale ** 2 * g ** 2 * lora
+            total = total + change.sum() / base.sum().clamp_min(1e-12)
         return total / len(self.layers)
 
 
