@@ -153,9 +153,18 @@ def to_json(probes: list[Probe]) -> dict:
             "summary": summary(probes)}
 
 
-def from_json(report: dict) -> list[Probe]:
-    """The probes of a --json report (its strengths and scales back to numbers)."""
-    return [Probe(p["style"], p["seed"], {float(c): sq.Row(**r) for c, r in p["rows"].items()},
+def from_json(report: dict, targets=None) -> list[Probe]:
+    """The probes of a --json report (its strengths and scales back to numbers); rows judged against the training
+    images' round trips are judged again against the styled ceiling with `targets` (style_quality.load_rows)."""
+    def row(r: dict) -> sq.Row:
+        out = sq.Row(**r)
+        if sq.judged_the_old_way(out):
+            if targets is None:
+                raise SystemExit("an older report, judged against the training images' round trips: give the "
+                                 "styled ceilings to judge it again")
+            out = sq.rejudged(out, *targets(out.style))
+        return out
+    return [Probe(p["style"], p["seed"], {float(c): row(r) for c, r in p["rows"].items()},
                   {m: [{float(s): d for s, d in per.items()} for per in sets] for m, sets in p["distances"].items()})
             for p in report["probes"]]
 
@@ -175,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                              "over two processes)")
     a = parser.parse_args(argv)
     if a.merge:
-        probes = [p for f in a.merge for p in from_json(json.loads(f.read_text(encoding="utf-8")))]
+        targets = sq.styled_ceilings("tiny")
+        probes = [p for f in a.merge for p in from_json(json.loads(f.read_text(encoding="utf-8")), targets)]
         print(summary_table(summary(probes), len(probes)))
         return
     if a.sets < 1:

@@ -408,6 +408,22 @@ def load_rows(paths: list[Path], targets=None) -> list[Row]:
     return rows
 
 
+def styled_ceilings(base: str):
+    """style -> (the judged prompts drawn in the style, their round trips through `base`'s VAE), each drawn once
+    and the base loaded only when first asked: what judging an older report again needs."""
+    cache: dict = {}
+
+    def targets(style: str) -> tuple[list, list]:
+        if not cache:
+            from sdlora.bases.load import load_base
+            cache["vae"] = load_base(base).vae
+        if style not in cache:
+            styled = styled_targets(style, unseen_contents(DATASETS / style))
+            cache[style] = (styled, vae_round_trip(cache["vae"], styled))
+        return cache[style]
+    return targets
+
+
 def judged_the_old_way(row: Row) -> bool:
     """Whether a report's row was judged against the training images' round trips (before the styled ceiling)."""
     return any("styled" not in s for s in row.stats.values())
@@ -489,17 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                              "--base: the base it was judged on)")
     a = parser.parse_args(argv)
     if a.merge:
-        cache: dict = {}
-
-        def targets(style: str) -> tuple[list, list]:       # drawn only for an older report's styles
-            if not cache:
-                from sdlora.bases.load import load_base
-                cache["vae"] = load_base(a.base).vae
-            if style not in cache:
-                styled = styled_targets(style, unseen_contents(DATASETS / style))
-                cache[style] = (styled, vae_round_trip(cache["vae"], styled))
-            return cache[style]
-        rows = load_rows(a.merge, targets)
+        rows = load_rows(a.merge, styled_ceilings(a.base))
         report(rows, sorted({r.seed for r in rows}), a.json)
         return
     if a.reference and not a.reference.is_file():

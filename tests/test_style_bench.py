@@ -114,6 +114,16 @@ def test_calibration_measures_are_scored_by_the_judge_s_verdict_at_the_scale_the
     # a --json report read back (--merge) gives the same table
     again = cm.from_json(json.loads(json.dumps(cm.to_json([a, b]))))
     assert cm.summary(again) == cm.summary([a, b]) and again[0].rows[0.75].passes()
+    # a report whose rows were judged against the training images' round trips is judged again, or refused
+    old = json.loads(json.dumps(cm.to_json([a])))
+    for row in old["probes"][0]["rows"].values():
+        row["stats"]["dusk_distance"]["training"] = row["stats"]["dusk_distance"].pop("styled")
+    with pytest.raises(SystemExit, match="older report"):
+        cm.from_json(old)
+    styled = sq.styled_targets("dusk", sq.unseen_contents(sq.DATASETS / "dusk"))   # ceiling = styled: dusk's 0.008
+    rejudged = cm.from_json(old, lambda style: (styled, styled))[0].rows[0.75]
+    assert rejudged.stats["dusk_distance"]["ceiling"] == pytest.approx(0.008, abs=1e-3)
+    assert rejudged.stats["dusk_distance"]["way"][-1] == pytest.approx(0.9 / (1 - 0.008), rel=1e-3)
 
 
 def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
