@@ -395,7 +395,11 @@ def load_rows(paths: list[Path], targets=None) -> list[Row]:
             raise SystemExit(f"--merge {path}: an older report, whose ceiling was the training images' round trips "
                              "and not the judged prompts drawn in the style; run it again to join it")
         if old:
-            loaded = [rejudged(r, *targets(r.style)) if judged_the_old_way(r) else r for r in loaded]
+            try:
+                loaded = [rejudged(r, *targets(r.style)) if judged_the_old_way(r) else r for r in loaded]
+            except KeyError as e:
+                raise SystemExit(f"--merge {path}: an older report without the figures that judging it again needs "
+                                 f"({e}); run it again to join it")
             print(f"{path}: {old} rows judged against the training images' round trips, judged again against "
                   "the judged prompts drawn in the style", flush=True)
         for r in loaded:

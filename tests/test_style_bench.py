@@ -168,6 +168,11 @@ def test_a_report_judged_against_the_training_images_is_judged_again_from_its_cu
     assert sq.judged_the_old_way(sq.Row(**old))
     with pytest.raises(SystemExit, match="older.json: an older report"):
         sq.load_rows([path])
+    older = json.loads(path.read_text())
+    del older["rows"][0]["stats"]["dusk_distance"]["moves"]             # a report from before the paired moves
+    (tmp_path / "oldest.json").write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="oldest.json: an older report without the figures .*'moves'"):
+        sq.load_rows([tmp_path / "oldest.json"], lambda style: (styled, ceiling))
     again = sq.load_rows([path], lambda style: (styled, ceiling))
     assert not sq.judged_the_old_way(again[0])
     got = again[0].stats["dusk_distance"]
