@@ -294,9 +294,10 @@ def train_ours(style: str, base: str, out: Path, train_set: dict, lora_set: dict
 
 
 def train_reference(script: Path, style: str, base_dir: Path, out: Path, settings: dict,
-                    python: str = sys.executable) -> tuple[str, float]:
+                    python: str = sys.executable, threads: int = 1) -> tuple[str, float]:
     """(LoRA path, seconds) of diffusers' DreamBooth LoRA script trained on datasets/<style> with `settings`
-    (steps, rank, lr, resolution, seed): one instance prompt for every image, as that script trains."""
+    (steps, rank, lr, resolution, seed): one instance prompt for every image, as that script trains, on
+    `threads` CPU threads as sdlora's run (left to itself, its torch takes every core)."""
     folder = DATASETS / style
     prompt = f"an image in {dataset_trigger(folder)} style"
     images = Path(tempfile.mkdtemp(prefix=f"ref-{style}-", dir=out))     # the script would read the .txt files too
@@ -309,7 +310,8 @@ def train_reference(script: Path, style: str, base_dir: Path, out: Path, setting
            str(settings["lr"]), "--rank", str(settings["rank"]), "--lr_scheduler", "constant", "--lr_warmup_steps",
            "0", "--seed", str(settings["seed"]), "--checkpointing_steps", str(10 ** 9)]
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the reference script {script} failed on {style} (exit {done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
@@ -544,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
                     train, spec = config["train"], config["lora"]
                     settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": seed,
                                 "resolution": config["resolution"]}
-                    ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python)
+                    ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python,
+                                                 a.threads)
                     rows.append(judge(gen, style, ref, "reference", ref_s, seed, unchanged))
                     print(f"{style}: reference seed {seed} {ref_s:.0f}s", flush=True)
     report(rows, a.seeds, a.json)
