@@ -44,28 +44,30 @@ class KeyValueIsolation:
         self.second_moment = c
         self.layers = []
         for a, b, scale, w, magnitude in layers:
-            c_dev = c.to(w.device)
-            base = (w @ c_dev * w).sum(dim=1)                        # (W C W^T)_ii: each output's base energy
-            row_norm2 = (w * w).sum(dim=1) if magnitude is not None else None
-            self.layers.append((a, b, scale, w, magnitude, base, row_norm2))
+            base = (w @ c.to(w.device) * w).sum(dim=1)               # (W C W^T)_ii: each output's base energy
+            energy = float(base.sum())
+            # W (and the per-row figures) only where DoRA needs them: on a quantized or half-precision base `w`
+            # is an fp32 copy, which plain LoRA's penalty has no use for once its energy is known
+            dora = None if magnitude is None else (w, magnitude, base, (w * w).sum(dim=1))
+            self.layers.append((a, b, scale, energy, dora))
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for a, b, scale, w, magnitude, base, row_norm2 in self.layers:
+        for a, b, scale, energy, dora in self.layers:
             c = self.second_moment.to(a.device)
             a32, b32 = a.float(), b.float()
             lora = ((b32 @ (a32 @ c @ a32.T)) * b32).sum(dim=1)       # (B A C A^T B^T)_ii
-            if magnitude is None:
+            if dora is None:
                 change = scale ** 2 * lora
             else:
-                w_at = w @ a32.T                                     # (out, r)
+                w, magnitude, base, row_norm2 = dora
                 with torch.no_grad():                                # PEFT detaches the norm
-                    norm2 = row_norm2 + 2 * scale * (b32 * w_at).sum(dim=1) \
+                    norm2 = row_norm2 + 2 * scale * (b32 * (w @ a32.T)).sum(dim=1) \
                         + scale ** 2 * ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
                 g = magnitude.float() / norm2.clamp_min(1e-12).sqrt()
                 cross = ((w @ (c @ a32.T)) * b32).sum(dim=1)          # (W C A^T B^T)_ii
                 change = (g - 1) ** 2 * base + 2 * scale * (g - 1) * g * cross + scale ** 2 * g ** 2 * lora
-            total = total + change.sum() / base.sum().clamp_min(1e-12)
+            total = total + change.sum() / max(energy, 1e-12)
         return total / len(self.layers)
 
 
