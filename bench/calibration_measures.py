@@ -157,13 +157,10 @@ def from_json(report: dict, targets=None) -> list[Probe]:
     """The probes of a --json report (its strengths and scales back to numbers); rows judged against the training
     images' round trips are judged again against the styled ceiling with `targets` (style_quality.load_rows)."""
     def row(r: dict) -> sq.Row:
-        out = sq.Row(**r)
-        if sq.judged_the_old_way(out):
-            if targets is None:
-                raise SystemExit("an older report, judged against the training images' round trips: give the "
-                                 "styled ceilings to judge it again")
-            out = sq.rejudged(out, *targets(out.style))
-        return out
+        try:
+            return sq.up_to_date(sq.Row(**r), targets)
+        except LookupError as e:
+            raise SystemExit(str(e))
     return [Probe(p["style"], p["seed"], {float(c): row(r) for c, r in p["rows"].items()},
                   {m: [{float(s): d for s, d in per.items()} for per in sets] for m, sets in p["distances"].items()})
             for p in report["probes"]]

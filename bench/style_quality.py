@@ -126,6 +126,12 @@ def styled_targets(style: str, contents: list[tuple[str, str]]) -> list[Image.Im
     return out
 
 
+def styled_and_ceiling(vae, style: str) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The judged prompts drawn in `style` (styled_targets) and their round trips through `vae` (the ceiling)."""
+    styled = styled_targets(style, unseen_contents(DATASETS / style))
+    return styled, vae_round_trip(vae, styled)
+
+
 @dataclass
 class Row:
     """One LoRA's figures on one style."""
@@ -163,9 +169,8 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
     unchanged = {} if unchanged is None else unchanged
     if style not in unchanged:                     # strength 0 draws the base, whichever the LoRA
-        styled = styled_targets(style, contents)
-        unchanged[style] = (draw(0.0, triggered_prompts), draw(0.0, plain_prompts), styled,
-                            vae_round_trip(gen.base.vae, styled))
+        unchanged[style] = (draw(0.0, triggered_prompts), draw(0.0, plain_prompts),
+                            *styled_and_ceiling(gen.base.vae, style))
     base_triggered, base_plain, styled, ceiling_images = unchanged[style]
     triggered = {0.0: base_triggered, **{s: draw(s, triggered_prompts) for s in STRENGTHS if s}}
     plain = {0.0: base_plain, 1.0: draw(1.0, plain_prompts)}
@@ -266,7 +271,7 @@ def in_words(gen, style: str) -> list[dict]:
         return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), []) for p in prompts for s in SEEDS]
 
     plain, told = draw(contents), draw([IN_WORDS[style](c) for c in contents])
-    ceiling_images = vae_round_trip(gen.base.vae, styled_targets(style, unseen_contents(DATASETS / style)))
+    _, ceiling_images = styled_and_ceiling(gen.base.vae, style)
     out = []
     for name, stat in stylestats.STYLE_STATS[style].items():
         base, words, ceiling = (stylestats.mean_stat(stat, ims) for ims in (plain, told, ceiling_images))
@@ -393,15 +398,11 @@ def load_rows(paths: list[Path], targets=None) -> list[Row]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge {path}: not a report of this benchmark's --json ({e})")
         old = sum(map(judged_the_old_way, loaded))
-        if old and targets is None:
-            raise SystemExit(f"--merge {path}: an older report, whose ceiling was the training images' round trips "
-                             "and not the judged prompts drawn in the style; run it again to join it")
+        try:
+            loaded = [up_to_date(r, targets) for r in loaded]
+        except LookupError as e:
+            raise SystemExit(f"--merge {path}: {e}")
         if old:
-            try:
-                loaded = [rejudged(r, *targets(r.style)) if judged_the_old_way(r) else r for r in loaded]
-            except KeyError as e:
-                raise SystemExit(f"--merge {path}: an older report without the figures that judging it again needs "
-                                 f"({e}); run it again to join it")
             print(f"{path}: {old} rows judged against the training images' round trips, judged again against "
                   "the judged prompts drawn in the style", flush=True)
         for r in loaded:
@@ -424,8 +425,7 @@ def styled_ceilings(base: str):
             from sdlora.bases.load import load_base
             cache["vae"] = load_base(base).vae
         if style not in cache:
-            styled = styled_targets(style, unseen_contents(DATASETS / style))
-            cache[style] = (styled, vae_round_trip(cache["vae"], styled))
+            cache[style] = styled_and_ceiling(cache["vae"], style)
         return cache[style]
     return targets
 
@@ -433,6 +433,21 @@ def styled_ceilings(base: str):
 def judged_the_old_way(row: Row) -> bool:
     """Whether a report's row was judged against the training images' round trips (before the styled ceiling)."""
     return any("styled" not in s for s in row.stats.values())
+
+
+def up_to_date(row: Row, targets=None) -> Row:
+    """`row` as it is, or, judged the old way, judged again with `targets(style)` (styled_ceilings); LookupError
+    when it cannot be: no `targets`, or a report too old to keep what judging it again needs."""
+    if not judged_the_old_way(row):
+        return row
+    if targets is None:
+        raise LookupError("an older report, whose ceiling was the training images' round trips and not the judged "
+                          "prompts drawn in the style; run it again to join it")
+    try:
+        return rejudged(row, *targets(row.style))
+    except KeyError as e:
+        raise LookupError(f"an older report without the figures that judging it again needs ({e}); run it again "
+                          "to join it") from None
 
 
 def rejudged(row: Row, styled: list, ceiling_images: list) -> Row:
