@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.time()
                 lora, seconds, config = sq.train_ours(style, "tiny", runs, {**train_set, "seed": seed}, {})
                 p = Probe(style, seed)
-                p.rows = {c: sq.judge(gen, style, lora, "probe", seconds, seed, unchanged, scale=c)
+                drawn: dict = {}        # strength 0.5 is drawn by scale 0.5 (at 1) and scale 1 (at 0.5): once
+                p.rows = {c: sq.judge(gen, style, lora, "probe", seconds, seed, unchanged, scale=c, drawn=drawn)
                           for c in calibrate.STRENGTHS}
                 p.distances = distances(gen, lora, style, config["captions"], seed, a.sets)
                 probes.append(p)

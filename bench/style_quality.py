@@ -152,19 +152,29 @@ class Row:
 
 
 def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | None = None,
-          unchanged: dict | None = None, scale: float = 1.0) -> Row:
+          unchanged: dict | None = None, scale: float = 1.0, drawn: dict | None = None) -> Row:
     """Draw the style's prompts with `lora` (trained with `seed`) and measure every statistic of the style.
     `unchanged`, kept by the caller across LoRAs of the same base, holds per style what no LoRA changes (the
     images at strength 0, the prompts drawn in the style and their VAE round trips), drawn once. `scale` judges the file
-    as if its up weights were scaled by it (each strength drawn at strength x scale)."""
+    as if its up weights were scaled by it (each strength drawn at strength x scale); `drawn`, kept by a caller that
+    judges one file at several scales, holds the images per (prompt, strength x scale), so a strength two scales share
+    (0.5 x 1 and 1 x 0.5) is drawn once."""
     from sdlora import GenerateConfig, LoraChoice
     folder = DATASETS / style
     trigger = dataset_trigger(folder)
     contents = unseen_contents(folder)
 
+    cache = {} if drawn is None else drawn
+
     def draw(strength: float, prompts: list[str]) -> list[Image.Image]:
-        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), [LoraChoice(lora, strength * scale)])
-                for p in prompts for s in SEEDS]
+        out = []
+        for p in prompts:
+            key = (lora, p, strength * scale)
+            if key not in cache:
+                cache[key] = [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING),
+                                           [LoraChoice(lora, strength * scale)]) for s in SEEDS]
+            out += cache[key]
+        return out
 
     triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
     unchanged = {} if unchanged is None else unchanged

@@ -126,6 +126,43 @@ def test_calibration_measures_are_scored_by_the_judge_s_verdict_at_the_scale_the
     assert rejudged.stats["dusk_distance"]["way"][-1] == pytest.approx(0.9 / (1 - 0.008), rel=1e-3)
 
 
+def test_a_file_judged_at_several_scales_draws_each_strength_once(tmp_path):
+    """calibration_measures judges one file at scales 0.5, 0.75 and 1: strength 0.5 comes from two of them."""
+    from safetensors.torch import save_file
+    import torch
+    lora = tmp_path / "dusk.safetensors"
+    save_file({"x": torch.zeros(1)}, str(lora))
+    contents = sq.unseen_contents(sq.DATASETS / "dusk")
+    styled = sq.styled_targets("dusk", contents)              # each prompt x sampling seed, in judge()'s order
+    look = {c: np.asarray(styled[i * len(sq.SEEDS)], dtype=np.float32) for i, (c, _) in enumerate(contents)}
+    calls = []
+
+    class Drawing:          # dusk's look for the prompt, brighter the lower the strength; counting what it draws
+        def generate(self, cfg, loras):
+            strength = loras[0].strength
+            calls.append((cfg.prompt, cfg.seed, strength))
+            content = cfg.prompt.split(", ", 1)[-1]
+            return Image.fromarray(np.clip(look[content] * (1.8 - 0.8 * strength), 0, 255).astype(np.uint8))
+
+    trigger = sq.dataset_trigger(sq.DATASETS / "dusk")
+    at_zero = [[Image.fromarray(np.clip(look[c] * 1.8, 0, 255).astype(np.uint8)) for c, _ in contents
+                for _ in sq.SEEDS]] * 2                        # the base: strength 0, with and without the trigger
+    judge_scale = dict(seconds=1.0, seed=0, unchanged={"dusk": (*at_zero, styled, styled)})
+    drawn: dict = {}
+    rows = {c: sq.judge(Drawing(), "dusk", str(lora), "probe", scale=c, drawn=drawn, **judge_scale)
+            for c in (0.5, 0.75, 1.0)}
+    per = 2 * sq.N_PROMPTS                                     # images per strength: prompts x sampling seeds
+    strengths = sorted({s for _, _, s in calls})
+    assert strengths == [0.25, 0.375, 0.5, 0.75, 1.0]           # triggered at 0.5 x c and c, untriggered at c
+    assert len(calls) == len(set(calls))                       # nothing drawn twice
+    triggered_at_half = [c for c in calls if c[2] == 0.5 and c[0].startswith(trigger)]
+    assert len(triggered_at_half) == per
+    # the same figures as judging each scale on its own
+    alone = sq.judge(Drawing(), "dusk", str(lora), "probe", **judge_scale)
+    assert alone.stats["dusk_distance"]["curve"] == rows[1.0].stats["dusk_distance"]["curve"]
+    assert rows[0.5].stats["dusk_distance"]["curve"][-1] == rows[1.0].stats["dusk_distance"]["curve"][1]
+
+
 def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     rows = [seed_row(0, [1.0, 0.8, 0.5], [1.0, 1.0], 1.0), seed_row(1, [1.0, 0.6, 0.2], [1.0, 1.0], 1.0)]
     reports = []
