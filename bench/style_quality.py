@@ -67,10 +67,13 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench import _common as C  # noqa: E402
+from bench.whole_unet import LR as WHOLE_UNET_LR  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 from sdlora.tinybase.stages import vae_round_trip  # noqa: E402
 
 STRENGTHS = (0.0, 0.5, 1.0)
+REFERENCE, WHOLE_UNET = "reference", "whole U-Net"      # the trainers sdlora's rows are compared with
+COMPARED = (REFERENCE, WHOLE_UNET)
 SEEDS = (0, 1)                # sampling seeds of each prompt
 TRAIN_SEEDS = (0, 1, 2)       # a LoRA per seed: one seed's figures swing by tens of points (neon's fill 57% / 46%)
 N_PROMPTS = 6
@@ -255,7 +258,7 @@ def save_grid(row: Row, triggered: dict, plain: dict, styled: list, ceiling: lis
         for c, im in enumerate(images):
             grid.paste(im.resize((size, size)), (c * size, r * size))
     seed = "" if row.seed is None else f"_seed{row.seed}"
-    grid.save(out / f"style_quality_{row.style}_{row.trainer}{seed}{suffix}.png")
+    grid.save(out / f"style_quality_{row.style}_{row.trainer.replace(' ', '-')}{seed}{suffix}.png")
 
 
 def outlined(content: str) -> str:
@@ -382,8 +385,9 @@ def table(rows: list[Row]) -> str:
 
 
 def verdict(rows: list[Row]) -> str:
-    """PASS or MISS on sdlora's rows (the means, where there are several seeds), and how many seeds pass alone."""
-    ours = [r for r in rows if r.trainer != "reference"]
+    """PASS or MISS on sdlora's rows (the means, where there are several seeds), and how many seeds pass alone;
+    the rows of the trainers it is compared with (COMPARED) are shown, not judged."""
+    ours = [r for r in rows if r.trainer not in COMPARED]
     missed = [r.style for r in ours if not r.passes()]
     bars = (f"way @1 >= {BARS['way']:.0%}, monotone, untriggered <= {BARS['untriggered']:.2f}x, "
             f"colour kept >= {BARS['colour']:.0%}")
@@ -526,6 +530,11 @@ def main(argv: list[str] | None = None) -> None:
                              "with no LoRA")
     parser.add_argument("--reference", type=Path, help="path of diffusers' train_dreambooth_lora.py to compare with")
     parser.add_argument("--reference-python", default=sys.executable, help="python that runs the reference script")
+    parser.add_argument("--whole-unet", action="store_true",
+                        help="also fine-tune every weight of the base's U-Net (no adapters, no isolation) on the same "
+                             "captions, steps and seed, and judge it beside the LoRA (bench/whole_unet.py)")
+    parser.add_argument("--whole-unet-lr", type=float, default=WHOLE_UNET_LR,
+                        help=f"--whole-unet's AdamW rate (default {WHOLE_UNET_LR:g})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
@@ -539,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = load_rows(a.merge, styled_ceilings(a.base))
         report(rows, sorted({r.seed for r in rows}), a.json)
         return
+    if a.label in COMPARED:
+        parser.error(f"--label {a.label!r} names a trainer sdlora is compared with; give sdlora's rows another name")
     if a.reference and not a.reference.is_file():
         parser.error(f"--reference {a.reference}: no such file; give the path of train_dreambooth_lora.py")
     missing = a.reference and C.reference_missing(a.reference_python)
@@ -558,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(a.seeds)) != len(a.seeds):
         parser.error(f"--seeds {' '.join(map(str, a.seeds))}: each seed once")
     gen = Generator(load_base(a.base))
+    if a.whole_unet:
+        from bench.whole_unet import WholeUnetDrawing, train_whole_unet
+        whole = WholeUnetDrawing(gen)
     rows: list[Row] = []          # one per style, trainer and seed
     unchanged: dict = {}          # per style, what every LoRA's judging shares
     with tempfile.TemporaryDirectory(prefix="style-quality-") as scratch:
@@ -567,13 +581,21 @@ def main(argv: list[str] | None = None) -> None:
                 lora, seconds, config = train_ours(style, a.base, tmp, {**train_set, "seed": seed}, lora_set)
                 rows.append(judge(gen, style, lora, a.label, seconds, seed, unchanged))
                 print(f"{style}: {a.label} seed {seed} {seconds:.0f}s", flush=True)
+                if a.whole_unet:
+                    whole.restore()
+                    delta, whole_s = train_whole_unet(gen.base, DATASETS / style, config["captions"],
+                                                      config["steps"], seed, a.whole_unet_lr, config["resolution"])
+                    path = whole.save(delta, tmp / f"whole-unet-{style}-seed{seed}.safetensors")
+                    rows.append(judge(whole, style, path, WHOLE_UNET, whole_s, seed, unchanged))
+                    whole.restore()
+                    print(f"{style}: whole U-Net seed {seed} {whole_s:.0f}s", flush=True)
                 if a.reference:
                     train, spec = config["train"], config["lora"]
                     settings = {"steps": config["steps"], "rank": spec["rank"], "lr": train["lr"], "seed": seed,
                                 "resolution": config["resolution"]}
                     ref, ref_s = train_reference(a.reference, style, base_dir, tmp, settings, a.reference_python,
                                                  a.threads)
-                    rows.append(judge(gen, style, ref, "reference", ref_s, seed, unchanged))
+                    rows.append(judge(gen, style, ref, REFERENCE, ref_s, seed, unchanged))
                     print(f"{style}: reference seed {seed} {ref_s:.0f}s", flush=True)
     report(rows, a.seeds, a.json)
     worded = [r for style in (a.styles or styles()) if a.words and style in IN_WORDS for r in in_words(gen, style)]
