@@ -3,8 +3,11 @@
 style_quality's `--whole-unet` trains, after each sdlora run, every weight of the base's U-Net (no adapters, no
 trigger isolation) on the same captions, images, steps and training seed, and judges it as a LoRA is judged:
 strength s draws with the U-Net at W + s x (W' - W), W' the fine-tuned weights. Its way at 1 says how far this
-base gets toward a style from these images and steps when nothing limits which weights move; a LoRA that falls
-short of it is held back by where its adapters sit, one that matches it by the base and the data.
+base gets toward a style from these images and steps when nothing limits which weights move (at one learning
+rate: on some styles a LoRA's few weights learn faster). Where the whole U-Net falls short too, the style is at
+the edge of what the base learns from the data, not held back by where a LoRA's adapters sit; where it draws
+the style and the LoRA does not, it also shows what moving every prompt (the empty one guidance subtracts
+included) buys.
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ class WholeUnetDrawing:
     def save(self, delta: dict, path: Path) -> str:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in delta.items()}, str(path), metadata={"sdlora_whole_unet": "1"})
-        self.deltas[str(path)] = delta
+        self.deltas = {str(path): delta}          # the one being judged: a U-Net's worth of weights each
         return str(path)
 
     def put(self, path: str | None, strength: float) -> None:
