@@ -20,20 +20,22 @@ LR = 1e-4          # AdamW on the full weights (sdlora's 3e-3 is a LoRA rate at 
 def train_whole_unet(base, folder: Path, captions: dict, steps: int, seed: int, lr: float = LR,
                      resolution: int = 64) -> tuple[dict, float]:
     """(name -> W' - W for every U-Net weight, seconds): `steps` AdamW steps at batch 1 on the images of
-    `folder` named by `captions` (file name -> caption, the trigger in it), the denoising loss of the base's
-    noise schedule. The base's U-Net is left as it was."""
+    `folder` named by `captions` (file name -> caption, the trigger in it), the denoising loss as sdlora's
+    training noises and targets it (Objective.noisy: the base's schedule and prediction type). The base's
+    U-Net is left as it was."""
     import torch
     import torch.nn.functional as F
 
+    from sdlora.config import TrainConfig
     from sdlora.training.batches import Batches
+    from sdlora.training.objective import Objective
     unet = base.unet
     device = next(unet.parameters()).device
     batches = Batches(base, device, batch_size=1, flip=False, text_encoder_trains=False)
     names = list(captions)
     latents = torch.cat([batches.encode(folder / n, (resolution, resolution)) for n in names])
-    with torch.no_grad():
-        text = batches.encode_text(batches.tokenize([captions[n] for n in names])).hidden.float()
-    sched = base.noise_scheduler()
+    text = batches.frozen_embeds(batches.tokenize([captions[n] for n in names])).hidden
+    objective = Objective(base.noise_scheduler(), base.prediction_type, TrainConfig(), unet.dtype)
     before = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     params = [p for p in unet.parameters()]
     flags = [p.requires_grad for p in params]
@@ -46,12 +48,9 @@ def train_whole_unet(base, folder: Path, captions: dict, steps: int, seed: int, 
     try:
         for _ in range(steps):
             i = torch.randint(len(names), (1,), generator=g)
-            noise = torch.randn(latents[i].shape, generator=g)
-            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
-            noisy = sched.add_noise(latents[i], noise, t)
-            pred = unet(noisy.to(device, unet.dtype), t.to(device),
-                        encoder_hidden_states=text[i].to(device, unet.dtype)).sample
-            loss = F.mse_loss(pred.float(), noise.to(device))
+            noisy, t, target = objective.noisy(latents[i].to(device), g)
+            pred = unet(noisy, t, encoder_hidden_states=text[i].to(device, unet.dtype)).sample
+            loss = F.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -87,7 +86,7 @@ class WholeUnetDrawing:
         key = None if path is None or strength == 0 else (path, strength)
         if key == self.at:
             return
-        state = {k: v.clone() for k, v in self.original.items()}
+        state = dict(self.original)              # load_state_dict copies: the originals stay as they are
         if key is not None:
             for k, d in self.deltas[path].items():
                 state[k] = (state[k].float() + strength * d.to(state[k].device)).to(state[k].dtype)

@@ -276,6 +276,8 @@ def test_a_python_that_cannot_run_the_reference_script_is_refused_before_any_tra
 
 def test_the_whole_u_net_is_fine_tuned_on_the_captions_and_drawn_at_w_plus_strength_times_its_change(
         tiny_base, style_dir, tmp_path):
+    import torch
+
     from bench import whole_unet as wu
     from sdlora import GenerateConfig, Generator, LoraChoice
     unet = tiny_base.unet
@@ -283,13 +285,13 @@ def test_the_whole_u_net_is_fine_tuned_on_the_captions_and_drawn_at_w_plus_stren
     captions = {p.name: f"zq, {p.with_suffix('.txt').read_text(encoding='utf-8')}" for p in sorted(style_dir.glob("*.png"))}
     delta, _ = wu.train_whole_unet(tiny_base, style_dir, captions, steps=3, seed=0, lr=1e-3)
     after = unet.state_dict()
-    assert all(torch_equal(before[k], after[k]) for k in before)          # the base is left as it was
+    assert all(torch.equal(before[k], after[k]) for k in before)          # the base is left as it was
     moved = [k for k, d in delta.items() if float(d.abs().max()) > 0]
     assert set(delta) == {k for k, v in before.items() if v.is_floating_point()}
     assert len(moved) > 0.9 * len(delta)                                 # every weight trains, not adapters
     # the same seed trains the same change
     again, _ = wu.train_whole_unet(tiny_base, style_dir, captions, steps=3, seed=0, lr=1e-3)
-    assert all(torch_equal(delta[k], again[k]) for k in delta)
+    assert all(torch.equal(delta[k], again[k]) for k in delta)
 
     gen = Generator(tiny_base)
     drawing = wu.WholeUnetDrawing(gen)
@@ -297,12 +299,12 @@ def test_the_whole_u_net_is_fine_tuned_on_the_captions_and_drawn_at_w_plus_stren
     assert sq.strength_scale(path) is None                               # the judge reads it as an uncalibrated file
     key = moved[0]
     drawing.put(path, 0.5)
-    assert torch_close(unet.state_dict()[key], before[key] + 0.5 * delta[key])
+    assert torch.allclose(unet.state_dict()[key], before[key] + 0.5 * delta[key], atol=1e-6)
     cfg = GenerateConfig(prompt="zq, a circle outline", seed=1, steps=4)
     at_one = np.asarray(drawing.generate(cfg, [LoraChoice(path, 1.0)]), dtype=np.int16)
     at_zero = np.asarray(drawing.generate(cfg, [LoraChoice(path, 0.0)]), dtype=np.int16)
     drawing.restore()
-    assert all(torch_equal(before[k], unet.state_dict()[k]) for k in before)
+    assert all(torch.equal(before[k], unet.state_dict()[k]) for k in before)
     plain = np.asarray(gen.generate(cfg, []), dtype=np.int16)
     assert np.array_equal(at_zero, plain)                                # strength 0: the base's own image
     assert np.abs(at_one - plain).mean() > 0.5                           # strength 1: the fine-tuned U-Net's
@@ -318,12 +320,3 @@ def test_the_verdict_judges_sdlora_s_rows_only():
     with pytest.raises(SystemExit):
         sq.main(["--label", sq.WHOLE_UNET, "--styles", "dusk"])
 
-
-def torch_equal(a, b) -> bool:
-    import torch
-    return bool(torch.equal(a, b))
-
-
-def torch_close(a, b) -> bool:
-    import torch
-    return bool(torch.allclose(a.float(), b.float(), atol=1e-6))
