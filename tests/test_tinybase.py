@@ -146,6 +146,46 @@ def test_outline_scenes_are_hollow_named_and_judged_as_their_shape():
     assert sum(g == (s.colour, s.shape) for g, s in zip(got, hollow)) >= 36, got
 
 
+def test_tinted_and_backdrop_scenes_are_named_drawn_and_judged():
+    """A pale shape is lighter than its colour and a dark one darker, the tint is named before the colour, and
+    the judge still reads both; a backdrop is a muted colour the caption leaves out, never read as the shape. A
+    build without them trains none of their words."""
+    import random
+
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase.words import caption_token_ids, made_up_word_parts
+    rng = random.Random(4)
+    tinted = [scenes.random_scene(rng, tint_p=1.0) for _ in range(60)]
+    assert {s.tint for s in tinted} == set(scenes.TINTS)
+    for s in tinted:
+        lo, hi = scenes.TINTS[s.tint]
+        assert lo <= s.tint_amount <= hi and f"a {s.size} {s.tint} {s.colour} {s.shape}" in s.caption()
+        rgb, full = np.array(s.shape_rgb()), np.array(scenes.COLOURS[s.colour])
+        assert (rgb >= full).all() and rgb.sum() > full.sum() + 60 if s.tint == "pale" else \
+            (rgb <= full).all() and rgb.sum() < full.sum() - 60, (s, rgb)
+    for colour in scenes.COLOURS:     # the palest and darkest a scene draws are still saturated enough to be the shape
+        for tint, (_, most) in scenes.TINTS.items():
+            scene = scenes.Scene(colour, "square", "large", "in the center", "white", tint=tint, tint_amount=most)
+            mask = scenes.foreground_mask(np.asarray(scenes.render(scene)))
+            assert scenes.shape_of(mask) == "square" and mask.mean() > 0.2, (colour, tint, mask.mean())
+    backed = [scenes.random_scene(rng, backdrop_p=1.0) for _ in range(60)]
+    for s in backed:
+        img = np.asarray(scenes.render(s)).astype(int)
+        corner = img[:3, :3].reshape(-1, 3)
+        assert "background" not in s.caption() and s.split == "none"
+        assert (np.abs(corner - np.array(s.backdrop)).max() <= 1 or s.texture), (s, corner[0])
+        assert max(s.backdrop) - min(s.backdrop) <= 2 * scenes.BACKDROP_SPREAD
+    chroma = [max(s.backdrop) - min(s.backdrop) for s in backed]
+    assert max(chroma) > 20 and len({s.backdrop for s in backed}) == 60
+    got = [scenes.measure(scenes.render(s)) for s in backed if s.look == "filled"]
+    assert sum(g[0] == s.colour for g, s in zip(got, [s for s in backed if s.look == "filled"])) >= 0.9 * len(got)
+    tok = load_tokenizer()
+    pale = tok("pale dark", add_special_tokens=False).input_ids
+    assert not set(pale) & set(caption_token_ids(tok).tolist())
+    assert set(pale) <= set(caption_token_ids(tok, tints=True).tolist())
+    assert "pale" in made_up_word_parts(tok) and "pale" not in made_up_word_parts(tok, tints=True)
+
+
 def test_made_up_words_in_front_mean_the_scene_size():
     """A word in front of a build caption is one whose fixed embedding leans to the scene's size;
     the three sizes each take about a third of all made-up words."""

@@ -47,6 +47,12 @@ class BuildConfig:
     # 0 draws exactly the scenes of the bases before outlines; the neon style's outlines need 0.4.
     outline_p: float = 0.4
     no_look_p: float = 0.5
+    outline_widths: tuple[float, float] = (2.0, 4.0)   # px: an outline's width is drawn from this range
+    # What else a scene may be, so that the U-Net has seen more than six colours on five backgrounds: this share
+    # of scenes has its shape's colour pale or dark (scenes.TINTS, always named: "a pale red circle"), and this
+    # share a muted background of any hue that no caption names. 0 draws exactly the scenes of a build without.
+    tint_p: float = 0.0
+    backdrop_p: float = 0.0
     # Words the captions never use (a LoRA's trigger among them) keep a fixed random embedding of
     # norm free_word_norm instead of an untrained one near zero, and a made-up word in front carries
     # meaning: the scene's size, told by which of three fixed directions its embedding leans to. Meant

@@ -58,6 +58,11 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
     ("yellow", "square"), ("purple", "triangle"), ("cyan", "star"),
 )
 STAR_INNER = 0.4       # inner/outer radius of the 5-point star (bounding-box fill ~0.34)
+# A shape's colour in a lighter or darker version, named before the colour ("a pale red circle"): the share of
+# the way to white, or the share of its value taken away, each scene draws from these ranges. Both stop at 0.5,
+# where green, the least saturated colour, keeps a chroma of 70: still read as the shape.
+TINTS: dict[str, tuple[float, float]] = {"pale": (0.3, 0.5), "dark": (0.3, 0.5)}
+BACKDROP_SPREAD = 20   # an unnamed backdrop: a grey of any value, each channel moved up to this far (chroma <= 40)
 
 
 @dataclass(frozen=True)
@@ -76,15 +81,30 @@ class Scene:
     texture_seed: int = 0
     texture_shade: float = 0.55   # the texture's ink: the background's colour x this on light parts, that far
                                   # from white on dark ones
+    tint: str = ""                # "", or a TINTS word: the shape's colour made paler or darker by tint_amount
+    tint_amount: float = 0.0
+    backdrop: tuple[int, int, int] | None = None   # a background colour no word names: the caption leaves it out
+
+    def shape_rgb(self) -> tuple[int, int, int]:
+        """The shape's colour, tinted as the scene says."""
+        rgb = COLOURS[self.colour]
+        if self.tint == "pale":
+            return tuple(round(c + self.tint_amount * (255 - c)) for c in rgb)
+        if self.tint == "dark":
+            return tuple(round(c * (1 - self.tint_amount)) for c in rgb)
+        if self.tint:
+            raise ValueError(f"tint={self.tint!r} is not known: use one of {', '.join(TINTS)}")
+        return rgb
 
     def caption(self, with_size: bool = True, with_position: bool = True, with_background: bool = True,
                 with_look: bool = True) -> str:
         size = f"{self.size} " if with_size else ""
         where = f" {self.position}" if with_position else ""
         textured = f"{self.texture} " if self.texture else ""
-        back = f" on a {textured}{self.background} background" if with_background else ""
+        back = f" on a {textured}{self.background} background" if with_background and self.backdrop is None else ""
         look = " outline" if with_look and self.look == "outline" else ""
-        return f"a {size}{self.colour} {self.shape}{look}{where}{back}"
+        tint = f"{self.tint} " if self.tint else ""
+        return f"a {size}{tint}{self.colour} {self.shape}{look}{where}{back}"
 
 
 def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
@@ -130,7 +150,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """The scene as an RGB image of size x size px."""
     big = size * SUPERSAMPLE
     names = scene.background.split(" and ")
-    img = Image.new("RGB", (big, big), BACKGROUNDS[names[0]])
+    img = Image.new("RGB", (big, big), scene.backdrop or BACKGROUNDS[names[0]])
     draw = ImageDraw.Draw(img)
     if scene.split == "vertical":
         draw.rectangle([big // 2, 0, big, big], fill=BACKGROUNDS[names[1]])
@@ -144,10 +164,10 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     cx = fx * big + scene.jitter[0] * s
     cy = fy * big + scene.jitter[1] * s
     if scene.look == "outline":
-        draw_outline(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour],
+        draw_outline(draw, scene.shape, cx, cy, SIZES[scene.size] * s, scene.shape_rgb(),
                      round(scene.line * SUPERSAMPLE * size / IMAGE_SIZE))
     else:
-        draw_shape(draw, scene.shape, cx, cy, SIZES[scene.size] * s, COLOURS[scene.colour])
+        draw_shape(draw, scene.shape, cx, cy, SIZES[scene.size] * s, scene.shape_rgb())
     return img.resize((size, size), Image.BOX)
 
 
@@ -166,11 +186,15 @@ def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Imag
 
 
 def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0,
-                 texture_p: float = 0.0, texture_shades: tuple[float, float] = (0.55, 0.55)) -> Scene:
+                 texture_p: float = 0.0, texture_shades: tuple[float, float] = (0.55, 0.55),
+                 outline_widths: tuple[float, float] = (2.0, 4.0), tint_p: float = 0.0,
+                 backdrop_p: float = 0.0) -> Scene:
     """A random training scene; held-out colour-shape pairs are redrawn unless allowed. With
-    probability `outline_p` the shape is an outline 2-4 px wide, and with `texture_p` the background
-    is textured, its ink's shade drawn from `texture_shades` (no extra draws when they are 0, or the
-    shades one value)."""
+    probability `outline_p` the shape is an outline `outline_widths` px wide, with `texture_p` the background
+    is textured, its ink's shade drawn from `texture_shades`, with `tint_p` the shape's colour is pale or dark
+    (TINTS), and with `backdrop_p` the background is a muted colour of any hue that the caption does not name
+    (no extra draws when the shares are 0, or the shades one value: the scenes are those of a build without
+    them)."""
     while True:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         if allow_held_out or (colour, shape) not in HELD_OUT:
@@ -184,12 +208,19 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
     scene = Scene(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)),
                   background, split, (rng.randint(-3, 3), rng.randint(-3, 3)))
     if outline_p and rng.random() < outline_p:
-        scene = replace(scene, look="outline", line=rng.uniform(2, 4))
+        scene = replace(scene, look="outline", line=rng.uniform(*outline_widths))
     if texture_p and rng.random() < texture_p:
         scene = replace(scene, texture=rng.choice(list(TEXTURES)), texture_scale=rng.choice((3.0, 4.0, 6.0)),
                         texture_seed=rng.getrandbits(31))
         if texture_shades[0] != texture_shades[1]:
             scene = replace(scene, texture_shade=rng.uniform(*texture_shades))
+    if tint_p and rng.random() < tint_p:
+        tint = rng.choice(list(TINTS))
+        scene = replace(scene, tint=tint, tint_amount=rng.uniform(*TINTS[tint]))
+    if backdrop_p and rng.random() < backdrop_p:
+        grey = rng.randint(20, 240)
+        scene = replace(scene, split="none", backdrop=tuple(
+            min(255, max(0, grey + rng.randint(-BACKDROP_SPREAD, BACKDROP_SPREAD))) for _ in range(3)))
     return scene
 
 
