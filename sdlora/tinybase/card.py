@@ -125,7 +125,8 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "`a [size] <colour> <shape> [position] [on a [texture] <background> background]`, e.g.",
         "`a small red circle on the left on a dotted cream background`; without a background the model picks one.",
         *look_and_words(cfg), "",
-        f"- colours: {', '.join(scenes.COLOURS)}",
+        f"- colours: {', '.join(scenes.COLOURS)}" + (f"; {' or '.join(scenes.TINTS)} before one (`a pale red "
+                                                     "circle`)" if cfg.tint_p else ""),
         f"- shapes: {', '.join(scenes.SHAPES)}",
         f"- sizes: {', '.join(scenes.SIZES)} (optional)",
         f"- positions: {', '.join(scenes.POSITIONS)} (optional)",
@@ -140,8 +141,14 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         f"- offset noise {cfg.noise_offset} (a per-channel constant added to the noise): SD's schedule leaves ~7% "
         "of the image at t=999, and without it the model reads an image's brightness from the starting noise "
         "instead of the caption, so a fine-tune cannot teach a dark style",
-        *([f"- {cfg.outline_p:.0%} of the scenes drawn as outlines 2-4 px wide, named in the caption except in "
-           f"{cfg.no_look_p:.0%} of the free captions"] if cfg.outline_p else []),
+        *([f"- {cfg.outline_p:.0%} of the scenes drawn as outlines {cfg.outline_widths[0]:g}-{cfg.outline_widths[1]:g} "
+           f"px wide, named in the caption except in {cfg.no_look_p:.0%} of the free captions"] if cfg.outline_p else []),
+        *([f"- {cfg.tint_p:.0%} of the shapes pale or dark (" + ", ".join(
+            f"`{w}`: {lo:.0%}-{hi:.0%} of the way to white" if w == "pale" else f"`{w}`: {lo:.0%}-{hi:.0%} of "
+            "the value taken away" for w, (lo, hi) in scenes.TINTS.items()) + "), always named"] if cfg.tint_p else []),
+        *([f"- {cfg.backdrop_p:.0%} of the scenes on a muted backdrop of any hue and value (chroma up to "
+           f"{2 * scenes.BACKDROP_SPREAD}) that no caption names, so the model has drawn backgrounds it has no "
+           "word for"] if cfg.backdrop_p else []),
         *([f"- tokens no caption uses keep a fixed random embedding (norm ~{cfg.free_word_norm}); a made-up word "
            "in front is one whose embedding leans to the scene's size"] if cfg.prefix_meaning else []),
         *([f"- word identity (loss weight {cfg.identity_weight:g}): the text encoder also learns to let each word's "
