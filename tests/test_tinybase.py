@@ -379,6 +379,15 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
                     "## What its U-Net draws when asked"):
         assert section in card
 
+    # bench/vae_spread.py trains the build's VAE stages alone: the same settings and seed give the same VAE figures
+    import sys
+    sys.path.insert(0, str(BASE.parent.parent))
+    from bench import vae_spread
+    alone = vae_spread.train_seed(cfg)
+    assert alone["PSNR of the scenes (dB)"] == pytest.approx(figures["vae"]["psnr_db"], abs=1e-6)
+    assert alone["lines 45 deg, 8 px: direction kept"] == figures["vae"]["lines_kept"]["45"]["8"]
+    assert alone["dots 6 px: texture kept"] == figures["vae"]["texture_kept"]["dots"]["6"]
+
     # `refine` runs the build's last stage on it: the decoder alone changes; build.json says so, with new figures
     import hashlib
 

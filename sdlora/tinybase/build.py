@@ -115,6 +115,21 @@ def vae_figures(vae, images: torch.Tensor, mean: torch.Tensor) -> dict:
     return figs
 
 
+def vae_stages(cfg: BuildConfig, images: torch.Tensor, vae_images: torch.Tensor):
+    """The build's VAE before the U-Net: trained on `vae_images`, then its decoder alone on their cached latents.
+    (vae, the scenes' latent means and stds, unscaled, and the scaling factor that gives them unit spread)."""
+    vae = train_vae(cfg, vae_images)
+    mean, std = encode_latents(vae, images)
+    scale = 1.0 / mean.std().item()                    # as SD's 0.18215: unit-spread latents
+    log(f"latents cached; scaling_factor {scale:.4f}; VAE recon {check_vae(vae, images, mean)}")
+    # the decoder fine-tunes on every VAE image (scenes first: their latents are what the U-Net learns)
+    all_mean, all_std = encode_latents(vae, vae_images[len(images):]) if len(vae_images) > len(images) else (mean[:0], std[:0])
+    vae = finetune_decoder(cfg, vae, (torch.cat([mean, all_mean]), torch.cat([std, all_std])), vae_images)
+    vae.register_to_config(scaling_factor=scale)
+    log(f"decoder fine-tuned; VAE recon {check_vae(vae, images, mean)}")
+    return vae, mean, std, scale
+
+
 def refine(folder: Path, sets: dict, threads: int = 1) -> dict:
     """Run the build's last VAE stage (stages.refine_decoder, with `sets` over the folder's build config) on a
     built base: only the decoder's weights change; build.json (config and figures) and the card are rewritten."""
@@ -152,15 +167,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
     images, ids, vae_images = training_images(cfg, tokenizer)
     empty_ids = tokenize(tokenizer, [""])[0]
-    vae = train_vae(cfg, vae_images)
-    mean, std = encode_latents(vae, images)
-    scale = 1.0 / mean.std().item()                    # as SD's 0.18215: unit-spread latents
-    log(f"latents cached; scaling_factor {scale:.4f}; VAE recon {check_vae(vae, images, mean)}")
-    # the decoder fine-tunes on every VAE image (scenes first: their latents are what the U-Net learns)
-    all_mean, all_std = encode_latents(vae, vae_images[len(images):]) if len(vae_images) > len(images) else (mean[:0], std[:0])
-    vae = finetune_decoder(cfg, vae, (torch.cat([mean, all_mean]), torch.cat([std, all_std])), vae_images)
-    vae.register_to_config(scaling_factor=scale)
-    log(f"decoder fine-tuned; VAE recon {check_vae(vae, images, mean)}")
+    vae, mean, std, scale = vae_stages(cfg, images, vae_images)
     unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
                                                     tokenizer)
     if cfg.refine_steps:
@@ -180,6 +187,23 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     log(f"held-out: colour {result['colour_acc']:.0%}, shape {result['shape_acc']:.0%} "
         f"({result['n']} images, {result['s_per_image_batched']:.2f}s/image); saved to {out}")
     return figures
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`--set FIELD=JSON` items as BuildConfig overrides (lists as tuples); ValueError naming the item that is not
+    a BuildConfig field or not JSON."""
+    sets = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in BuildConfig.__dataclass_fields__:
+            raise ValueError(f"--set {item}: {name!r} is not a BuildConfig field")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {item}: {value!r} is not JSON (a number, true/false, a [list] or a "
+                             '"string")') from None
+        sets[name] = tuple(value) if isinstance(value, list) else value
+    return sets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,16 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "card":
         remeasure(args.out, args.threads)
         return
-    sets = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in BuildConfig.__dataclass_fields__:
-            parser.error(f"--set {item}: {name!r} is not a BuildConfig field")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            parser.error(f"--set {item}: {value!r} is not JSON (a number, true/false, a [list] or a \"string\")")
-        sets[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        sets = parse_sets(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if args.command == "refine":
         refine(args.out, sets, args.threads)
         return
