@@ -39,7 +39,7 @@ from sdlora.bases.load import recommended_lora_lr  # noqa: E402
 from sdlora.config import default_rank  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 
-FAST_STYLES = ("dusk", "dashed")
+FAST_STYLES = ("dusk", "sage")
 
 pytestmark = [
     pytest.mark.slow,
