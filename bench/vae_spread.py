@@ -95,16 +95,20 @@ def base_figures(folder: Path) -> dict[str, float]:
     return figures(vae, images, encode_latents(vae, images)[0])
 
 
-def table(columns: dict[str, dict[str, float]], spread_of: list[str]) -> str:
-    """One row per figure, one column per VAE, and the range over the `spread_of` columns."""
+def table(columns: dict[str, dict[str, float]], trained: list[str]) -> str:
+    """One row per figure, one column per VAE, and per settings with several trained seeds the range over them
+    (a trained column is named "<label>, seed <n>": seeds of other settings are not one spread)."""
     names = list(dict.fromkeys(n for col in columns.values() for n in col))
-    head = ["figure", *columns] + (["range over " + ", ".join(spread_of)] if len(spread_of) > 1 else [])
+    groups: dict[str, list[str]] = {}
+    for column in trained:
+        groups.setdefault(column.rpartition(", seed ")[0], []).append(column)
+    spreads = [group for group in groups.values() if len(group) > 1]
+    head = ["figure", *columns] + ["range over " + ", ".join(group) for group in spreads]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
-        cells = [f"{columns[c][name]:.3f}" if name in columns[c] else "-" for c in columns]
-        row = [name, *cells]
-        if len(spread_of) > 1:
-            vals = [columns[c][name] for c in spread_of if name in columns[c] and math.isfinite(columns[c][name])]
+        row = [name] + [f"{columns[c][name]:.3f}" if name in columns[c] else "-" for c in columns]
+        for group in spreads:
+            vals = [columns[c][name] for c in group if name in columns[c] and math.isfinite(columns[c][name])]
             row.append(f"{max(vals) - min(vals):.3f}" if vals else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
