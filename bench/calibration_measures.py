@@ -100,8 +100,8 @@ def distances(gen, lora: str, style: str, captions: dict, seed: int, sets: int) 
     for k in range(sets):
         per = {m: {} for m in MEASURES}
         for s in calibrate.STRENGTHS:
-            drawn = [gen.generate(GenerateConfig(prompt=caption, seed=seed + k * SET_STRIDE + i, **sq.SAMPLING),
-                                  [LoraChoice(lora, s)]) for i, (_, caption) in enumerate(items)]
+            drawn = gen.generate_many([GenerateConfig(prompt=caption, seed=seed + k * SET_STRIDE + i, **sq.SAMPLING)
+                                       for i, (_, caption) in enumerate(items)], [LoraChoice(lora, s)])
             per["pixels"][s] = calibrate.distance(calibrate.image_stats(to_tensor(drawn)), trained["pixels"])
             per["latents"][s] = calibrate.distance(latent_stats(encode(batches, drawn)), trained["latents"])
         for m in MEASURES:

@@ -170,14 +170,14 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     cache = {} if drawn is None else drawn
 
     def draw(strength: float, prompts: list[str]) -> list[Image.Image]:
-        out = []
-        for p in prompts:
-            key = (lora, p, strength * scale)
-            if key not in cache:
-                cache[key] = [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING),
-                                           [LoraChoice(lora, strength * scale)]) for s in SEEDS]
-            out += cache[key]
-        return out
+        """Each prompt at each of SEEDS, the ones not in the cache drawn in one batched call."""
+        missing = [p for p in dict.fromkeys(prompts) if (lora, p, strength * scale) not in cache]
+        if missing:
+            images = gen.generate_many([GenerateConfig(prompt=p, seed=s, **SAMPLING) for p in missing for s in SEEDS],
+                                       [LoraChoice(lora, strength * scale)])
+            for i, p in enumerate(missing):
+                cache[(lora, p, strength * scale)] = images[i * len(SEEDS):(i + 1) * len(SEEDS)]
+        return [image for p in prompts for image in cache[(lora, p, strength * scale)]]
 
     triggered_prompts, plain_prompts = [f"{trigger}, {p}" for p, _ in contents], [p for p, _ in contents]
     unchanged = {} if unchanged is None else unchanged
@@ -281,7 +281,7 @@ def in_words(gen, style: str) -> list[dict]:
     contents = [c for c, _ in unseen_contents(DATASETS / style)]
 
     def draw(prompts: list[str]) -> list[Image.Image]:
-        return [gen.generate(GenerateConfig(prompt=p, seed=s, **SAMPLING), []) for p in prompts for s in SEEDS]
+        return gen.generate_many([GenerateConfig(prompt=p, seed=s, **SAMPLING) for p in prompts for s in SEEDS], [])
 
     plain, told = draw(contents), draw([IN_WORDS[style](c) for c in contents])
     _, ceiling_images = styled_and_ceiling(gen.base.vae, style)

@@ -65,9 +65,9 @@ def train_whole_unet(base, folder: Path, captions: dict, steps: int, seed: int, 
 
 
 class WholeUnetDrawing:
-    """A generator that draws a fine-tuned U-Net as style_quality's judge draws a LoRA: `generate(cfg, [choice])`
-    with choice.path a file saved by `save` draws at W + choice.strength x its weight changes; a LoRA-free call
-    draws the base."""
+    """A generator that draws a fine-tuned U-Net as style_quality's judge draws a LoRA: `generate(cfg, [choice])` or
+    `generate_many(cfgs, [choice])` with choice.path a file saved by `save` draws at W + choice.strength x its weight
+    changes; a LoRA-free call draws the base."""
 
     def __init__(self, gen):
         self.gen, self.base = gen, gen.base
@@ -94,10 +94,13 @@ class WholeUnetDrawing:
         self.at = key
 
     def generate(self, cfg, choices=None):
+        return self.generate_many([cfg], choices)[0]
+
+    def generate_many(self, cfgs, choices=None):
         choice = choices[0] if choices else None
         self.gen.set_loras([])              # no LoRA hooks (nor a fused LoRA's saved weights) under the U-Net's
         self.put(None if choice is None else choice.path, 0.0 if choice is None else choice.strength)
-        return self.gen.generate(cfg, [])
+        return self.gen.generate_many(cfgs, [])
 
     def restore(self) -> None:
         """The base's own U-Net, with no LoRA set: what training and every other trainer's judging start from."""

@@ -95,6 +95,55 @@ def render(pipe, cfg: GenerateConfig, resolution: int) -> Image.Image:
     return out.images[0]
 
 
+# Images drawn in one pipeline call by render_many: as many as fit this many pixels (4 at SD 1.5's 512 px, 1 at
+# SDXL's 1,024, capped at MAX_BATCH), so a batch needs no more memory than a few images of the base's own size.
+BATCH_PIXELS = 4 * 512 * 512
+MAX_BATCH = 16
+
+
+def batch_size(width: int, height: int) -> int:
+    """How many images of width x height px render_many draws in one pipeline call."""
+    return max(1, min(MAX_BATCH, BATCH_PIXELS // (width * height)))
+
+
+def draw_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, width: int, height: int,
+               negative_prompts: list[str] | None = None, output_type: str = "pil") -> list:
+    """The images of `prompts` (one seed each) at one size, in batches of batch_size() per pipeline call. Each image
+    starts from its own seed's noise, so it is the image render() draws for that prompt and seed, up to the rounding
+    of batched arithmetic (at most one level of 255 in a pixel on the tiny base). `negative_prompts`: one per prompt,
+    or None for none (an empty negative prompt is no negative prompt, as in render)."""
+    if len(seeds) != len(prompts) or (negative_prompts is not None and len(negative_prompts) != len(prompts)):
+        raise ValueError(f"draw_batch: {len(prompts)} prompts need as many seeds and negative prompts "
+                         f"(got {len(seeds)} seeds, {len(negative_prompts or prompts)} negative prompts)")
+    out: list = []
+    size = batch_size(width, height)
+    for i in range(0, len(prompts), size):
+        part = slice(i, i + size)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[part]]
+        with torch.no_grad():
+            images = pipe(prompt=prompts[part], negative_prompt=None if negative_prompts is None
+                          else negative_prompts[part], num_inference_steps=steps, guidance_scale=guidance,
+                          width=width, height=height, generator=generators, output_type=output_type).images
+        out += list(images)
+    return out
+
+
+def render_many(pipe, cfgs: list[GenerateConfig], resolution: int) -> list[Image.Image]:
+    """render() of each request, in order, drawn in batches of the requests that share their steps, guidance, size
+    and whether they have a negative prompt (see draw_batch for how close each image is to render()'s)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        key = (cfg.steps, cfg.guidance, cfg.width or resolution, cfg.height or resolution, bool(cfg.negative_prompt))
+        groups.setdefault(key, []).append(i)
+    images: list[Image.Image | None] = [None] * len(cfgs)
+    for (steps, guidance, width, height, negative), idx in groups.items():
+        drawn = draw_batch(pipe, [cfgs[i].prompt for i in idx], [cfgs[i].seed for i in idx], steps, guidance,
+                           width, height, [cfgs[i].negative_prompt for i in idx] if negative else None)
+        for i, image in zip(idx, drawn):
+            images[i] = image
+    return images
+
+
 def make_pipeline(base: Base):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     if base.family == "sdxl":
@@ -111,7 +160,7 @@ def make_pipeline(base: Base):
 
 
 class Generator:
-    """A base pipeline plus a stack of LoRAs; thread-safe, one image at a time.
+    """A base pipeline plus a stack of LoRAs; thread-safe, one call at a time.
 
     The stack and its lock belong to the base (load_base shares one copy of a base per process): every
     Generator of a base sets the whole stack, so one never draws with LoRAs another left applied."""
@@ -159,6 +208,18 @@ class Generator:
                 self.set_loras(self._choices, self._fused)
             return render(self.pipe, cfg, self.base.resolution)
 
+    def generate_many(self, cfgs: list[GenerateConfig], choices: list[LoraChoice] | None = None,
+                      fused: bool = False) -> list[Image.Image]:
+        """generate() of each request with the same LoRAs, drawn in batches (render_many): faster than one at a time
+        where a call's fixed cost is much of it (the tiny base on CPU: about half the time), each image equal to
+        generate()'s up to the rounding of batched arithmetic."""
+        with self.lock:
+            if choices is not None:
+                self.set_loras(choices, fused)
+            elif self.stack.owner is not self:
+                self.set_loras(self._choices, self._fused)
+            return render_many(self.pipe, cfgs, self.base.resolution)
+
     def sweep(self, cfg: GenerateConfig, choice: LoraChoice,
               strengths=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[Image.Image]:
         """The same prompt and seed at several strengths of one LoRA."""
@@ -179,4 +240,5 @@ def merge(generator: Generator, out: str | Path, dtype: torch.dtype = torch.floa
                                 text_encoder_2=base.text_encoder_2)
 
 
-__all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "make_pipeline", "merge"]
+__all__ = ["Generator", "LoraChoice", "LoadedLora", "read_lora", "render", "render_many", "draw_batch", "batch_size",
+           "make_pipeline", "merge"]

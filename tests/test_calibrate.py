@@ -66,9 +66,9 @@ def test_calibrate_picks_the_strength_whose_samples_look_like_the_training_image
     captions = [f"zqx, image {i}" for i in range(6)]
     drawn = []
 
-    def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
-        drawn.append((caption, seed, strength))
-        return (start[captions.index(caption)] + strength * style)[None]
+    def draw(requests: list[tuple[str, int]], strength: float) -> list[torch.Tensor]:
+        drawn.extend((caption, seed, strength) for caption, seed in requests)
+        return [(start[captions.index(caption)] + strength * style)[None] for caption, _ in requests]
 
     found = calibrate.calibrate(draw, captions, [s + trained_at * style for s in start], (20, 5.0), seed=7)
     assert found.strength == picked
@@ -136,8 +136,8 @@ def test_images_of_different_buckets_are_measured_at_the_same_scales():
     style = torch.tensor([0.3, 0.1, -0.1])[:, None, None]
     captions = ["zqx, a", "zqx, b", "zqx, c"]
 
-    def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
-        return (start[captions.index(caption)] + strength * style).clamp(0, 1)[None]
+    def draw(requests: list[tuple[str, int]], strength: float) -> list[torch.Tensor]:
+        return [(start[captions.index(caption)] + strength * style).clamp(0, 1)[None] for caption, _ in requests]
 
     found = calibrate.calibrate(draw, captions, [(s + 0.5 * style).clamp(0, 1) for s in start], (20, 5.0))
     assert found.strength == 0.5 and found.distances[0.5] == pytest.approx(0, abs=1e-9)

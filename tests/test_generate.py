@@ -69,6 +69,40 @@ def test_sweep_gives_one_image_per_strength(gen, tmp_path):
     assert np.array_equal(pixels(imgs[0]), pixels(gen.generate(GenerateConfig(prompt="x", steps=2, seed=1), [])))
 
 
+def test_many_requests_are_drawn_in_batches_each_as_generate_draws_it(gen, tmp_path, monkeypatch):
+    """generate_many: one pipeline call per group of requests that share steps, guidance, size and whether they have a
+    negative prompt (split at generate.MAX_BATCH), each image in its request's place and within a level of 255 of
+    generate()'s for the same request."""
+    from sdlora import generate
+    assert [generate.batch_size(side, side) for side in (64, 512, 1024)] == [16, 4, 1]
+    path = write_lora(gen.base, tmp_path / "a.safetensors")
+    cfgs = [GenerateConfig(prompt="a red star", seed=1, steps=3),
+            GenerateConfig(prompt="a blue circle", seed=2, steps=3),
+            GenerateConfig(prompt="a red star", seed=3, steps=3),
+            GenerateConfig(prompt="a red star", seed=4, steps=3, width=32, height=64),
+            GenerateConfig(prompt="a red star", negative_prompt="blurry", seed=1, steps=3),
+            GenerateConfig(prompt="a green square", seed=5, steps=3)]
+    choice = [LoraChoice(str(path), 0.7)]
+    one = [pixels(gen.generate(c, choice)) for c in cfgs]
+    batches = []
+    call = type(gen.pipe).__call__
+
+    def counted(pipe, *args, **kwargs):
+        batches.append(len(kwargs["prompt"]))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(gen.pipe), "__call__", counted)
+    for most, expected in ((16, [4, 1, 1]), (3, [3, 1, 1, 1])):
+        monkeypatch.setattr(generate, "MAX_BATCH", most)
+        batches.clear()
+        many = [pixels(im) for im in gen.generate_many(cfgs, choice)]
+        assert batches == expected
+        assert [m.shape for m in many] == [o.shape for o in one] and one[3].shape == (64, 32, 3)
+        for i, m in enumerate(many):
+            gaps = [np.abs(m - o).max() if m.shape == o.shape else 255 for o in one]
+            assert gaps[i] <= 1 and min(g for j, g in enumerate(gaps) if j != i) > 1, (i, gaps)
+
+
 def test_lora_choice_parse():
     assert LoraChoice.parse("a.safetensors") == LoraChoice("a.safetensors", 1.0, None)
     assert LoraChoice.parse("a.safetensors:0.8") == LoraChoice("a.safetensors", 0.8, None)

@@ -138,11 +138,11 @@ def test_a_file_judged_at_several_scales_draws_each_strength_once(tmp_path):
     calls = []
 
     class Drawing:          # dusk's look for the prompt, brighter the lower the strength; counting what it draws
-        def generate(self, cfg, loras):
+        def generate_many(self, cfgs, loras):
             strength = loras[0].strength
-            calls.append((cfg.prompt, cfg.seed, strength))
-            content = cfg.prompt.split(", ", 1)[-1]
-            return Image.fromarray(np.clip(look[content] * (1.8 - 0.8 * strength), 0, 255).astype(np.uint8))
+            calls.extend((cfg.prompt, cfg.seed, strength) for cfg in cfgs)
+            return [Image.fromarray(np.clip(look[cfg.prompt.split(", ", 1)[-1]] * (1.8 - 0.8 * strength), 0, 255)
+                                    .astype(np.uint8)) for cfg in cfgs]
 
     trigger = sq.dataset_trigger(sq.DATASETS / "dusk")
     at_zero = [[Image.fromarray(np.clip(look[c] * 1.8, 0, 255).astype(np.uint8)) for c, _ in contents

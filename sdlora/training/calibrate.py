@@ -85,17 +85,22 @@ def distance(drawn: torch.Tensor, trained: torch.Tensor) -> float:
     return float((((drawn - trained) / spread) ** 2).mean())
 
 
-def calibrate(draw: Callable[[str, int, float], torch.Tensor], captions: list[str], targets: list[torch.Tensor],
-              sampling: tuple[int, float], seed: int = 0) -> Calibration:
-    """The closest of STRENGTHS. `draw(caption, seed, strength)` gives the (1, 3, H, W) image in 0..1 the
-    pipeline samples; `targets[i]` is training image i (3, H, W) in 0..1 as the base's VAE gives it back
-    (encoded as trained, then decoded). A lower strength is picked only when it is clearly closer than 1."""
+def calibrate(draw: Callable[[list[tuple[str, int]], float], list[torch.Tensor]], captions: list[str],
+              targets: list[torch.Tensor], sampling: tuple[int, float], seed: int = 0) -> Calibration:
+    """The closest of STRENGTHS. `draw([(caption, seed), ...], strength)` gives each request's (1, 3, H, W) image in
+    0..1 as the pipeline samples it (all of a strength at once, so the caller can batch them); `targets[i]` is
+    training image i (3, H, W) in 0..1 as the base's VAE gives it back (encoded as trained, then decoded). A lower
+    strength is picked only when it is clearly closer than 1."""
     n = min(N_CAPTIONS, len(captions))
     scales = texture_scales(min(min(t.shape[-2:]) for t in targets[:n]))     # the same for every image
     trained = torch.cat([image_stats(t[None], scales) for t in targets[:n]])
+    requests = [(captions[i], seed + i) for i in range(n)]
     distances = {}
     for s in STRENGTHS:
-        drawn = torch.cat([image_stats(draw(captions[i], seed + i, s), scales) for i in range(n)])
+        images = draw(requests, s)
+        if len(images) != n:
+            raise ValueError(f"calibration asked for {n} images at strength {s:g} and was given {len(images)}")
+        drawn = torch.cat([image_stats(image, scales) for image in images])
         distances[s] = distance(drawn, trained)
     return Calibration(choose(distances), distances, sampling)
 

@@ -338,17 +338,24 @@ class _Trainer:
             self.cb.on_message("strength calibration: skipped (it scales plain LoRA files; DoRA and AdaLoRA files "
                                "keep strength 1 as trained)")
             return None
+        from sdlora.generate import draw_batch
         pipe = self.pipeline()
         steps, guidance = self.base.sampling or calibrate.SAMPLING
         bucket = {it.caption: fit.bucket for it, fit in zip(self.plan.items, self.plan.fits)}   # (w, h) as trained
 
-        def draw(caption: str, seed: int, strength: float) -> torch.Tensor:
-            width, height = bucket[caption]
-            with self.lora_strength(strength), torch.no_grad():
-                out = pipe(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, width=width,
-                                 height=height, generator=torch.Generator(device="cpu").manual_seed(seed),
-                                 output_type="pt")
-            return out.images.float().cpu()
+        def draw(requests: list[tuple[str, int]], strength: float) -> list[torch.Tensor]:
+            """Each (caption, seed) at its trained size, the captions of one size drawn in batches."""
+            sizes: dict[tuple[int, int], list[int]] = {}
+            for i, (caption, _) in enumerate(requests):
+                sizes.setdefault(bucket[caption], []).append(i)
+            images: list[torch.Tensor | None] = [None] * len(requests)
+            with self.lora_strength(strength):
+                for (width, height), idx in sizes.items():
+                    drawn = draw_batch(pipe, [requests[i][0] for i in idx], [requests[i][1] for i in idx], steps,
+                                       guidance, width, height, output_type="pt")
+                    for i, image in zip(idx, drawn):
+                        images[i] = image[None].float().cpu()
+            return images
 
         n = min(calibrate.N_CAPTIONS, len(self.plan.items))           # each image unflipped, as trained
         targets = [self.batches.decode_latents(lat[:1])[0].cpu() for lat in self.examples.latents[:n]]
