@@ -202,10 +202,7 @@ class Generator:
         """One image with `choices` at their strengths; None keeps the LoRAs (and the fused mode) this
         Generator set last, re-applied only if another Generator of the base has set the stack since."""
         with self.lock:
-            if choices is not None:
-                self.set_loras(choices, fused)
-            elif self.stack.owner is not self:
-                self.set_loras(self._choices, self._fused)
+            self._apply(choices, fused)
             return render(self.pipe, cfg, self.base.resolution)
 
     def generate_many(self, cfgs: list[GenerateConfig], choices: list[LoraChoice] | None = None,
@@ -214,11 +211,16 @@ class Generator:
         where a call's fixed cost is much of it (the tiny base on CPU: about half the time), each image equal to
         generate()'s up to the rounding of batched arithmetic."""
         with self.lock:
-            if choices is not None:
-                self.set_loras(choices, fused)
-            elif self.stack.owner is not self:
-                self.set_loras(self._choices, self._fused)
+            self._apply(choices, fused)
             return render_many(self.pipe, cfgs, self.base.resolution)
+
+    def _apply(self, choices: list[LoraChoice] | None, fused: bool) -> None:
+        """Set `choices` on the stack, or with None this Generator's last ones again if another Generator of the base
+        has set the stack since (the caller holds the lock)."""
+        if choices is not None:
+            self.set_loras(choices, fused)
+        elif self.stack.owner is not self:
+            self.set_loras(self._choices, self._fused)
 
     def sweep(self, cfg: GenerateConfig, choice: LoraChoice,
               strengths=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[Image.Image]:
