@@ -111,20 +111,31 @@ def draw_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance:
     """The images of `prompts` (one seed each) at one size, in batches of batch_size() per pipeline call. Each image
     starts from its own seed's noise, so it is the image render() draws for that prompt and seed, up to the rounding
     of batched arithmetic (at most one level of 255 in a pixel on the tiny base). `negative_prompts`: one per prompt,
-    or None for none (an empty negative prompt is no negative prompt, as in render)."""
+    or None for none (an empty negative prompt is no negative prompt, as in render). A batch the device has no memory
+    for is drawn again one image at a time, so batching never fails where render() would not."""
     if len(seeds) != len(prompts) or (negative_prompts is not None and len(negative_prompts) != len(prompts)):
         raise ValueError(f"draw_batch: {len(prompts)} prompts need as many seeds and negative prompts "
                          f"(got {len(seeds)} seeds, {len(negative_prompts or prompts)} negative prompts)")
+    def call(part: slice) -> list:
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[part]]
+        with torch.no_grad():
+            return list(pipe(prompt=prompts[part], negative_prompt=None if negative_prompts is None
+                             else negative_prompts[part], num_inference_steps=steps, guidance_scale=guidance,
+                             width=width, height=height, generator=generators, output_type=output_type).images)
+
     out: list = []
     size = batch_size(width, height)
     for i in range(0, len(prompts), size):
-        part = slice(i, i + size)
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[part]]
-        with torch.no_grad():
-            images = pipe(prompt=prompts[part], negative_prompt=None if negative_prompts is None
-                          else negative_prompts[part], num_inference_steps=steps, guidance_scale=guidance,
-                          width=width, height=height, generator=generators, output_type=output_type).images
-        out += list(images)
+        part = slice(i, min(i + size, len(prompts)))
+        try:
+            out += call(part)
+        except torch.OutOfMemoryError:
+            if part.stop - part.start == 1:
+                raise
+            if torch.cuda.is_available():   # a GPU short of memory (training's state still on it): one at a time
+                torch.cuda.empty_cache()
+            for j in range(part.start, part.stop):
+                out += call(slice(j, j + 1))
     return out
 
 

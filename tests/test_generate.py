@@ -103,6 +103,26 @@ def test_many_requests_are_drawn_in_batches_each_as_generate_draws_it(gen, tmp_p
             assert gaps[i] <= 1 and min(g for j, g in enumerate(gaps) if j != i) > 1, (i, gaps)
 
 
+def test_a_batch_the_device_has_no_memory_for_is_drawn_one_image_at_a_time():
+    """Calibration draws at the end of a run with training's state still on the GPU: a batch that does not fit is drawn
+    again image by image, in order, and only a single image that does not fit is an error."""
+    from types import SimpleNamespace
+    from sdlora.generate import draw_batch
+    calls = []
+
+    def pipe(prompt, generator, **kwargs):
+        calls.append(len(prompt))
+        if len(prompt) > 1 or prompt[0] == "huge":
+            raise torch.OutOfMemoryError("out of memory")
+        return SimpleNamespace(images=[f"{prompt[0]} {int(torch.randint(100, (1,), generator=generator[0]))}"])
+
+    expected = [f"p{i} {int(torch.randint(100, (1,), generator=torch.Generator().manual_seed(i)))}" for i in range(5)]
+    assert draw_batch(pipe, [f"p{i}" for i in range(5)], list(range(5)), 2, 5.0, 64, 64) == expected
+    assert calls == [5, 1, 1, 1, 1, 1]                     # tiny's 64 px: all 5 in one call, then one by one
+    with pytest.raises(torch.OutOfMemoryError):
+        draw_batch(pipe, ["huge"], [0], 2, 5.0, 64, 64)
+
+
 def test_lora_choice_parse():
     assert LoraChoice.parse("a.safetensors") == LoraChoice("a.safetensors", 1.0, None)
     assert LoraChoice.parse("a.safetensors:0.8") == LoraChoice("a.safetensors", 0.8, None)
