@@ -116,6 +116,7 @@ def draw_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance:
     if len(seeds) != len(prompts) or (negative_prompts is not None and len(negative_prompts) != len(prompts)):
         raise ValueError(f"draw_batch: {len(prompts)} prompts need as many seeds and negative prompts "
                          f"(got {len(seeds)} seeds, {len(negative_prompts or prompts)} negative prompts)")
+
     def call(part: slice) -> list:
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[part]]
         with torch.no_grad():
@@ -139,17 +140,18 @@ def draw_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance:
     return out
 
 
-def render_many(pipe, cfgs: list[GenerateConfig], resolution: int) -> list[Image.Image]:
+def render_many(pipe, cfgs: list[GenerateConfig], resolution: int, output_type: str = "pil") -> list:
     """render() of each request, in order, drawn in batches of the requests that share their steps, guidance, size
-    and whether they have a negative prompt (see draw_batch for how close each image is to render()'s)."""
+    and whether they have a negative prompt (see draw_batch for how close each image is to render()'s); with
+    output_type "pt", each image is a (3, H, W) tensor in 0..1 instead of a PIL image."""
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         key = (cfg.steps, cfg.guidance, cfg.width or resolution, cfg.height or resolution, bool(cfg.negative_prompt))
         groups.setdefault(key, []).append(i)
-    images: list[Image.Image | None] = [None] * len(cfgs)
+    images: list = [None] * len(cfgs)
     for (steps, guidance, width, height, negative), idx in groups.items():
         drawn = draw_batch(pipe, [cfgs[i].prompt for i in idx], [cfgs[i].seed for i in idx], steps, guidance,
-                           width, height, [cfgs[i].negative_prompt for i in idx] if negative else None)
+                           width, height, [cfgs[i].negative_prompt for i in idx] if negative else None, output_type)
         for i, image in zip(idx, drawn):
             images[i] = image
     return images

@@ -338,24 +338,18 @@ class _Trainer:
             self.cb.on_message("strength calibration: skipped (it scales plain LoRA files; DoRA and AdaLoRA files "
                                "keep strength 1 as trained)")
             return None
-        from sdlora.generate import draw_batch
+        from sdlora.generate import render_many
         pipe = self.pipeline()
         steps, guidance = self.base.sampling or calibrate.SAMPLING
         bucket = {it.caption: fit.bucket for it, fit in zip(self.plan.items, self.plan.fits)}   # (w, h) as trained
 
         def draw(requests: list[tuple[str, int]], strength: float) -> list[torch.Tensor]:
             """Each (caption, seed) at its trained size, the captions of one size drawn in batches."""
-            sizes: dict[tuple[int, int], list[int]] = {}
-            for i, (caption, _) in enumerate(requests):
-                sizes.setdefault(bucket[caption], []).append(i)
-            images: list[torch.Tensor | None] = [None] * len(requests)
+            cfgs = [GenerateConfig(prompt=caption, seed=seed, steps=steps, guidance=guidance, width=bucket[caption][0],
+                                   height=bucket[caption][1]) for caption, seed in requests]
             with self.lora_strength(strength):
-                for (width, height), idx in sizes.items():
-                    drawn = draw_batch(pipe, [requests[i][0] for i in idx], [requests[i][1] for i in idx], steps,
-                                       guidance, width, height, output_type="pt")
-                    for i, image in zip(idx, drawn):
-                        images[i] = image[None].float().cpu()
-            return images
+                drawn = render_many(pipe, cfgs, self.plan.resolution, output_type="pt")
+            return [image[None].float().cpu() for image in drawn]
 
         n = min(calibrate.N_CAPTIONS, len(self.plan.items))           # each image unflipped, as trained
         targets = [self.batches.decode_latents(lat[:1])[0].cpu() for lat in self.examples.latents[:n]]
