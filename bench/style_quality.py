@@ -129,6 +129,11 @@ def styled_targets(style: str, contents: list[tuple[str, str]]) -> list[Image.Im
     return out
 
 
+def judged_colours(style: str) -> list[str]:
+    """The prompt's colour of each image judge() draws for a strength (and of styled_targets'), in their order."""
+    return [colour for _, colour in unseen_contents(DATASETS / style) for _ in SEEDS]
+
+
 def styled_and_ceiling(vae, style: str) -> tuple[list[Image.Image], list[Image.Image]]:
     """The judged prompts drawn in `style` (styled_targets) and their round trips through `vae` (the ceiling)."""
     styled = styled_targets(style, unseen_contents(DATASETS / style))
@@ -190,15 +195,16 @@ def judge(gen, style: str, lora: str, trainer: str, seconds: float, seed: int | 
     written = strength_scale(lora)
     row = Row(style, trainer, seconds, lora=lora, seed=seed,
               scale=written if scale == 1 else scale * (1.0 if written is None else written))
+    colours = judged_colours(style)
     for name, stat in stylestats.STYLE_STATS[style].items():
-        values = [stylestats.stat_values(stat, triggered[s]) for s in STRENGTHS]     # each image's, paired
-        row.stats[name] = figures(stylestats.mean_stat(stat, styled), stylestats.mean_stat(stat, ceiling_images),
+        values = [stylestats.stat_values(stat, triggered[s], colours) for s in STRENGTHS]     # each image's, paired
+        row.stats[name] = figures(stylestats.mean_stat(stat, styled, colours),
+                                  stylestats.mean_stat(stat, ceiling_images, colours),
                                   [stylestats.defined_mean(v) for v in values],
-                                  [stylestats.mean_stat(stat, plain[s]) for s in (0.0, 1.0)],
+                                  [stylestats.mean_stat(stat, plain[s], colours) for s in (0.0, 1.0)],
                                   [paired_move(a, b) for a, b in zip(values, values[1:])],
                                   paired_move(values[0], values[-1]))
         row.stats[name]["values"] = [v.tolist() for v in values]
-    colours = [c for _, c in contents for _ in SEEDS]
     row.colour_kept, row.colour_base = (float(np.mean([stylestats.colour_name(im) == c for im, c in
                                                        zip(triggered[s], colours)])) for s in (1.0, 0.0))
     save_grid(row, triggered, plain, styled, ceiling_images, "" if scale == 1 else f"_x{scale:g}")
@@ -286,8 +292,9 @@ def in_words(gen, style: str) -> list[dict]:
     plain, told = draw(contents), draw([IN_WORDS[style](c) for c in contents])
     _, ceiling_images = styled_and_ceiling(gen.base.vae, style)
     out = []
+    colours = judged_colours(style)
     for name, stat in stylestats.STYLE_STATS[style].items():
-        base, words, ceiling = (stylestats.mean_stat(stat, ims) for ims in (plain, told, ceiling_images))
+        base, words, ceiling = (stylestats.mean_stat(stat, ims, colours) for ims in (plain, told, ceiling_images))
         out.append({"style": style, "statistic": name, "base": base, "words": words, "ceiling": ceiling,
                     "way": (words - base) / (ceiling - base) if ceiling != base else float("nan")})
     return out
@@ -411,6 +418,11 @@ def load_rows(paths: list[Path], targets=None) -> list[Row]:
             loaded = [Row(**r) for r in report["rows"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge {path}: not a report of this benchmark's --json ({e})")
+        for r in loaded:
+            if r.style in stylestats.STYLE_STATS and set(r.stats) != set(stylestats.STYLE_STATS[r.style]):
+                raise SystemExit(f"--merge {path}: its {r.style} rows were judged by {', '.join(r.stats)}, and "
+                                 f"{r.style} is judged by {', '.join(stylestats.STYLE_STATS[r.style])} now; "
+                                 "run that style again to join it")
         old = sum(map(judged_the_old_way, loaded))
         try:
             loaded = [up_to_date(r, targets) for r in loaded]
@@ -469,9 +481,11 @@ def rejudged(row: Row, styled: list, ceiling_images: list) -> Row:
     in its style) and their round trips: every figure follows from the curves and paired moves the report kept,
     so nothing is drawn again."""
     out = Row(**{**row.__dict__, "stats": {}})
+    colours = judged_colours(row.style)
     for name, s in row.stats.items():
         stat = stylestats.STYLE_STATS[row.style][name]
-        out.stats[name] = figures(stylestats.mean_stat(stat, styled), stylestats.mean_stat(stat, ceiling_images),
+        out.stats[name] = figures(stylestats.mean_stat(stat, styled, colours),
+                                  stylestats.mean_stat(stat, ceiling_images, colours),
                                   s["curve"], s["untriggered_curve"], [tuple(m) for m in s["moves"]],
                                   tuple(s["total"]))
         if "values" in s:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.style_quality import styled_and_ceiling, styles  # noqa: E402
+from bench.style_quality import judged_colours, styled_and_ceiling, styles  # noqa: E402
 from sdlora.tinybase import stylestats  # noqa: E402
 
 BUILT_IN = ROOT / "sdlora" / "base_model"
@@ -53,9 +53,10 @@ def figures(vae, images, mean) -> dict[str, float]:
             out[f"lines {angle} deg, {period} px: direction kept"] = value
     for style in styles():
         styled, ceiling = styled_and_ceiling(vae, style)
+        colours = judged_colours(style)
         for name, stat in stylestats.STYLE_STATS[style].items():
-            out[f"{style} {name}: ceiling (styled {stylestats.mean_stat(stat, styled):.3f})"] = \
-                stylestats.mean_stat(stat, ceiling)
+            out[f"{style} {name}: ceiling (styled {stylestats.mean_stat(stat, styled, colours):.3f})"] = \
+                stylestats.mean_stat(stat, ceiling, colours)
     return out
 
 

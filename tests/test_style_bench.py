@@ -163,6 +163,41 @@ def test_a_file_judged_at_several_scales_draws_each_strength_once(tmp_path):
     assert rows[0.5].stats["dusk_distance"]["curve"][-1] == rows[1.0].stats["dusk_distance"]["curve"][1]
 
 
+def test_the_judge_counts_dashed_pieces_in_the_prompt_s_colour(tmp_path):
+    """The base draws a backdrop no prompt names, often with saturated specks: judged with each prompt's colour,
+    dashed's base is its filled shapes' one piece, not the specks' count."""
+    from PIL import ImageDraw
+    from safetensors.torch import save_file
+    import torch
+    from sdlora.tinybase import scenes
+    lora = tmp_path / "dashed.safetensors"
+    save_file({"x": torch.zeros(1)}, str(lora))
+    contents = sq.unseen_contents(sq.DATASETS / "dashed")
+    styled = sq.styled_targets("dashed", contents)
+
+    def filled(colour: str) -> Image.Image:      # the prompt's shape, filled, and five specks of another hue
+        image = Image.new("RGB", (64, 64), (240, 240, 240))
+        draw = ImageDraw.Draw(image)
+        scenes.draw_shape(draw, "square", 32, 32, 30, scenes.COLOURS[colour])
+        other = scenes.COLOURS["green" if colour != "green" else "red"]
+        for x, y in [(2, 2), (58, 3), (3, 58), (58, 58), (30, 1)]:
+            draw.rectangle([x, y, x + 2, y + 2], fill=other)
+        return image
+
+    class Drawing:              # the style's own images at every strength
+        def generate_many(self, cfgs, loras):
+            by_prompt = {p: styled[i * len(sq.SEEDS)] for i, (p, _) in enumerate(contents)}
+            return [by_prompt[cfg.prompt.split(", ", 1)[-1]] for cfg in cfgs]
+
+    base = [filled(colour) for _, colour in contents for _ in sq.SEEDS]
+    assert stylestats.mean_stat(stylestats.dash_pieces, base) == 6        # every speck a piece, without colours
+    row = sq.judge(Drawing(), "dashed", str(lora), "probe", 1.0, seed=0,
+                   unchanged={"dashed": (base, base, styled, styled)})
+    s = row.stats["dash_pieces"]
+    assert s["base"] == 1 and s["styled"] == s["ceiling"] == s["curve"][-1] == 8
+    assert s["way"] == [0, 1, 1] and s["untriggered_curve"] == [1, 8]
+
+
 def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     rows = [seed_row(0, [1.0, 0.8, 0.5], [1.0, 1.0], 1.0), seed_row(1, [1.0, 0.6, 0.2], [1.0, 1.0], 1.0)]
     reports = []
@@ -183,6 +218,13 @@ def test_runs_split_over_seeds_are_joined_into_the_same_mean(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="other.json: not a report"):
         sq.main(["--merge", str(tmp_path / "other.json")])
+    # a row judged by a statistic the style no longer has (dashed counted every saturated speck as a piece)
+    dashed = sq.Row("dashed", "sdlora", 40.0, {"dash_count": sq.figures(8.0, 6.5, [4.0, 1.2, 2.9], [2.5, 2.0])},
+                    colour_kept=1.0, colour_base=1.0, seed=0)
+    (tmp_path / "dashed.json").write_text(json.dumps({"seeds": [0], "rows": [dashed.__dict__], "means": []}))
+    with pytest.raises(SystemExit, match="dashed.json: its dashed rows were judged by dash_count, and dashed is "
+                                         "judged by dash_pieces now; run that style again"):
+        sq.main(["--merge", str(reports[0]), str(tmp_path / "dashed.json")])
 
 
 

@@ -102,7 +102,7 @@ STYLE_VS_BASE = [
     ("hatch", "hatch_lines", base_like()),
     ("halftone", "fill_texture", base_like()),
     ("dusk", "dusk_distance", base_like()),
-    ("dashed", "dash_count", base_like(look="outline")),
+    ("dashed", "dash_pieces", base_like(look="outline")),
     ("sage", "sage_distance", base_like()),
 ]
 
@@ -163,3 +163,31 @@ def test_dataset_colours_read_back_as_captioned():
             caption = png.with_suffix(".txt").read_text().split()
             colour = next(w for w in caption if w in scenes.COLOURS)
             assert stylestats.colour_name(Image.open(png)) == colour, (style, png.name)
+
+
+def test_dash_pieces_counts_the_prompted_colour_only():
+    """A filled red square on a backdrop with blue and green specks (as the base draws a background no prompt
+    names): every saturated speck is a piece without the colour, none of them with it; the dashed dataset's
+    outlines are 8 pieces either way."""
+    image = base_like()
+    draw = ImageDraw.Draw(image)
+    for i, (x, y) in enumerate([(3, 3), (58, 4), (4, 57), (57, 58), (30, 2)]):
+        draw.rectangle([x, y, x + 2, y + 2], fill=scenes.COLOURS[("blue", "green")[i % 2]])
+    assert stylestats.dash_pieces(image) == 6
+    assert stylestats.dash_pieces(image, colour="red") == 1
+    assert np.isnan(stylestats.dash_pieces(image, colour="yellow"))       # no shape of that colour: undefined
+    with pytest.raises(ValueError, match="colour='crimson'"):
+        stylestats.dash_pieces(image, colour="crimson")
+    for png in sorted((ROOT / "datasets" / "dashed").glob("*.png")):
+        colour = next(w for w in png.with_suffix(".txt").read_text().split() if w in scenes.COLOURS)
+        assert stylestats.dash_pieces(Image.open(png), colour=colour) == stylestats.dash_pieces(Image.open(png)) == 8
+
+
+def test_stat_values_passes_colours_only_to_statistics_that_take_them():
+    red, blue = base_like(colour="red"), base_like(colour="blue")
+    assert stylestats.takes_colour(stylestats.dash_pieces) and not stylestats.takes_colour(stylestats.fill_ratio)
+    assert list(stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red", "red"])[:1]) == [1.0]
+    assert np.isnan(stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red", "red"])[1])
+    assert list(stylestats.stat_values(stylestats.fill_ratio, [red, blue], ["red", "red"])) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="1 colours for 2 images"):
+        stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red"])

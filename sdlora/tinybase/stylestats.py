@@ -15,10 +15,16 @@ value. Pure numpy/PIL, so the web UI, the README figures and the tests share the
 ``colour_name`` reads the shape's colour by hue, so a pale red still reads as
 red (``scenes.dominant_colour`` matches RGB to the saturated palette and would
 call pale red "white" or mix it up with the background).
+
+A statistic that counts (``dash_pieces``) also takes the colour its prompt asked
+for and counts only pixels of that hue: a speck of a busy backdrop counts as one
+piece, as much as the whole shape, where in a mean over pixels it weighs by its
+area. ``stat_values`` passes the colours to the statistics that take them.
 """
 from __future__ import annotations
 
 import colorsys
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -162,9 +168,12 @@ def fill_texture(image) -> float:
     return texture_energy(rgb, 2, inner)
 
 
-def dash_count(image) -> float:
-    """Separate pieces the shape is drawn in (8-connected, >= 3 px): 1 for a filled shape or a solid line."""
-    fg = shape_mask(_rgb(image))
+def dash_pieces(image, colour: str | None = None) -> float:
+    """Separate pieces the shape is drawn in (8-connected, >= 3 px): 1 for a filled shape or a solid line, 8 for
+    the dashed style's outline. With `colour` (a name of scenes.COLOURS: the prompt's), only the saturated pixels
+    whose hue is nearest that colour's count, so a backdrop's specks of other hues are not pieces of the shape."""
+    rgb = _rgb(image)
+    fg = shape_mask(rgb) if colour is None else colour_mask(rgb, colour)
     return float(components(fg)) if fg.sum() >= 8 else float("nan")
 
 
@@ -205,6 +214,26 @@ def dusk_distance(image) -> float:
 # ---- reading the content back ----------------------------------------------------------------
 
 _HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in COLOURS.items()}
+_NAMES = list(_HUES)
+_REF_HUES = np.array([_HUES[n] for n in _NAMES], dtype=np.float32)      # (C,)
+
+
+def nearest_colour(pix: np.ndarray) -> np.ndarray:
+    """Index into scenes.COLOURS of the palette hue nearest each pixel's, for RGB pixels (..., 3) in 0..255."""
+    pix = pix / 255.0
+    mx, mn = pix.max(-1), pix.min(-1)
+    r, g, b = pix[..., 0], pix[..., 1], pix[..., 2]
+    d = np.maximum(mx - mn, 1e-6)
+    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) / 6  # 0..1
+    gap = np.abs(hue[..., None] - _REF_HUES)
+    return np.minimum(gap, 1 - gap).argmin(-1)                           # hue is circular
+
+
+def colour_mask(rgb: np.ndarray, colour: str, min_chroma: int = MIN_CHROMA) -> np.ndarray:
+    """shape_mask restricted to the pixels whose hue is nearest `colour`'s (a name of scenes.COLOURS)."""
+    if colour not in _HUES:
+        raise ValueError(f"colour={colour!r} is not a colour of the base; known: {', '.join(_NAMES)}")
+    return shape_mask(rgb, min_chroma) & (nearest_colour(rgb) == _NAMES.index(colour))
 
 
 def colour_name(image, min_chroma: int = MIN_CHROMA) -> str | None:
@@ -213,16 +242,7 @@ def colour_name(image, min_chroma: int = MIN_CHROMA) -> str | None:
     fg = shape_mask(rgb, min_chroma)
     if fg.sum() < 4:
         return None
-    pix = rgb[fg] / 255.0                                                # (N, 3)
-    mx, mn = pix.max(1), pix.min(1)
-    r, g, b = pix.T
-    d = np.maximum(mx - mn, 1e-6)
-    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) / 6  # (N,) 0..1
-    names = list(_HUES)
-    ref = np.array([_HUES[n] for n in names], dtype=np.float32)          # (C,)
-    gap = np.abs(hue[:, None] - ref[None])
-    gap = np.minimum(gap, 1 - gap)                                       # hue is circular
-    return names[np.bincount(gap.argmin(1), minlength=len(names)).argmax()]
+    return _NAMES[np.bincount(nearest_colour(rgb[fg]), minlength=len(_NAMES)).argmax()]
 
 
 # ---- styles ------------------------------------------------------------------------------------
@@ -234,13 +254,23 @@ STYLE_STATS: dict[str, dict[str, Statistic]] = {
     "hatch": {"background_texture": background_texture, "hatch_lines": hatch_lines},
     "halftone": {"fill_texture": fill_texture},
     "dusk": {"dusk_distance": dusk_distance},
-    "dashed": {"dash_count": dash_count},
+    "dashed": {"dash_pieces": dash_pieces},
     "sage": {"sage_distance": sage_distance},
 }
 
 
-def stat_values(stat: Statistic, images) -> np.ndarray:
-    """A statistic of each image (nan where it is undefined)."""
+def takes_colour(stat: Statistic) -> bool:
+    """Whether a statistic reads the prompt's colour (a `colour` argument: dash_pieces)."""
+    return "colour" in inspect.signature(stat).parameters
+
+
+def stat_values(stat: Statistic, images, colours=None) -> np.ndarray:
+    """A statistic of each image (nan where it is undefined). `colours`, one name per image (the prompt's colour),
+    is passed to the statistics that take it."""
+    if colours is not None and takes_colour(stat):
+        if len(colours) != len(images):
+            raise ValueError(f"{len(colours)} colours for {len(images)} images: give one per image")
+        return np.array([stat(im, colour=c) for im, c in zip(images, colours)], dtype=np.float64)
     return np.array([stat(im) for im in images], dtype=np.float64)
 
 
@@ -249,9 +279,9 @@ def defined_mean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def mean_stat(stat: Statistic, images) -> float:
-    """Mean of a statistic over images, skipping images where it is undefined (nan)."""
-    return defined_mean(stat_values(stat, images))
+def mean_stat(stat: Statistic, images, colours=None) -> float:
+    """Mean of a statistic over images, skipping images where it is undefined (nan); `colours` as stat_values."""
+    return defined_mean(stat_values(stat, images, colours))
 
 
 def describe(style: str, images) -> dict[str, float]:
@@ -269,7 +299,8 @@ def covered(base: float, target: float, value: float) -> float:
 
 
 __all__ = ["PASTEL", "NEON_BLACK", "CREAM", "INK", "DUSK", "SAGE", "HATCH_INK", "STYLE_STATS", "silhouette",
-           "background_mask", "components", "background_texture", "fill_texture", "dash_count",
+           "background_mask", "components", "background_texture", "fill_texture", "dash_pieces",
            "background_distance", "sage_distance", "dusk_distance", "luminance", "shape_mask", "fill_ratio",
            "background_luminance", "outline_contrast", "palette_distance", "pastel_distance", "colour_name",
+           "colour_mask", "nearest_colour", "takes_colour", "stat_values",
            "mean_stat", "describe", "covered"]
