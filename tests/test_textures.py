@@ -186,8 +186,8 @@ def test_dash_pieces_counts_the_prompted_colour_only():
 def test_stat_values_passes_colours_only_to_statistics_that_take_them():
     red, blue = base_like(colour="red"), base_like(colour="blue")
     assert stylestats.takes_colour(stylestats.dash_pieces) and not stylestats.takes_colour(stylestats.fill_ratio)
-    assert list(stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red", "red"])[:1]) == [1.0]
-    assert np.isnan(stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red", "red"])[1])
+    pieces = stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red", "red"])
+    assert pieces[0] == 1.0 and np.isnan(pieces[1])                    # the blue square has no red piece
     assert list(stylestats.stat_values(stylestats.fill_ratio, [red, blue], ["red", "red"])) == [1.0, 1.0]
     with pytest.raises(ValueError, match="1 colours for 2 images"):
         stylestats.stat_values(stylestats.dash_pieces, [red, blue], ["red"])
