@@ -186,6 +186,37 @@ def test_tinted_and_backdrop_scenes_are_named_drawn_and_judged():
     assert "pale" in made_up_word_parts(tok) and "pale" not in made_up_word_parts(tok, tints=True)
 
 
+def test_stripe_words_name_the_angle_and_width_the_stripes_are_drawn_at():
+    """With stripe_words a striped background's caption names its stripes' angle and width, the stripes run at
+    that angle (their contrast across is largest there), and the words are caption words: trained, never a
+    made-up word. Without it no angle is named or fixed."""
+    import random
+
+    from sdlora.bases.load import load_tokenizer
+    from sdlora.tinybase import textures
+    from sdlora.tinybase.words import caption_token_ids, made_up_word_parts
+    rng = random.Random(6)
+    named = [s for s in (scenes.random_scene(rng, texture_p=1.0, stripe_words=True) for _ in range(120))
+             if s.texture == "striped"]
+    assert {s.texture_angle for s in named} == set(scenes.STRIPE_ANGLES)
+    assert {s.texture_scale for s in named} == set(scenes.STRIPE_WIDTHS)
+    for s in named[:24]:
+        words = f"{scenes.STRIPE_WIDTHS[s.texture_scale]}{scenes.STRIPE_ANGLES[s.texture_angle]} striped"
+        assert f" on a {words} {s.background} background" in s.caption(), s.caption()
+        img = scenes.render(s)
+        contrast = {a: textures.line_contrast(img, a) for a in scenes.STRIPE_ANGLES}
+        assert max(contrast, key=contrast.get) == s.texture_angle, (s, contrast)
+        assert contrast[s.texture_angle] > 2, (s, contrast)          # a flat background reads 0
+    plain = [s for s in (scenes.random_scene(random.Random(6), texture_p=1.0) for _ in range(40)) if s.texture]
+    assert all(s.texture_angle is None for s in plain)
+    assert not any(w in s.caption() for s in plain for w in scenes.STRIPE_ANGLES.values())
+    tok = load_tokenizer()
+    stripe = tok("diagonal slanted vertical wide fine", add_special_tokens=False).input_ids
+    assert set(stripe) <= set(caption_token_ids(tok, stripes=True).tolist())
+    assert not set(stripe) & set(caption_token_ids(tok).tolist())
+    assert "wide" in made_up_word_parts(tok) and "wide" not in made_up_word_parts(tok, stripes=True)
+
+
 def test_made_up_words_in_front_mean_the_scene_size():
     """A word in front of a build caption is one whose fixed embedding leans to the scene's size;
     the three sizes each take about a third of all made-up words."""

@@ -131,7 +131,9 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         f"- sizes: {', '.join(scenes.SIZES)} (optional)",
         f"- positions: {', '.join(scenes.POSITIONS)} (optional)",
         f"- backgrounds: {', '.join(scenes.BACKGROUNDS)}, or two of them (`white and black`) (optional)",
-        f"- background textures: {', '.join(scenes.TEXTURES)} (optional; {cfg.texture_p:.0%} of the scenes)",
+        f"- background textures: {', '.join(scenes.TEXTURES)} (optional; {cfg.texture_p:.0%} of the scenes)"
+        + (f"; stripes with their angle ({', '.join(scenes.STRIPE_ANGLES.values())}) and width (fine, wide, or "
+           "neither) before them: `a wide diagonal striped white background`" if cfg.stripe_words else ""),
         f"- held out of training (never drawn together): {pairs}", "",
         "## How it was trained", "",
         "- noise schedule as SD: scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction",

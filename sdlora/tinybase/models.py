@@ -86,6 +86,12 @@ class BuildConfig:
     texture_p: float = 0.25             # share of scenes with a striped, dotted or speckled background
     texture_shades: tuple[float, float] = (0.55, 0.55)   # a texture's ink, as scenes.Scene.texture_shade: one
                                         # value, or a range each textured scene draws from
+    # Name a striped background's angle and width in its caption ("a wide diagonal striped white background",
+    # scenes.STRIPE_ANGLES / STRIPE_WIDTHS). Without names a striped scene's angle is one of four at random, so
+    # the U-Net learns "striped" as all of them at once: the base built without names draws "... on a striped
+    # white background" as a faint criss-cross, its lines' contrast in any direction at most 3.4 on 8 images
+    # (textures.line_contrast; drawn stripes read 60-70), and hatch's LoRAs drew the same criss-cross.
+    stripe_words: bool = False
     vae_texture_images: int = 4000
     texture_weight: float = 1.0
     vae_steps: int = 2000

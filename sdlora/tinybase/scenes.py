@@ -43,6 +43,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # A background's texture word and its pattern (sdlora.tinybase.textures), drawn in a shade of the background.
 TEXTURES: dict[str, str] = {"striped": "hatch", "dotted": "dots", "speckled": "grain"}
+STRIPE_ANGLES: dict[float, str] = {0.0: "vertical", 45.0: "diagonal", 90.0: "horizontal", 135.0: "slanted"}   # as textures.hatch draws them
+STRIPE_WIDTHS: dict[float, str] = {3.0: "fine ", 4.0: "", 6.0: "wide "}
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES: dict[str, int] = {"small": 16, "medium": 24, "large": 34}   # bounding-box side, px
 POSITIONS: dict[str, tuple[float, float]] = {                       # centre as a fraction of the image
@@ -79,6 +81,7 @@ class Scene:
     texture: str = ""             # "", or a TEXTURES word: the background is striped, dotted or speckled
     texture_scale: float = 4.0    # px: the texture's period or grain size
     texture_seed: int = 0
+    texture_angle: float | None = None   # stripes: their angle, named in the caption with their width (None: any)
     texture_shade: float = 0.55   # the texture's ink: the background's colour x this on light parts, that far
                                   # from white on dark ones
     tint: str = ""                # "", or a TINTS word: the shape's colour made paler or darker by tint_amount
@@ -101,6 +104,8 @@ class Scene:
         size = f"{self.size} " if with_size else ""
         where = f" {self.position}" if with_position else ""
         textured = f"{self.texture} " if self.texture else ""
+        if self.texture_angle is not None:
+            textured = f"{STRIPE_WIDTHS[self.texture_scale]}{STRIPE_ANGLES[self.texture_angle]} " + textured
         back = f" on a {textured}{self.background} background" if with_background and self.backdrop is None else ""
         look = " outline" if with_look and self.look == "outline" else ""
         tint = f"{self.tint} " if self.tint else ""
@@ -176,8 +181,12 @@ def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Imag
     part's colour (darker on light backgrounds, lighter on dark ones)."""
     from sdlora.tinybase import textures
     small = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32)
-    cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
-                             random.Random(scene.texture_seed))
+    if scene.texture_angle is not None:
+        cover = textures.hatch(size, scene.texture_scale * size / IMAGE_SIZE, angle=scene.texture_angle,
+                               phase=random.Random(scene.texture_seed).random())
+    else:
+        cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
+                                 random.Random(scene.texture_seed))
     light = small.mean(-1, keepdims=True) > 100
     k = scene.texture_shade
     shade = np.where(light, small * k, small + (1 - k) * (255 - small))
@@ -188,7 +197,7 @@ def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Imag
 def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: float = 0.0,
                  texture_p: float = 0.0, texture_shades: tuple[float, float] = (0.55, 0.55),
                  outline_widths: tuple[float, float] = (2.0, 4.0), tint_p: float = 0.0,
-                 backdrop_p: float = 0.0) -> Scene:
+                 backdrop_p: float = 0.0, stripe_words: bool = False) -> Scene:
     """A random training scene; held-out colour-shape pairs are redrawn unless allowed. With
     probability `outline_p` the shape is an outline `outline_widths` px wide, with `texture_p` the background
     is textured, its ink's shade drawn from `texture_shades`, with `tint_p` the shape's colour is pale or dark
@@ -214,6 +223,8 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
                         texture_seed=rng.getrandbits(31))
         if texture_shades[0] != texture_shades[1]:
             scene = replace(scene, texture_shade=rng.uniform(*texture_shades))
+        if stripe_words and scene.texture == "striped":
+            scene = replace(scene, texture_angle=rng.choice(list(STRIPE_ANGLES)))
     if tint_p and rng.random() < tint_p:
         tint = rng.choice(list(TINTS))
         scene = replace(scene, tint=tint, tint_amount=rng.uniform(*TINTS[tint]))

@@ -14,26 +14,28 @@ from sdlora.tinybase import scenes
 from sdlora.tinybase.models import CLIP_VOCAB, BuildConfig
 
 
-def caption_words(outlines: bool = True, tints: bool = False) -> set[str]:
+def caption_words(outlines: bool = True, tints: bool = False, stripes: bool = False) -> set[str]:
     """Every word of the scenes' captions ('outline' only when the build draws outlines, 'pale' and 'dark' when it
-    tints)."""
+    tints, the stripes' angles and widths when it names them)."""
     return {w for phrase in [*scenes.COLOURS, *scenes.SHAPES, *scenes.SIZES, *scenes.POSITIONS,
                              *scenes.BACKGROUNDS, *scenes.TEXTURES, "a on background and", "outline" * outlines,
-                             *(scenes.TINTS if tints else ())]
+                             *(scenes.TINTS if tints else ()),
+                             *([*scenes.STRIPE_ANGLES.values(), *scenes.STRIPE_WIDTHS.values()] if stripes else ())]
             for w in phrase.split()}
 
 
-def made_up_word_parts(tokenizer: CLIPTokenizer, outlines: bool = True, tints: bool = False) -> list[str]:
+def made_up_word_parts(tokenizer: CLIPTokenizer, outlines: bool = True, tints: bool = False,
+                       stripes: bool = False) -> list[str]:
     """Whole-word vocabulary entries (3-8 ascii letters) that are not words of the scenes' captions."""
-    scene_words = caption_words(outlines, tints)
+    scene_words = caption_words(outlines, tints, stripes)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return [t[:-4] for t, _ in vocab if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha()
             and 3 <= len(t) - 4 <= 8 and t[:-4] not in scene_words]
 
 
-def caption_token_ids(tokenizer: CLIPTokenizer, tints: bool = False) -> torch.Tensor:
+def caption_token_ids(tokenizer: CLIPTokenizer, tints: bool = False, stripes: bool = False) -> torch.Tensor:
     """Ids of every token the scenes' captions use (and the special tokens)."""
-    ids = {i for w in [*caption_words(tints=tints), ","] for i in tokenizer(w).input_ids}
+    ids = {i for w in [*caption_words(tints=tints, stripes=stripes), ","] for i in tokenizer(w).input_ids}
     return torch.tensor(sorted(ids))
 
 
@@ -76,13 +78,15 @@ def make_dataset(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> tuple[torch.Tens
     """Images (N, 3, 64, 64) in [-1, 1] and token ids (N, 4 + free_captions, 77): caption variants per scene."""
     rng = random.Random(cfg.seed)
     caption_rng = random.Random(cfg.seed + 6)      # its own stream: free_captions=0 draws the same scenes as before
-    parts = made_up_word_parts(tokenizer, outlines=cfg.outline_p > 0, tints=cfg.tint_p > 0) if cfg.free_captions else []
+    parts = made_up_word_parts(tokenizer, outlines=cfg.outline_p > 0, tints=cfg.tint_p > 0,
+                               stripes=cfg.stripe_words) if cfg.free_captions else []
     meaning = WordMeaning(cfg, tokenizer) if cfg.prefix_meaning else None
     images, captions = [], []
     for _ in range(cfg.n_images):
         scene = scenes.random_scene(rng, outline_p=cfg.outline_p, texture_p=cfg.texture_p,
                                     texture_shades=tuple(cfg.texture_shades), outline_widths=tuple(cfg.outline_widths),
-                                    tint_p=cfg.tint_p, backdrop_p=cfg.backdrop_p)
+                                    tint_p=cfg.tint_p, backdrop_p=cfg.backdrop_p,
+                                    stripe_words=cfg.stripe_words)
         images.append(np.asarray(scenes.render(scene)))
         captions += [scene.caption(s, p) for s in (True, False) for p in (True, False)]
         captions += [free_caption(scene, caption_rng, parts, cfg, meaning) for _ in range(cfg.free_captions)]
@@ -140,7 +144,7 @@ def fix_free_words(cfg: BuildConfig, text_encoder: CLIPTextModel, tokenizer: CLI
     table, _ = free_word_embeddings(cfg, tokenizer)
     weight = text_encoder.get_input_embeddings().weight
     free = torch.ones(len(weight), dtype=torch.bool)
-    free[caption_token_ids(tokenizer, tints=cfg.tint_p > 0)] = False
+    free[caption_token_ids(tokenizer, tints=cfg.tint_p > 0, stripes=cfg.stripe_words)] = False
     with torch.no_grad():
         weight[free] = table[free]
     weight.register_hook(lambda grad: grad.masked_fill(free[:, None], 0.0))
