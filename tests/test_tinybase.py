@@ -191,6 +191,7 @@ def test_stripe_words_name_the_angle_and_width_the_stripes_are_drawn_at():
     that angle (their contrast across is largest there), and the words are caption words: trained, never a
     made-up word. Without it no angle is named or fixed."""
     import random
+    from dataclasses import replace
 
     from sdlora.bases.load import load_tokenizer
     from sdlora.tinybase import textures
@@ -207,9 +208,12 @@ def test_stripe_words_name_the_angle_and_width_the_stripes_are_drawn_at():
         contrast = {a: textures.line_contrast(img, a) for a in scenes.STRIPE_ANGLES}
         assert max(contrast, key=contrast.get) == s.texture_angle, (s, contrast)
         assert contrast[s.texture_angle] > 2, (s, contrast)          # a flat background reads 0
-    plain = [s for s in (scenes.random_scene(random.Random(6), texture_p=1.0) for _ in range(40)) if s.texture]
-    assert all(s.texture_angle is None for s in plain)
+    rng = random.Random(6)             # without names: the same scenes and pictures, no angle named
+    plain = [s for s in (scenes.random_scene(rng, texture_p=1.0) for _ in range(120)) if s.texture == "striped"]
+    assert [replace(s, texture_angle=None) for s in named] == plain
     assert not any(w in s.caption() for s in plain for w in scenes.STRIPE_ANGLES.values())
+    for s, p in zip(named[:8], plain):
+        assert np.array_equal(np.asarray(scenes.render(s)), np.asarray(scenes.render(p)))
     tok = load_tokenizer()
     stripe = tok("diagonal slanted vertical wide fine", add_special_tokens=False).input_ids
     assert set(stripe) <= set(caption_token_ids(tok, stripes=True).tolist())

@@ -81,7 +81,8 @@ class Scene:
     texture: str = ""             # "", or a TEXTURES word: the background is striped, dotted or speckled
     texture_scale: float = 4.0    # px: the texture's period or grain size
     texture_seed: int = 0
-    texture_angle: float | None = None   # stripes: their angle, named in the caption with their width (None: any)
+    texture_angle: float | None = None   # stripes: the angle their texture_seed draws them at, named in the
+                                         # caption with their width (None: not named)
     texture_shade: float = 0.55   # the texture's ink: the background's colour x this on light parts, that far
                                   # from white on dark ones
     tint: str = ""                # "", or a TINTS word: the shape's colour made paler or darker by tint_amount
@@ -181,12 +182,8 @@ def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Imag
     part's colour (darker on light backgrounds, lighter on dark ones)."""
     from sdlora.tinybase import textures
     small = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32)
-    if scene.texture_angle is not None:
-        cover = textures.hatch(size, scene.texture_scale * size / IMAGE_SIZE, angle=scene.texture_angle,
-                               phase=random.Random(scene.texture_seed).random())
-    else:
-        cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
-                                 random.Random(scene.texture_seed))
+    cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
+                             random.Random(scene.texture_seed))
     light = small.mean(-1, keepdims=True) > 100
     k = scene.texture_shade
     shade = np.where(light, small * k, small + (1 - k) * (255 - small))
@@ -223,8 +220,9 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
                         texture_seed=rng.getrandbits(31))
         if texture_shades[0] != texture_shades[1]:
             scene = replace(scene, texture_shade=rng.uniform(*texture_shades))
-        if stripe_words and scene.texture == "striped":
-            scene = replace(scene, texture_angle=rng.choice(list(STRIPE_ANGLES)))
+        if stripe_words and scene.texture == "striped":     # the angle the texture's own seed draws: the same
+            from sdlora.tinybase import textures                # pictures as a build without names
+            scene = replace(scene, texture_angle=textures.hatch_angle(random.Random(scene.texture_seed)))
     if tint_p and rng.random() < tint_p:
         tint = rng.choice(list(TINTS))
         scene = replace(scene, tint=tint, tint_amount=rng.uniform(*TINTS[tint]))

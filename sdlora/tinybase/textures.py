@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 SS = 4                               # supersampling factor, as scenes.SUPERSAMPLE
 KINDS = ("hatch", "dots", "grain", "strokes")
+HATCH_ANGLES = (0.0, 45.0, 90.0, 135.0)   # degrees: the angles `pattern` draws hatching at (0 vertical)
 SCALES = (2, 3, 4, 6, 8)             # px: a pattern's period (hatch, dots), grain size or stroke width x 2
 
 
@@ -67,10 +68,15 @@ def strokes(size: int, scale: float, rng: random.Random, density: float = 1.0) -
     return _box(big, size)
 
 
+def hatch_angle(rng: random.Random) -> float:
+    """The angle `pattern` draws hatching at with a fresh `rng` in this state (it draws the angle first)."""
+    return rng.choice(HATCH_ANGLES)
+
+
 def pattern(kind: str, size: int, scale: float, rng: random.Random) -> np.ndarray:
     """A coverage map (size, size) in 0..1 of `kind` at `scale` px, with a random angle or phase."""
     if kind == "hatch":
-        return hatch(size, scale, angle=rng.choice((0.0, 45.0, 90.0, 135.0)), phase=rng.random())
+        return hatch(size, scale, angle=rng.choice(HATCH_ANGLES), phase=rng.random())
     if kind == "dots":
         return dots(size, scale, phase=(rng.random(), rng.random()))
     if kind == "grain":
@@ -175,5 +181,5 @@ def line_contrast(image, angle: float, step: int = 2, mask: np.ndarray | None = 
     return c_across - c_along if min(n, m) >= 16 else float("nan")
 
 
-__all__ = ["KINDS", "SCALES", "hatch", "dots", "grain", "strokes", "pattern", "ink", "random_texture_image",
+__all__ = ["KINDS", "SCALES", "HATCH_ANGLES", "hatch_angle", "hatch", "dots", "grain", "strokes", "pattern", "ink", "random_texture_image",
            "local_mean", "texture_energy", "line_contrast"]
