@@ -90,7 +90,9 @@ class BuildConfig:
     # scenes.STRIPE_ANGLES / STRIPE_WIDTHS). Without names a striped scene's angle is one of four at random, so
     # the U-Net learns "striped" as all of them at once: the base built without names draws "... on a striped
     # white background" as a faint criss-cross, its lines' contrast in any direction at most 3.4 on 8 images
-    # (textures.line_contrast; drawn stripes read 60-70), and hatch's LoRAs drew the same criss-cross.
+    # (textures.line_contrast; drawn stripes read 60-70), and hatch's LoRAs drew the same criss-cross. A base built
+    # with names met every bar of bench/style_quality.py on 1 of the 7 styles (hatch's lines 17%, the prompt's
+    # colour kept in 28-78% of images; README, Learning quality), so the built-in base is built without them.
     stripe_words: bool = False
     vae_texture_images: int = 4000
     texture_weight: float = 1.0
