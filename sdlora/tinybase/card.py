@@ -51,7 +51,7 @@ def evaluate(pipe: StableDiffusionPipeline, steps: int = 20, guidance: float = 5
 LOOK_WORDS = ("outline", *scenes.TEXTURES)
 WORD_PAIRS = (("red", "circle"), ("yellow", "triangle"), ("green", "square"), ("blue", "star"),
               ("purple", "circle"), ("cyan", "square"))        # none of them held out
-TEXTURE_SCALES = (3.0, 4.0, 6.0)                              # the build draws a texture word at one of these
+TEXTURE_SCALES = scenes.TEXTURE_SCALES                        # the build draws a texture word at one of these
 
 
 def _look(scene: scenes.Scene, word: str, scale: float = 4.0) -> scenes.Scene:

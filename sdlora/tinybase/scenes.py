@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdlora.tinybase import textures
+
 IMAGE_SIZE = 64        # px; the VAE maps 64x64x3 to 16x16x4 latents
 SUPERSAMPLE = 4        # draw at 4x and downsample, for anti-aliased edges
 
@@ -43,8 +45,11 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # A background's texture word and its pattern (sdlora.tinybase.textures), drawn in a shade of the background.
 TEXTURES: dict[str, str] = {"striped": "hatch", "dotted": "dots", "speckled": "grain"}
-STRIPE_ANGLES: dict[float, str] = {0.0: "vertical", 45.0: "diagonal", 90.0: "horizontal", 135.0: "slanted"}   # as textures.hatch draws them
-STRIPE_WIDTHS: dict[float, str] = {3.0: "fine ", 4.0: "", 6.0: "wide "}
+TEXTURE_SCALES = (3.0, 4.0, 6.0)          # px: a textured scene's period or grain size is one of these
+# With BuildConfig.stripe_words a striped background's caption names its angle (0 vertical, as textures.hatch draws
+# it) and its width before `striped`: "a wide diagonal striped white background".
+STRIPE_ANGLES: dict[float, str] = dict(zip(textures.HATCH_ANGLES, ("vertical", "diagonal", "horizontal", "slanted")))
+STRIPE_WIDTHS: dict[float, str] = dict(zip(TEXTURE_SCALES, ("fine ", "", "wide ")))
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES: dict[str, int] = {"small": 16, "medium": 24, "large": 34}   # bounding-box side, px
 POSITIONS: dict[str, tuple[float, float]] = {                       # centre as a fraction of the image
@@ -180,7 +185,6 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 def textured_background(img: Image.Image, scene: Scene, size: int) -> Image.Image:
     """The (supersampled) background with the scene's texture laid over it at `size` px, in a shade of each
     part's colour (darker on light backgrounds, lighter on dark ones)."""
-    from sdlora.tinybase import textures
     small = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32)
     cover = textures.pattern(TEXTURES[scene.texture], size, scene.texture_scale * size / IMAGE_SIZE,
                              random.Random(scene.texture_seed))
@@ -216,12 +220,11 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, outline_p: fl
     if outline_p and rng.random() < outline_p:
         scene = replace(scene, look="outline", line=rng.uniform(*outline_widths))
     if texture_p and rng.random() < texture_p:
-        scene = replace(scene, texture=rng.choice(list(TEXTURES)), texture_scale=rng.choice((3.0, 4.0, 6.0)),
+        scene = replace(scene, texture=rng.choice(list(TEXTURES)), texture_scale=rng.choice(TEXTURE_SCALES),
                         texture_seed=rng.getrandbits(31))
         if texture_shades[0] != texture_shades[1]:
             scene = replace(scene, texture_shade=rng.uniform(*texture_shades))
-        if stripe_words and scene.texture == "striped":     # the angle the texture's own seed draws: the same
-            from sdlora.tinybase import textures                # pictures as a build without names
+        if stripe_words and scene.texture == "striped":     # the angle its own seed draws: the same pictures
             scene = replace(scene, texture_angle=textures.hatch_angle(random.Random(scene.texture_seed)))
     if tint_p and rng.random() < tint_p:
         tint = rng.choice(list(TINTS))

@@ -181,5 +181,5 @@ def line_contrast(image, angle: float, step: int = 2, mask: np.ndarray | None = 
     return c_across - c_along if min(n, m) >= 16 else float("nan")
 
 
-__all__ = ["KINDS", "SCALES", "HATCH_ANGLES", "hatch_angle", "hatch", "dots", "grain", "strokes", "pattern", "ink", "random_texture_image",
-           "local_mean", "texture_energy", "line_contrast"]
+__all__ = ["KINDS", "SCALES", "HATCH_ANGLES", "hatch_angle", "hatch", "dots", "grain", "strokes", "pattern", "ink",
+           "random_texture_image", "local_mean", "texture_energy", "line_contrast"]
