@@ -51,10 +51,11 @@ class LoraSpec:
         label="Alpha", low=0.0, low_open=True, optional=True)
     dropout: float = setting(0.0, "dropout on the LoRA branch's input while training", label="LoRA dropout",
                              low=0.0, high=0.99)
-    cross_attention: str = setting("kv", "which cross-attention (attn2) projections to adapt: kv (to_k and to_v: they "
-                                   "read only the prompt, so a LoRA on them changes only what the prompt's words ask "
-                                   "for, and text isolation can keep prompts without the trigger as they were) or "
-                                   "qkvo (to_q, to_k, to_v, to_out.0: more capacity, changes every prompt)",
+    cross_attention: str = setting("qkvo", "which cross-attention (attn2) projections to adapt: qkvo (to_q, to_k, "
+                                   "to_v, to_out.0: they see the image too, so pass isolation keeps prompts without "
+                                   "the trigger as they were) or kv (to_k and to_v: they read only the prompt, so a "
+                                   "LoRA on them changes only what the prompt's words ask for; text isolation holds "
+                                   "them with no extra U-Net pass; less reach)",
                                    label="Cross-attention projections", choices=("qkvo", "kv"))
     self_attention: bool = setting(False, "also adapt the U-Net's self-attention (attn1)",
                                    label="Also adapt self-attention")
@@ -215,16 +216,22 @@ class TrainConfig:
     # pulled toward the frozen base's, with this weight. Without it a style LoRA also restyles
     # prompts that lack the trigger, and guidance subtracts the style from itself.
     trigger_isolation: float = setting(1.0, "keeps prompts without the trigger (and guidance's empty prompt) as "
-                                       "the base draws them; 0 = off, saves a second U-Net pass per step",
+                                       "the base draws them; 0 = off (no second U-Net pass, no isolation pictures)",
                                        label="Trigger isolation", low=0.0)
     isolation: str = setting("auto", "how trigger isolation keeps prompts without the trigger: text (a penalty on what "
                              "the cross-attention key/value adapters do to their words' states: no extra U-Net pass; "
-                             "only for key/value adapters on a frozen text encoder), pass (a second U-Net pass per "
-                             "step on them, against the frozen base's: holds every adapter, doubles a step's cost), "
+                             "only for key/value adapters on a frozen text encoder), pass (a second U-Net pass on them "
+                             "every isolation-every steps, against the frozen base's: holds every adapter; on every "
+                             "step it doubles a step's cost), "
                              "or auto: text where it can hold the adapters, else pass",
                              label="Isolation method", choices=("auto", "text", "pass"))
-    isolation_every: int = setting(1, "pass isolation: run the second pass every N steps (weighted N times)",
+    isolation_every: int = setting(8, "pass isolation: run the second pass every N steps (weighted N times)",
                                    label="Isolation every N steps", low=1)
+    isolation_images: str = setting("base", "pass isolation: the pictures the captions without the trigger are held "
+                                    "on: base (the base's own picture of each caption without the trigger and of "
+                                    "the empty caption, drawn once before training and kept in the run's "
+                                    "isolation_images/) or training (the style's training images)",
+                                    label="Isolation images", choices=("base", "training"))
     # Each step may train on a variant of a caption with words other than the trigger left out (the
     # trigger-less captions of trigger_isolation follow the same variants), so the trigger is the one
     # word every caption of the style shares.

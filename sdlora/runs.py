@@ -105,6 +105,27 @@ def save_checkpoint(run_dir: Path, step: int, adapters: dict[str, torch.Tensor],
     return final
 
 
+def isolation_images_dir(run_dir: Path) -> Path:
+    """Where a run keeps the base's pictures that pass isolation holds the captions without the trigger on."""
+    return run_dir / "isolation_images"
+
+
+def save_latents(path: Path, latents: dict[str, torch.Tensor]) -> None:
+    """Latents as a safetensors file, written atomically."""
+    atomic_write_bytes(path, save({k: v.detach().float().cpu().contiguous() for k, v in latents.items()}))
+
+
+def load_latents(path: Path) -> dict[str, torch.Tensor] | None:
+    """The latents save_latents wrote, or None when the file is missing or cannot be read (they are drawn again)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors.torch import load_file
+        return load_file(path)
+    except Exception:               # a damaged file: the pictures are drawn again, as for a new run
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
@@ -156,6 +177,7 @@ def read_run_config(run_dir: Path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw["data"].setdefault("buckets", False)     # runs started before buckets existed trained on square crops
     train_cfg = dict(raw["train"], steps=raw["steps"])
+    train_cfg.setdefault("isolation_images", "training")   # runs started before the pass held the base's pictures
     return (from_dict(DataConfig, raw["data"]), from_dict(LoraSpec, raw["lora"]), from_dict(TrainConfig, train_cfg))
 
 

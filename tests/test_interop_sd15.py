@@ -51,7 +51,7 @@ def export_random(base, spec: LoraSpec, path, seed=0):
     (LoraSpec(rank=4, alpha=2.5, cross_attention="qkvo"), 64),
     (LoraSpec(rank=4, alpha=2.5, cross_attention="qkvo", self_attention=True), 128),
     (LoraSpec(rank=4, alpha=2.5, cross_attention="qkvo", text_encoder=True), 64 + 48),
-    (LoraSpec(rank=4, alpha=2.5), 32),                              # the default: keys and values
+    (LoraSpec(rank=4, alpha=2.5, cross_attention="kv"), 32),        # keys and values only
 ], ids=["cross-attention", "self-attention", "text-encoder", "keys-values"])
 def test_exported_file_maps_fully_in_every_tool(sd15, tmp_path, spec, expected):
     path = tmp_path / "x.safetensors"

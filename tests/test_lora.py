@@ -18,11 +18,11 @@ def unet_out(base, seed=0):
 
 
 def test_injected_modules_are_exactly_the_targets(tiny_base):
-    kv = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4))      # the default: keys, values
+    kv = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4, cross_attention="kv"))
     assert len(kv["unet"]) == 14 and {n.rsplit("attn2.", 1)[1] for n in kv["unet"]} == {"to_k", "to_v"}
     from sdlora.bases.load import tiny_random_base
     tiny_base = tiny_random_base()
-    adapted = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4, cross_attention="qkvo"))
+    adapted = lora_mod.inject(tiny_base.unet, tiny_base.text_encoder, LoraSpec(rank=4))   # the default: q/k/v/out
     # 7 transformer blocks (2 down, 1 mid, 2 up blocks x 2) x attn2 q/k/v/out.0
     assert len(adapted["unet"]) == 28
     assert all(".attn2." in n for n in adapted["unet"])

@@ -257,6 +257,9 @@ FILE_KINDS = {
     "preview": (lambda p: p.name == "run.preview.png", "rename", "run.preview.png"),
     "sample": (lambda p: p.parent.name == "samples", "write", "samples/step-000002-seed1-0.png"),
     "compat-report": (lambda p: p.name == "compat.json", "write", "compat.json"),
+    "isolation-picture": (lambda p: p.parent.name == "isolation_images" and p.suffix == ".png", "write",
+                          "isolation_images/0000-captioned.png"),
+    "isolation-latents": (lambda p: p.name == "latents.safetensors", "write", "isolation_images/latents.safetensors"),
 }
 
 
@@ -269,6 +272,8 @@ def file_kind(run: Path, p: Path) -> str:
         return {"adapter.safetensors": "checkpoint-adapter", "state.pt": "checkpoint-state"}.get(p.name, "?")
     if rel.startswith("samples/"):
         return "sample"
+    if rel.startswith("isolation_images/"):
+        return "isolation-latents" if p.name == "latents.safetensors" else "isolation-picture"
     return {"config.json": "config", f"{run.name}.safetensors": "lora-write", f"{run.name}.json": "sidecar",
             f"{run.name}.preview.png": "preview", "compat.json": "compat-report"}.get(rel, "?")
 

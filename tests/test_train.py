@@ -172,15 +172,17 @@ def prediction_change(lora, prompts: list[str]) -> float:
     return float((out[1] - out[0]).pow(2).mean())
 
 
-def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(tmp_path, style_dir):
-    """With pass trigger_isolation (all four cross-attention projections adapted) the LoRA changes the prediction for the empty caption (the one guidance
-    subtracts) and for the caption without the trigger much less than without it, and what change is
+@pytest.mark.parametrize("images", ["base", "training"])
+def test_trigger_isolation_keeps_the_empty_and_untriggered_prompts_as_the_base(tmp_path, style_dir, images):
+    """With pass trigger_isolation (all four cross-attention projections adapted; the pass on every step, held on
+    the base's own pictures or on the training images) the LoRA changes the prediction for the empty caption (the
+    one guidance subtracts) and for the caption without the trigger much less than without it, and what change is
     left depends on the trigger."""
     figures = {}
     for weight in (0.0, 4.0):
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=4, cross_attention="qkvo"),
-                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="pass",
-                        run_name=f"iso{weight:g}"))
+                    cfg(tmp_path, steps=30, lr=3e-3, trigger_isolation=weight, isolation="pass", isolation_every=1,
+                        isolation_images=images, run_name=f"iso{weight:g}"))
         figures[weight] = {k: prediction_change(res.lora_path, p) for k, p in ISOLATION_PROMPTS.items()}
     print(figures)
     assert figures[4.0]["empty"] < 0.2 * figures[0.0]["empty"]
@@ -303,16 +305,16 @@ def test_text_isolation_refuses_adapters_it_cannot_hold_and_auto_picks_the_pass_
     from sdlora import ConfigError
     from sdlora.config import isolation_method
     data = DataConfig(folder=str(tmp_path / "not-read"), trigger="zqx")
-    for spec, words in ((LoraSpec(rank=4, text_encoder=True), "text encoder must stay frozen"),
-                        (LoraSpec(rank=4, cross_attention="qkvo"), "attn2.to_q, attn2.to_out.0"),
-                        (LoraSpec(rank=4, self_attention=True), "attn1.to_q"),
-                        (LoraSpec(rank=4, adapter="adalora"), "adapter 'lora'")):
+    for spec, words in ((LoraSpec(rank=4, cross_attention="kv", text_encoder=True), "text encoder must stay frozen"),
+                        (LoraSpec(rank=4), "attn2.to_q, attn2.to_out.0"),            # the default: q/k/v/out
+                        (LoraSpec(rank=4, cross_attention="kv", self_attention=True), "attn1.to_q"),
+                        (LoraSpec(rank=4, cross_attention="kv", adapter="adalora"), "adapter 'lora'")):
         with pytest.raises(ConfigError, match="isolation='text'") as err:
             train(data, spec, cfg(tmp_path, isolation="text"))
         assert words in str(err.value) and "--isolation pass" in str(err.value)
         assert isolation_method(spec, cfg(tmp_path)) == "pass"
-    assert isolation_method(LoraSpec(rank=4), cfg(tmp_path)) == "text"
-    assert isolation_method(LoraSpec(rank=4), cfg(tmp_path, isolation="pass")) == "pass"
+    assert isolation_method(LoraSpec(rank=4, cross_attention="kv"), cfg(tmp_path)) == "text"
+    assert isolation_method(LoraSpec(rank=4, cross_attention="kv"), cfg(tmp_path, isolation="pass")) == "pass"
 
 
 def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(tmp_path, style_dir, monkeypatch):
@@ -332,31 +334,33 @@ def test_pass_isolation_every_n_steps_runs_the_second_pass_on_those_steps_only(t
     assert batches == [(True, 6.0), (False, 6.0), (False, 6.0), (True, 6.0), (False, 6.0), (False, 6.0)]
 
 
+class ToyUNet(torch.nn.Module):
+    """A stand-in U-Net for the objective's arithmetic: a prediction that depends on the latents and the text."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x, t, encoder_hidden_states):
+        from types import SimpleNamespace
+        return SimpleNamespace(sample=self.gain * x + encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1))
+
+
 def test_min_snr_weights_each_example_and_pass_isolation_keeps_its_own_weight():
     """With Min-SNR and pass isolation together, each example's squared error is weighted by its timestep's
     min(SNR, gamma) / SNR, and the untriggered half is added at the isolation weight (2 here), not at Min-SNR's."""
-    from types import SimpleNamespace
-
     from diffusers import DDPMScheduler
 
     from sdlora.training.batches import Cond
     from sdlora.training.objective import Objective
 
-    class Toy(torch.nn.Module):             # a stand-in U-Net: a prediction that depends on the text
-        def __init__(self, gain):
-            super().__init__()
-            self.gain = gain
-
-        def forward(self, x, t, encoder_hidden_states):
-            return SimpleNamespace(sample=self.gain * x + encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1))
-
     sched = DDPMScheduler(num_train_timesteps=1000)
-    toy, frozen = Toy(0.5), Toy(0.4)        # the trained U-Net, and the frozen base it is kept near
+    toy, frozen = ToyUNet(0.5), ToyUNet(0.4)    # the trained U-Net, and the frozen base it is kept near
     lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = Cond(torch.full((3, 77, 8), 0.3))
     plain = Cond(torch.full((3, 77, 8), -0.2))
     objective = Objective(sched, "epsilon", TrainConfig(min_snr_gamma=5.0), torch.float32)
-    got = objective.loss(toy, frozen, lat, cond, torch.Generator().manual_seed(7), lambda: (plain, plain), 2.0)
+    got = objective.loss(toy, frozen, lat, cond, torch.Generator().manual_seed(7), lambda: (plain, plain, None), 2.0)
 
     noisy, t, noise = objective.noisy(lat, torch.Generator().manual_seed(7))
     ac = sched.alphas_cumprod[t]
@@ -368,3 +372,90 @@ def test_min_snr_weights_each_example_and_pass_isolation_keeps_its_own_weight():
     assert float(kept.min()) > 0
     assert got.dim() == 0
     assert float(got) == pytest.approx(float((w * main).mean() + 2.0 * (w * kept).mean()), rel=1e-5)
+
+
+def test_pass_isolation_holds_the_untriggered_captions_on_latents_of_their_own():
+    """When `plain` gives latents (the base's own pictures), the untriggered half is those latents noised at the
+    batch's timesteps with noise drawn after the batch's, and its target the frozen base's prediction there."""
+    from diffusers import DDPMScheduler
+
+    from sdlora.training.batches import Cond
+    from sdlora.training.objective import Objective
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    toy, frozen = ToyUNet(0.5), ToyUNet(0.4)
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pictures = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) + 3.0
+    cond, plain = Cond(torch.full((2, 77, 8), 0.3)), Cond(torch.full((2, 77, 8), -0.2))
+    objective = Objective(sched, "epsilon", TrainConfig(), torch.float32)
+    got = objective.loss(toy, frozen, lat, cond, torch.Generator().manual_seed(7), lambda: (plain, plain, pictures), 2.0)
+    own = objective.loss(toy, frozen, lat, cond, torch.Generator().manual_seed(7), lambda: (plain, plain, None), 2.0)
+
+    g = torch.Generator().manual_seed(7)
+    noisy, t, noise = objective.noisy(lat, g)
+    held = sched.add_noise(pictures, torch.randn(pictures.shape, generator=g), t)
+    main = ((toy(noisy, t, cond.hidden).sample - noise) ** 2).mean()
+    kept = ((toy(held, t, plain.hidden).sample - frozen(held, t, plain.hidden).sample) ** 2).mean()
+    assert float(got) == pytest.approx(float(main + 2.0 * kept), rel=1e-5)
+    assert abs(float(got) - float(own)) > 1e-3 * float(own)         # not the batch's own latents
+
+
+def test_pass_isolation_draws_the_bases_pictures_once_and_a_resumed_run_reads_them_back(tmp_path, style_dir):
+    """The default (q/k/v/out, pass isolation on the base's pictures) draws, before training, the base's picture
+    of each image's caption without the trigger and of the empty caption: PNGs in isolation_images/ that are the
+    images the base itself draws for those prompts and seeds, and the latents a resumed run reads back."""
+    from sdlora import Generator, GenerateConfig
+    from sdlora.data import scan
+
+    class Messages(Callbacks):
+        def __init__(self):
+            self.lines = []
+
+        def on_message(self, text):
+            self.lines.append(text)
+
+    cb, stop = Messages(), threading.Event()
+
+    class Stop(Messages):
+        def on_message(self, text):
+            cb.on_message(text)
+
+        def on_step(self, info):
+            if info.step == 3:
+                stop.set()
+
+    data = DataConfig(folder=str(style_dir), trigger="zqx")
+    part = train(data, LoraSpec(rank=2), cfg(tmp_path, steps=6, run_name="pics"), callbacks=Stop(), cancel=stop)
+    folder = part.run_dir / "isolation_images"
+    items, _ = scan.scan_dataset(style_dir, "zqx", "{trigger}", 64)
+    n = len(items)
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(
+        f"{i:04d}-{kind}.png" for i in range(n) for kind in ("captioned", "empty"))
+    assert sum("drew the base's picture" in line for line in cb.lines) == 1
+    config = json.loads((part.run_dir / "config.json").read_text())
+    captions = [config["captions"][it.path.name] for it in items]
+    prompts = [scan.without_trigger(c, "zqx") for c in captions]
+    assert all(p and "zqx" not in p for p in prompts)
+    # generation's defaults (25 steps, guidance 7.5), each image's index as seed, drawn in one batch
+    cfgs = [GenerateConfig(prompt=p, seed=i, width=64, height=64) for ps in (prompts, [""] * n) for i, p in enumerate(ps)]
+    want = [np.asarray(im, dtype=float) for im in Generator("tiny-random").generate_many(cfgs)]
+    kept = [np.asarray(Image.open(folder / f"{i:04d}-{kind}.png"), dtype=float)
+            for kind in ("captioned", "empty") for i in range(n)]
+    for k, (a, b) in enumerate(zip(kept, want)):
+        assert np.abs(a - b).max() <= 1, k             # the base's picture of that prompt and seed
+        assert np.abs(a - want[(k + 1) % (2 * n)]).mean() > 5, k      # and no other's
+    from sdlora.runs import read_run_config
+    assert read_run_config(part.run_dir)[2].isolation_images == "base"
+    older = tmp_path / "older"                 # a run folder written before the setting existed held the training images
+    older.mkdir()
+    del config["train"]["isolation_images"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert read_run_config(older)[2].isolation_images == "training"
+    latents = load_file(str(folder / "latents.safetensors"))
+    assert len(latents) == 2 * n and latents["captioned.0"].shape == (4, 8, 8)
+    stamp = (folder / "latents.safetensors").stat().st_mtime_ns
+    cb.lines.clear()
+    resumed = train(None, resume=part.run_dir, callbacks=cb)
+    assert resumed.steps_done == 6
+    assert not any("drew the base's picture" in line for line in cb.lines)
+    assert (folder / "latents.safetensors").stat().st_mtime_ns == stamp

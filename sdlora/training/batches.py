@@ -216,6 +216,14 @@ def _empty_ids(ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return (first[:, 1] == tokenizer.eos_token_id).cpu()
 
 
+@dataclass
+class BasePictures:
+    """The frozen base's own picture of each training image's caption without the trigger, and of the empty
+    caption, as latents (4, h, w) at that image's bucket: what pass isolation holds those captions on."""
+    captioned: list[torch.Tensor]
+    empty: list[torch.Tensor]
+
+
 class Untriggered:
     """Each training caption without the trigger, then the empty caption: the prompts trigger isolation keeps
     as the frozen base draws them."""
@@ -227,19 +235,27 @@ class Untriggered:
         if self.embeds is not None:
             self.embeds = batches.zero_empty(self.embeds, self.ids)
 
-    def pick(self, g: torch.Generator, idx: torch.Tensor) -> tuple[Cond, Cond]:
-        """(text conditioning through the LoRA, that of the frozen base) of each batch caption without the
-        trigger, or of the empty caption for half of them (at random)."""
+    def pick(self, g: torch.Generator, idx: torch.Tensor,
+             pictures: BasePictures | None = None) -> tuple[Cond, Cond, torch.Tensor | None]:
+        """(text conditioning through the LoRA, that of the frozen base, the latents to hold them on) of each
+        batch caption without the trigger, or of the empty caption for half of them (at random). The latents
+        are the base's own pictures of those captions (`pictures`), or None: the batch's training images."""
         empty = torch.rand(len(idx), generator=g) < 0.5
         pick = torch.where(empty, torch.full_like(idx, len(self.ids) - 1), idx)
+        lat = None
+        if pictures is not None:
+            variants = (len(self.ids) - 1) // len(pictures.captioned)
+            image = (idx // variants).tolist()
+            lat = torch.stack([pictures.empty[i] if e else pictures.captioned[i]
+                               for i, e in zip(image, empty.tolist())]).to(self.b.device)
         if self.embeds is not None:                       # frozen text encoder: the base's embeddings
             enc = self.embeds.rows(pick).to(self.b.device)
-            return enc, enc
+            return enc, enc, lat
         # the base's pass first: turning adapters off and on again flips the LoRA's requires_grad,
         # which must not happen to weights already in this step's graph
         with torch.no_grad(), adapters.adapters_off(*self.b.base.text_encoders.values()):
             frozen = self.b.embed(pick, self.ids, None)
-        return self.b.embed(pick, self.ids, None), frozen
+        return self.b.embed(pick, self.ids, None), frozen, lat
 
     def drop_captions(self, g: torch.Generator, cond: Cond, p: float) -> Cond:
         """`cond` with each example's caption replaced by the empty caption's conditioning with probability p
@@ -251,4 +267,4 @@ class Untriggered:
         return cond.where(drop, self.b.embed(empty, self.ids, self.embeds))
 
 
-__all__ = ["Batches", "Cached", "Cond", "Untriggered", "TrainingError", "size_ids"]
+__all__ = ["BasePictures", "Batches", "Cached", "Cond", "Untriggered", "TrainingError", "size_ids"]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from sdlora import runs
 from sdlora.bases.load import Base, load_base, load_vae, native_geometry
@@ -25,7 +26,7 @@ from sdlora.config import (ConfigError, DataConfig, GenerateConfig, LoraSpec, Tr
 from sdlora.data import captions as captioning
 from sdlora.data import scan as dataset
 from sdlora.training import adapters, calibrate, hardware
-from sdlora.training.batches import Batches, TrainingError, Untriggered
+from sdlora.training.batches import BasePictures, Batches, TrainingError, Untriggered
 from sdlora.training.events import Callbacks, StepInfo, TrainResult
 from sdlora.training.objective import TEXT_ISOLATION_SCALE, KeyValueIsolation, Objective
 from sdlora.training.plan import Plan, plan, resolve
@@ -100,6 +101,9 @@ class _Trainer:
                                            [f.bucket for f in self.plan.fits], [it.size for it in self.plan.items])
         self.untriggered = Untriggered(self.batches, self.captions, self.data.trigger)
         self.prior = self.prior_examples(run_dir) if self.data.num_class_images else None
+        self.pictures = None       # drawn before the adapters go in: the base's own pictures
+        if cfg.trigger_isolation and isolation_method(spec, cfg) == "pass" and cfg.isolation_images == "base":
+            self.pictures = self.base_pictures(run_dir)
         self.module_sets = base_module_sets(base)     # the base's own names, for the export's key check
         torch.manual_seed(cfg.seed)              # the LoRA A matrices' initial values follow the seed
         self.adalora = adapters.inject(base.unet, base.text_encoders, spec, total_steps=self.plan.steps).adalora
@@ -168,6 +172,43 @@ class _Trainer:
         square = (self.plan.resolution, self.plan.resolution)
         return self.batches.cache(paths, [self.data.class_prompt] * len(paths), [square] * len(paths))
 
+    def base_pictures(self, run_dir: Path) -> BasePictures:
+        """The base's own picture of each image's caption without the trigger and of the empty caption (seed: the
+        image's index), at the image's bucket, drawn with generation's defaults (GenerateConfig: 25 steps,
+        guidance 7.5, whatever the base recommends), then encoded by the VAE as the training images are: drawn once per run (a resumed run reads the latents back),
+        shown as PNGs in the run's isolation_images/."""
+        from sdlora.generate import render_many
+        folder = runs.isolation_images_dir(run_dir)
+        shapes = [tuple(lat.shape[1:]) for lat in self.examples.latents]
+        names = [f"{kind}.{i}" for kind in ("captioned", "empty") for i in range(len(shapes))]
+        kept = runs.load_latents(folder / "latents.safetensors")
+        if kept is not None and set(kept) == set(names) and all(
+                tuple(kept[f"{kind}.{i}"].shape) == shape for kind in ("captioned", "empty")
+                for i, shape in enumerate(shapes)):
+            lat = [kept[name] for name in names]
+        else:
+            variants = len(self.captions) // len(shapes)
+            prompts = [dataset.without_trigger(self.captions[i * variants], self.data.trigger)
+                       for i in range(len(shapes))]
+            cfgs = [GenerateConfig(prompt=prompt, seed=i, width=fit.bucket[0], height=fit.bucket[1])
+                    for captions in (prompts, [""] * len(prompts))
+                    for i, (prompt, fit) in enumerate(zip(captions, self.plan.fits))]
+            drawn = render_many(self.pipeline(), cfgs, self.plan.resolution, output_type="latent")
+            images = [self.batches.decode_latents(x[None].float())[0] for x in drawn]        # (3, H, W) in 0..1
+            lat = [self.batches.encode_pixels(image[None] * 2 - 1)[0] for image in images]
+            if self.main:
+                folder.mkdir(parents=True, exist_ok=True)
+                for name, image in zip(names, images):
+                    kind, i = name.split(".")
+                    runs.write_png(folder / f"{int(i):04d}-{kind}.png", Image.fromarray(
+                        (image * 255).round().byte().permute(1, 2, 0).cpu().numpy()))
+                runs.save_latents(folder / "latents.safetensors", dict(zip(names, lat)))
+                self.cb.on_message(f"pass isolation: drew the base's picture of each caption without the trigger "
+                                   f"and of the empty caption ({len(lat)} images, {cfgs[0].steps} steps, guidance "
+                                   f"{cfgs[0].guidance:g}) in {folder}")
+        n = len(shapes)
+        return BasePictures([x.to(self.acc.device) for x in lat[:n]], [x.to(self.acc.device) for x in lat[n:]])
+
     def render(self, prompt: str, seed: int):
         """An image from the base as it is now (with the LoRA once it trains), by generation's own path."""
         from sdlora.generate import render
@@ -231,7 +272,7 @@ class _Trainer:
                     loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g)
                 else:       # pass isolation every isolation_every steps, weighted as often
                     every = self.cfg.isolation_every
-                    plain = (lambda: self.untriggered.pick(g, idx)) if step % every == 0 else None
+                    plain = (lambda: self.untriggered.pick(g, idx, self.pictures)) if step % every == 0 else None
                     loss = self.objective.loss(self.unet, self.bare_unet, lat, enc, g, plain,
                                                self.cfg.trigger_isolation * every)
                 if self.prior is not None:
@@ -400,7 +441,13 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
             cb.on_message(f"run folder {run_dir}")
         cb.on_message(f"learning rate {t.cfg.lr:g} ({t.lr_source}); rank {t.spec.rank}, alpha {t.spec.alpha:g}")
         targets = {"kv": "cross-attention keys and values", "qkvo": "cross-attention q, k, v and out"}
-        isolation = (f"trigger isolation {t.cfg.trigger_isolation:g}, {isolation_method(t.spec, t.cfg)}"
+        method = isolation_method(t.spec, t.cfg)
+        how = method
+        if method == "pass":
+            held = "the base's own pictures" if t.cfg.isolation_images == "base" else "the training images"
+            every = f"every {t.cfg.isolation_every} steps" if t.cfg.isolation_every > 1 else "every step"
+            how = f"a second pass {every}, on {held}"
+        isolation = (f"trigger isolation {t.cfg.trigger_isolation:g}, {how}"
                      if t.cfg.trigger_isolation else "no trigger isolation")
         cb.on_message(f"adapting {targets[t.spec.cross_attention]}"
                       f"{' and self-attention' if t.spec.self_attention else ''}; {isolation}")

@@ -89,22 +89,28 @@ class Objective:
         return noisy, t, self.sched.get_velocity(lat, noise, t) if self.v else noise
 
     def loss(self, unet, bare_unet, lat: torch.Tensor, cond: Cond, g: torch.Generator,
-             plain: Callable[[], tuple[Cond, Cond]] | None = None, isolation_weight: float | None = None) -> torch.Tensor:
+             plain: Callable[[], tuple[Cond, Cond, torch.Tensor | None]] | None = None,
+             isolation_weight: float | None = None) -> torch.Tensor:
         """The denoising loss of a batch; with `plain` (gives the batch's captions without the trigger, through
-        the LoRA and through the frozen base; called after the noise is drawn, so `g` is used in one order)
-        plus trigger_isolation x the distance between the model's and the frozen base's predictions for them,
-        on the same noisy latents. `bare_unet` is `unet` unwrapped from accelerate, so its adapters can be
+        the LoRA and through the frozen base, and the clean latents to hold them on, None for the batch's own;
+        called after the noise is drawn, so `g` is used in one order) plus trigger_isolation x the distance
+        between the model's and the frozen base's predictions for them, on those latents noised to the batch's
+        timesteps (the batch's own noisy latents when None). `bare_unet` is `unet` unwrapped from accelerate, so its adapters can be
         switched off."""
         noisy, t, target = self.noisy(lat, g)
         weight = self.cfg.trigger_isolation if isolation_weight is None else isolation_weight
         isolate = plain is not None and weight > 0
         if isolate:
-            plain_lora, plain_base = plain()
+            plain_lora, plain_base, plain_lat = plain()
+            held = noisy
+            if plain_lat is not None:           # the captions without the trigger on pictures of their own
+                noise = torch.randn(plain_lat.shape, generator=g).to(lat.device)
+                held = self.sched.add_noise(plain_lat, noise, t).to(self.dtype)
             with torch.no_grad(), adapters.adapters_off(bare_unet):
-                frozen = bare_unet(noisy, t, **cond.with_text(plain_base).unet_kwargs(self.dtype)).sample.float()
+                frozen = bare_unet(held, t, **cond.with_text(plain_base).unet_kwargs(self.dtype)).sample.float()
             # one forward for both: the captions with the trigger, then without it
             both = Cond.cat([cond, cond.with_text(plain_lora)])
-            pred = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **both.unet_kwargs(self.dtype)).sample.float()
+            pred = unet(torch.cat([noisy, held]), torch.cat([t, t]), **both.unet_kwargs(self.dtype)).sample.float()
             target = torch.cat([target, frozen])
         else:
             pred = unet(noisy, t, **cond.unet_kwargs(self.dtype)).sample.float()
