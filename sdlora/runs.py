@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from sdlora.safefiles import LoraFileError, atomic_write_bytes, read_lora_file
 
@@ -120,7 +120,6 @@ def load_latents(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        from safetensors.torch import load_file
         return load_file(path)
     except Exception:               # a damaged file: the pictures are drawn again, as for a new run
         return None

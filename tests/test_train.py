@@ -17,6 +17,16 @@ from sdlora.bases.load import tiny_random_base
 from sdlora.training.loop import _Trainer
 
 
+class Messages(Callbacks):
+    """Training callbacks that keep every message the run prints."""
+
+    def __init__(self):
+        self.lines = []
+
+    def on_message(self, text):
+        self.lines.append(text)
+
+
 def cfg(tmp_path, **kw):
     kw = {"base": "tiny-random", "steps": 6, "lr": 1e-3, "sample_every": 0, "output_dir": str(tmp_path / "out"), **kw}
     return TrainConfig(**kw)
@@ -128,13 +138,6 @@ def test_run_says_where_it_runs_and_its_peak_memory(tmp_path, style_dir):
     """The user is told the run folder, device, attention kernel and optimizer at the start, and the peak memory."""
     import resource
 
-    class Messages(Callbacks):
-        def __init__(self):
-            self.lines = []
-
-        def on_message(self, text):
-            self.lines.append(text)
-
     cb = Messages()
     res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2), cfg(tmp_path, steps=2), callbacks=cb)
     assert cb.lines[0] == f"run folder {res.run_dir}"
@@ -197,13 +200,6 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
     records and reports the rate it used."""
     from sdlora.config import DEFAULT_LR
     from sdlora.bases.load import base_lora_lr
-
-    class Messages(Callbacks):
-        def __init__(self):
-            self.lines = []
-
-        def on_message(self, text):
-            self.lines.append(text)
 
     assert base_lora_lr("tiny") == 3e-3 and base_lora_lr("tiny-random") is None and DEFAULT_LR == 1e-4
     for lr, expected, source in ((None, DEFAULT_LR, "default for SD bases"), (3e-4, 3e-4, "set")):
@@ -407,25 +403,11 @@ def test_pass_isolation_draws_the_bases_pictures_once_and_a_resumed_run_reads_th
     from sdlora import Generator, GenerateConfig
     from sdlora.data import scan
 
-    class Messages(Callbacks):
-        def __init__(self):
-            self.lines = []
-
-        def on_message(self, text):
-            self.lines.append(text)
-
     cb, stop = Messages(), threading.Event()
-
-    class Stop(Messages):
-        def on_message(self, text):
-            cb.on_message(text)
-
-        def on_step(self, info):
-            if info.step == 3:
-                stop.set()
-
+    stopper = StopAt(3, stop)
+    stopper.on_message = cb.on_message
     data = DataConfig(folder=str(style_dir), trigger="zqx")
-    part = train(data, LoraSpec(rank=2), cfg(tmp_path, steps=6, run_name="pics"), callbacks=Stop(), cancel=stop)
+    part = train(data, LoraSpec(rank=2), cfg(tmp_path, steps=6, run_name="pics"), callbacks=stopper, cancel=stop)
     folder = part.run_dir / "isolation_images"
     items, _ = scan.scan_dataset(style_dir, "zqx", "{trigger}", 64)
     n = len(items)

@@ -76,7 +76,7 @@ def hatch_angle(rng: random.Random) -> float:
 def pattern(kind: str, size: int, scale: float, rng: random.Random) -> np.ndarray:
     """A coverage map (size, size) in 0..1 of `kind` at `scale` px, with a random angle or phase."""
     if kind == "hatch":
-        return hatch(size, scale, angle=rng.choice(HATCH_ANGLES), phase=rng.random())
+        return hatch(size, scale, angle=hatch_angle(rng), phase=rng.random())
     if kind == "dots":
         return dots(size, scale, phase=(rng.random(), rng.random()))
     if kind == "grain":

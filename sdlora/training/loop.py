@@ -174,17 +174,16 @@ class _Trainer:
 
     def base_pictures(self, run_dir: Path) -> BasePictures:
         """The base's own picture of each image's caption without the trigger and of the empty caption (seed: the
-        image's index), at the image's bucket, drawn with generation's defaults (GenerateConfig: 25 steps,
-        guidance 7.5, whatever the base recommends), then encoded by the VAE as the training images are: drawn once per run (a resumed run reads the latents back),
-        shown as PNGs in the run's isolation_images/."""
+        image's index), at the image's bucket, drawn with generation's defaults (GenerateConfig: 25 steps, guidance
+        7.5, whatever the base recommends), then encoded by the VAE as the training images are. Drawn once per run
+        (a resumed run reads the latents back), shown as PNGs in the run's isolation_images/."""
         from sdlora.generate import render_many
         folder = runs.isolation_images_dir(run_dir)
         shapes = [tuple(lat.shape[1:]) for lat in self.examples.latents]
-        names = [f"{kind}.{i}" for kind in ("captioned", "empty") for i in range(len(shapes))]
+        expected = {f"{kind}.{i}": shape for kind in ("captioned", "empty") for i, shape in enumerate(shapes)}
+        names = list(expected)
         kept = runs.load_latents(folder / "latents.safetensors")
-        if kept is not None and set(kept) == set(names) and all(
-                tuple(kept[f"{kind}.{i}"].shape) == shape for kind in ("captioned", "empty")
-                for i, shape in enumerate(shapes)):
+        if kept is not None and {name: tuple(x.shape) for name, x in kept.items()} == expected:
             lat = [kept[name] for name in names]
         else:
             variants = len(self.captions) // len(shapes)
