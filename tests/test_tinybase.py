@@ -427,6 +427,20 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
     # `refine` runs the build's last stage on it: the decoder alone changes; build.json says so, with new figures
     import hashlib
 
+    # --vae-from keeps a built base's VAE, byte for byte, and trains a new U-Net (here of another layout) on its
+    # latents; the new base's config takes the VAE settings of the build that made that VAE
+    other = tmp_path / "other"
+    layout = replace(cfg, unet_cross_attention=(True, True, True), vae_steps=99, seed=1)
+    reused = build(layout, other, vae_from=out)
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    assert (other / vae_file).read_bytes() == (out / vae_file).read_bytes()
+    assert reused["vae_reused"] is True and reused["scaling_factor"] == pytest.approx(figures["scaling_factor"], rel=1e-3)
+    assert load_build_config(other) == replace(layout, vae_steps=cfg.vae_steps)
+    unet_config = json.loads((other / "unet" / "config.json").read_text())
+    assert unet_config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
+    with pytest.raises(SystemExit, match="not a base built by"):
+        build(layout, tmp_path / "none", vae_from=tmp_path)
+
     from sdlora.tinybase.build import main
     digest = lambda: {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                       for p in out.rglob("*.safetensors")}

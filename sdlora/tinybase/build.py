@@ -160,22 +160,42 @@ def refine(folder: Path, sets: dict, threads: int = 1) -> dict:
     return info["figures"]
 
 
-def build(cfg: BuildConfig, out: Path) -> dict:
+def reused_vae(folder: Path, images: torch.Tensor):
+    """A built base's VAE, for a build that trains only a new U-Net and text encoder on its latents:
+    (vae, the scenes' latent means and stds, unscaled, its scaling factor)."""
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    with torch.no_grad():
+        mean, std = encode_latents(vae, images)
+    scale = float(vae.config.scaling_factor)
+    log(f"VAE reused from {folder}; scaling_factor {scale:.4f}; VAE recon {check_vae(vae, images, mean)}")
+    return vae, mean, std, scale
+
+
+VAE_FIELDS = ("vae_", "decoder_", "kl_weight", "texture_weight", "refine_steps", "line_images", "direction_weight")
+
+
+def build(cfg: BuildConfig, out: Path, vae_from: Path | None = None) -> dict:
+    """Build a base into `out`; with `vae_from` (a built base's folder), its VAE is kept and only the U-Net and
+    the text encoder are trained, on that VAE's latents (cfg's VAE settings become that build's)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    if vae_from is not None:
+        source = build_config(_built_base(vae_from, cfg.threads)[1]["config"])
+        cfg = replace(cfg, **{k: getattr(source, k) for k in BuildConfig.__dataclass_fields__ if k.startswith(VAE_FIELDS)})
     images, ids, vae_images = training_images(cfg, tokenizer)
     empty_ids = tokenize(tokenizer, [""])[0]
-    vae, mean, std, scale = vae_stages(cfg, images, vae_images)
+    vae, mean, std, scale = reused_vae(vae_from, images) if vae_from is not None else vae_stages(cfg, images, vae_images)
     unet, text_encoder, steps_done = train_denoiser(cfg, (mean * scale, std * scale), ids, empty_ids, t_start,
                                                     tokenizer)
-    if cfg.refine_steps:
+    if cfg.refine_steps and vae_from is None:
         vae = refine_decoder(cfg, vae, vae_images)
     vae_figs = vae_figures(vae, images, mean)
     log(f"VAE {vae_figs}")
     cfg = replace(cfg, unet_steps=steps_done, max_minutes=0.0)
     figures = {"vae": vae_figs, "scaling_factor": scale, "train_minutes": (time.time() - t_start) / 60,
+               **({"vae_reused": True} if vae_from is not None else {}),
                "params_m": {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}}
     pipe = save_pipeline(out, vae, unet, text_encoder, tokenizer, cfg, figures)
     result = evaluate(pipe, cfg.sample_steps, cfg.guidance, cfg.seed)
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--batch", type=int, help="override the U-Net batch size")
     b.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     b.add_argument("--max-minutes", type=float, help="stop U-Net training after this long (shared machines)")
+    b.add_argument("--vae-from", type=Path, help="keep this built base's VAE (its folder) and train only a new U-Net "
+                                                 "and text encoder on its latents: layouts compared on one VAE")
     c = sub.add_parser("card", help="measure a built base's figures that need no training again, with the code "
                                     "as it is now, and rewrite its build.json figures and model card (weights untouched)")
     c.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the base folder (default {DEFAULT_OUT})")
@@ -249,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, threads=args.threads)
     if args.max_minutes:
         cfg = replace(cfg, max_minutes=args.max_minutes)
-    build(cfg, args.out)
+    build(cfg, args.out, args.vae_from)
 
 
 if __name__ == "__main__":
