@@ -307,12 +307,14 @@ def words_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_ours(style: str, base: str, out: Path, train_set: dict, lora_set: dict) -> tuple[str, float, dict]:
+def train_ours(style: str, base: str, out: Path, train_set: dict, lora_set: dict,
+               data_set: dict | None = None) -> tuple[str, float, dict]:
     """(LoRA path, seconds, the run's resolved settings) of a LoRA trained by sdlora on datasets/<style>."""
     from sdlora import DataConfig, LoraSpec, TrainConfig, train
     folder = DATASETS / style
     t0 = time.time()
-    result = train(DataConfig(folder=str(folder), trigger=dataset_trigger(folder)), LoraSpec(**lora_set),
+    data = DataConfig(folder=str(folder), trigger=dataset_trigger(folder), **(data_set or {}))
+    result = train(data, LoraSpec(**lora_set),
                    TrainConfig(base=base, output_dir=str(out), **{"sample_every": 0, **train_set}))
     config = json.loads((Path(result.lora_path).parent / "config.json").read_text(encoding="utf-8"))
     return str(result.lora_path), time.time() - t0, config
@@ -535,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a TrainConfig field for sdlora's run, e.g. trigger_isolation=0, steps=600")
     parser.add_argument("--lora", action="append", default=[], metavar="FIELD=VALUE",
                         help="a LoraSpec field for sdlora's run, e.g. rank=8, self_attention=true")
+    parser.add_argument("--data", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a DataConfig field for sdlora's run other than the folder and trigger, e.g. "
+                             "num_class_images=10 with class_prompt='an image' (prior preservation)")
     parser.add_argument("--label", default="sdlora", help="the trainer column's name for sdlora's rows")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(TRAIN_SEEDS),
                         help="training seeds: each style is trained once per seed and judged by the mean "
@@ -580,6 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     train_set, lora_set = parse_sets(a.set), parse_sets(a.lora)
     if "seed" in train_set:
         parser.error("give training seeds with --seeds, not --set seed=...")
+    data_set = parse_sets(a.data)
+    if {"folder", "trigger"} & set(data_set):
+        parser.error("--data folder=/trigger=: each style's dataset gives its own folder and trigger")
     if len(set(a.seeds)) != len(a.seeds):
         parser.error(f"--seeds {' '.join(map(str, a.seeds))}: each seed once")
     gen = Generator(load_base(a.base))
@@ -592,7 +600,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = a.runs or Path(scratch)
         for style in a.styles or styles():
             for seed in a.seeds:
-                lora, seconds, config = train_ours(style, a.base, tmp, {**train_set, "seed": seed}, lora_set)
+                lora, seconds, config = train_ours(style, a.base, tmp, {**train_set, "seed": seed}, lora_set,
+                                                    data_set)
                 rows.append(judge(gen, style, lora, a.label, seconds, seed, unchanged))
                 print(f"{style}: {a.label} seed {seed} {seconds:.0f}s", flush=True)
                 if a.whole_unet:

@@ -362,3 +362,25 @@ def test_the_verdict_judges_sdlora_s_rows_only():
     with pytest.raises(SystemExit):
         sq.main(["--label", sq.WHOLE_UNET, "--styles", "dusk"])
 
+
+
+def test_data_settings_reach_the_run_s_dataset_but_not_its_folder_or_trigger(tmp_path, monkeypatch):
+    import sdlora
+    seen = {}
+
+    def fake_train(data, spec, cfg):
+        seen["data"] = data
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"steps": cfg.steps}), encoding="utf-8")
+        return type("Result", (), {"lora_path": run / "lora.safetensors"})()
+
+    monkeypatch.setattr(sdlora, "train", fake_train)
+    sq.train_ours("sage", "tiny", tmp_path, {"seed": 0}, {},
+                  sq.parse_sets(["num_class_images=10", "class_prompt=a circle"]))
+    data = seen["data"]
+    assert (data.num_class_images, data.class_prompt) == (10, "a circle")
+    assert Path(data.folder) == sq.DATASETS / "sage" and data.trigger == sq.dataset_trigger(sq.DATASETS / "sage")
+    for field in ("trigger=other", "folder=elsewhere"):
+        with pytest.raises(SystemExit):
+            sq.main(["--styles", "dusk", "--data", field])
