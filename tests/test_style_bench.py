@@ -363,8 +363,7 @@ def test_the_verdict_judges_sdlora_s_rows_only():
         sq.main(["--label", sq.WHOLE_UNET, "--styles", "dusk"])
 
 
-
-def test_data_settings_reach_the_run_s_dataset_but_not_its_folder_or_trigger(tmp_path, monkeypatch):
+def test_data_settings_reach_the_run_s_dataset_but_not_its_folder_or_trigger(tmp_path, monkeypatch, capsys):
     import sdlora
     seen = {}
 
@@ -384,3 +383,4 @@ def test_data_settings_reach_the_run_s_dataset_but_not_its_folder_or_trigger(tmp
     for field in ("trigger=other", "folder=elsewhere"):
         with pytest.raises(SystemExit):
             sq.main(["--styles", "dusk", "--data", field])
+        assert "each style's dataset gives its own folder and trigger" in capsys.readouterr().err
