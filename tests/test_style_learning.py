@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import style_quality as sq  # noqa: E402
 from sdlora import LoraSpec, TrainConfig, default_steps  # noqa: E402
-from sdlora.bases.load import recommended_lora_lr  # noqa: E402
+from sdlora.bases.load import recommended_lora_lr, recommended_steps_per_image  # noqa: E402
 from sdlora.config import default_rank  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 
@@ -132,11 +132,13 @@ def test_cli_trains_the_dataset_with_no_other_argument(row):
     folder = ROOT / "datasets" / row.style
     lora = Path(row.lora)
     assert lora.name == f"{sq.dataset_trigger(folder)}.safetensors"
-    # the work the defaults ask for, counted (time is measured in bench/, not here): 100 steps per image
+    # the work the defaults ask for, counted (time is measured in bench/, not here): the base's 300 steps per image
     images = len(list(folder.glob("*.png")))
+    per_image = recommended_steps_per_image(ROOT / "sdlora" / "base_model")
+    assert per_image == 300
     config = json.loads((lora.parent / "config.json").read_text())
     logged = (lora.parent / "log.csv").read_text().splitlines()
-    assert config["steps"] == default_steps(images) == len(logged) and int(logged[-1].split(",")[0]) == config["steps"]
+    assert config["steps"] == default_steps(images, per_image) == len(logged) and int(logged[-1].split(",")[0]) == config["steps"]
     samples = sorted((lora.parent / "samples").glob("step-*.png"))
     # 5 times, with and without the trigger, and once before training (the base's own images to compare with)
     assert len(samples) == (5 + 1) * 2 * len(config["train"]["sample_seeds"])
@@ -144,7 +146,7 @@ def test_cli_trains_the_dataset_with_no_other_argument(row):
     # every setting as a run with no settings resolves it (TrainConfig's and LoraSpec's defaults, the derived ones
     # worked out from the image count and the base), which is what the other styles' API runs train with
     train, spec = json.loads(json.dumps(asdict(TrainConfig()))), json.loads(json.dumps(asdict(LoraSpec())))
-    train.update(steps=default_steps(images), lr=recommended_lora_lr(ROOT / "sdlora" / "base_model"))
+    train.update(steps=default_steps(images, per_image), lr=recommended_lora_lr(ROOT / "sdlora" / "base_model"))
     spec.update(rank=default_rank(images), alpha=float(default_rank(images)))
     assert train["lr"] == 3e-3
     assert {k: v for k, v in config["train"].items() if k != "sample_every"} == \

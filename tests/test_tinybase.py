@@ -393,7 +393,7 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
     the config it was built with and every figure, and its card has each section."""
     from dataclasses import replace
 
-    from sdlora.bases.load import load_base, recommended_lora_lr, recommended_sampling
+    from sdlora.bases.load import load_base, recommended_lora_lr, recommended_sampling, recommended_steps_per_image
     from sdlora.tinybase.build import build, load_build_config
     from sdlora.tinybase.card import LOOK_WORDS
     from sdlora.tinybase.models import BuildConfig
@@ -410,6 +410,7 @@ def test_a_small_build_saves_a_base_that_trains_with_its_figures_and_card(tmp_pa
     base = load_base(str(out))
     assert base.vae.config.scaling_factor == pytest.approx(figures["scaling_factor"])
     assert recommended_lora_lr(out) == cfg.lora_lr and recommended_sampling(out) == (2, cfg.guidance)
+    assert recommended_steps_per_image(out) == cfg.lora_steps_per_image == 300
     card = (out / "README.md").read_text()
     for section in ("## What it draws", "## How it was trained", "## What its VAE gives back",
                     "## What its U-Net draws when asked"):

@@ -206,7 +206,8 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
         cb = Messages()
         res = train(DataConfig(folder=str(style_dir), trigger="zqx"), LoraSpec(rank=2),
                     cfg(tmp_path, steps=1, lr=lr, run_name=f"lr{lr}"), callbacks=cb)
-        assert any(line.startswith(f"learning rate {expected:g} ({source});") for line in cb.lines), cb.lines
+        assert any(line.startswith(f"learning rate {expected:g} ({source}); steps 1 (set);") for line in cb.lines), \
+            cb.lines
         assert json.loads((res.run_dir / "config.json").read_text())["train"]["lr"] == expected
     folder = tmp_path / "base"
     folder.mkdir()
@@ -214,6 +215,31 @@ def test_learning_rate_is_the_bases_recommendation_unless_set(tmp_path, style_di
     assert base_lora_lr(str(folder)) == 5e-4
     (folder / "build.json").write_text("{not json")
     assert base_lora_lr(str(folder)) is None
+
+
+def test_steps_are_the_bases_recommendation_per_image_unless_set(tmp_path):
+    """steps=None gives the base folder's build.json 'lora_steps_per_image' (the built-in base: 300) for each image,
+    counted over 4 to 20 images, else 100 per image; the source goes in the run's report."""
+    from sdlora.bases.load import base_steps_per_image
+    from sdlora.config import default_steps
+    from sdlora.training.plan import resolve
+
+    assert base_steps_per_image("tiny") == 300 and base_steps_per_image("tiny-random") is None
+    assert [default_steps(n) for n in (1, 4, 10, 20, 60)] == [400, 400, 1000, 2000, 2000]
+    assert [default_steps(n, 300) for n in (1, 10, 60)] == [1200, 3000, 6000]
+    base = tiny_random_base()
+    _, cfg_, sources = resolve(LoraSpec(), TrainConfig(output_dir=str(tmp_path)), 10, base)
+    assert cfg_.steps == 1000 and sources["steps"] == "100 per image, default for SD bases"
+    base.lora_steps_per_image = 7
+    _, cfg_, sources = resolve(LoraSpec(), TrainConfig(output_dir=str(tmp_path)), 10, base)
+    assert cfg_.steps == 70 and sources["steps"] == "7 per image, recommended by the base"
+    _, cfg_, sources = resolve(LoraSpec(), TrainConfig(output_dir=str(tmp_path), steps=5), 10, base)
+    assert cfg_.steps == 5 and sources["steps"] == "set"
+    folder = tmp_path / "base"
+    folder.mkdir()
+    for value, read in ((50, 50), (0, None), ("300", None), (True, None), (2.5, None), (10**6, None)):
+        (folder / "build.json").write_text(json.dumps({"config": {"lora_steps_per_image": value}}))
+        assert base_steps_per_image(str(folder)) == read, value
 
 
 def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_path, style_dir):

@@ -200,7 +200,8 @@ def test_defaults_follow_the_number_of_images():
     from sdlora.config import default_steps
     for n in (3, 5, 12, 25, 60):
         s = webui.suggest(n)
-        assert s["steps"] == default_steps(n) and 1 <= s["sample_every"] <= s["steps"]
+        assert s["steps"] == default_steps(n, 300) and 1 <= s["sample_every"] <= s["steps"]   # tiny: 300 per image
+        assert webui.suggest(n, "tiny-random")["steps"] == default_steps(n) == 100 * min(max(n, 4), 20)
     assert webui.suggest(5)["rank"] <= webui.suggest(12)["rank"] <= webui.suggest(60)["rank"]
     assert webui.suggest(5)["lr"] == 3e-3 and webui.suggest(5, "tiny-random")["lr"] == 1e-4   # the base's own
 

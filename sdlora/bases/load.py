@@ -55,6 +55,7 @@ class Base:
     family: str = "sd1"                # a name of the family table (sdlora.bases.families): sd1 | sd2 | sdxl
     resolution: int = 512              # native image size in px
     lora_lr: float | None = None       # the LoRA learning rate the base recommends (its build.json), if any
+    lora_steps_per_image: int | None = None   # the training steps per image it recommends (its build.json), if any
     sampling: tuple[int, float] | None = None   # (steps, guidance) the base recommends (its build.json), if any
     lora_stack: object = field(default=None, repr=False)  # generation's LoRAs on this base, one for all its Generators
     text_encoder_2: object = None      # SDXL: OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
@@ -206,6 +207,7 @@ def _from_folder(path: Path, name: str) -> Base:
         raise BaseModelError(f"could not load the diffusers pipeline in {path}: {e}") from e
     base = _from_pipeline(pipe, name)
     base.lora_lr = recommended_lora_lr(path)
+    base.lora_steps_per_image = recommended_steps_per_image(path)
     base.sampling = recommended_sampling(path)
     return base
 
@@ -213,6 +215,11 @@ def _from_folder(path: Path, name: str) -> Base:
 def base_lora_lr(name: str) -> float | None:
     """The LoRA learning rate base `name` recommends, read without loading it (None: use the default)."""
     return recommended_lora_lr(_config_folder(name))
+
+
+def base_steps_per_image(name: str) -> int | None:
+    """The training steps per image base `name` recommends, read without loading it (None: use the default)."""
+    return recommended_steps_per_image(_config_folder(name))
 
 
 def _build_config(folder: Path) -> dict:
@@ -228,6 +235,12 @@ def recommended_lora_lr(folder: Path) -> float | None:
     """The "lora_lr" of a base folder's sdlora build.json, else None."""
     value = _build_config(folder).get("lora_lr")
     return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
+
+
+def recommended_steps_per_image(folder: Path) -> int | None:
+    """The "lora_steps_per_image" of a base folder's sdlora build.json (a whole number, 1 to 10,000), else None."""
+    value = _build_config(folder).get("lora_steps_per_image")
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 10_000 else None
 
 
 def recommended_sampling(folder: Path) -> tuple[int, float] | None:

@@ -175,7 +175,9 @@ def write_model_card(out: Path, cfg: BuildConfig, figures: dict) -> None:
         "- full settings and figures: `build.json`", "",
         "## Use and measured figures", "",
         f"Recommended: {cfg.sample_steps} steps of the saved DPM-Solver++ scheduler, guidance {cfg.guidance}, 64x64; "
-        f"LoRA learning rate {cfg.lora_lr:g} (`lora_lr` in `build.json`, which sdlora's trainer uses when no lr is set).", "",
+        f"LoRA learning rate {cfg.lora_lr:g} (`lora_lr` in `build.json`, which sdlora's trainer uses when no lr is set) "
+        f"and {cfg.lora_steps_per_image} training steps per image (`lora_steps_per_image`, used when no steps are set; "
+        "SD checkpoints get 100).", "",
         f"- held-out prompts ({ev.get('n', '?')} images, fixed seeds): prompt's colour dominant in "
         f"{ev.get('colour_acc', float('nan')):.0%}, prompt's shape in {ev.get('shape_acc', float('nan')):.0%}",
         f"- {ev.get('s_per_image_batched', float('nan')):.2f} s per image (batches of 12, CPU, {cfg.threads} thread)",

@@ -135,6 +135,10 @@ class BuildConfig:
     lora_lr: float = 3e-3               # recommended LoRA learning rate (trainers read it from build.json): with
                                         # key/value adapters and text isolation, 1e-3 moved neon's fill ratio 20-39%
                                         # of the way in 1,000 steps, 3e-3 73% (bench/style_quality.py)
+    lora_steps_per_image: int = 300     # recommended LoRA steps per image (build.json; 100 for SD checkpoints): with
+                                        # the default recipe, 10 images, training seeds 0-2 and 3-5, 1,000 steps met
+                                        # every bar of bench/style_quality.py on 5 and 5 of the 7 styles, 3,000 on 6
+                                        # and 5 (hatch 53% / 44% and 56% / 59%; 33% / 17% and 47% / 37% at 1,000)
 
     @classmethod
     def quick(cls) -> "BuildConfig":

@@ -78,7 +78,7 @@ class _Trainer:
         if cfg.vae:                              # the run's own VAE (e.g. an fp16-safe one), in the base's dtype
             self.base.vae = load_vae(cfg.vae, self.base.vae).to(self.acc.device, self.base.vae.dtype)
         self.spec, self.cfg, sources = resolve(spec, cfg, len(self.plan.items), self.base)
-        self.lr_source, self.plan.steps = sources["lr"], self.cfg.steps
+        self.lr_source, self.steps_source, self.plan.steps = sources["lr"], sources["steps"], self.cfg.steps
         self.objective = Objective(self.base.noise_scheduler(), self.base.prediction_type, self.cfg,
                                    self.weight_dtype)
         self.batches = Batches(self.base, self.acc.device, self.cfg.batch_size, data.flip, self.spec.text_encoder)
@@ -438,7 +438,8 @@ def train(data: DataConfig, spec: LoraSpec | None = None, cfg: TrainConfig | Non
         cb.on_plan(t.plan)
         if resume is None:
             cb.on_message(f"run folder {run_dir}")
-        cb.on_message(f"learning rate {t.cfg.lr:g} ({t.lr_source}); rank {t.spec.rank}, alpha {t.spec.alpha:g}")
+        cb.on_message(f"learning rate {t.cfg.lr:g} ({t.lr_source}); steps {t.cfg.steps} ({t.steps_source}); "
+                      f"rank {t.spec.rank}, alpha {t.spec.alpha:g}")
         targets = {"kv": "cross-attention keys and values", "qkvo": "cross-attention q, k, v and out"}
         method = isolation_method(t.spec, t.cfg)
         how = method

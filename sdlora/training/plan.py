@@ -1,8 +1,8 @@
 """What a run will do, worked out before any model is loaded: the images, their captions, and the
 settings derived from the data and the base.
 
-``suggested`` is the one place the derived defaults come from (steps from the image count, rank, the
-learning rate the base recommends, the sample interval): the CLI and the web UI both call it, the web UI
+``suggested`` is the one place the derived defaults come from (steps from the image count and the steps per
+image the base recommends, rank, the learning rate the base recommends, the sample interval): the CLI and the web UI both call it, the web UI
 to show the values when images are added, the trainer (through ``resolve``) to fill the settings left
 at ``None``. ``plan`` checks every image first and reports each problem with its file.
 """
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdlora.bases.load import Base, Geometry, base_lora_lr, load_tokenizer, native_resolution
-from sdlora.config import (DEFAULT_LR, ConfigError, DataConfig, LoraSpec, TrainConfig, default_rank,
-                           default_steps)
+from sdlora.bases.load import (Base, Geometry, base_lora_lr, base_steps_per_image, load_tokenizer,
+                               native_resolution)
+from sdlora.config import (DEFAULT_LR, STEPS_PER_IMAGE, ConfigError, DataConfig, LoraSpec, TrainConfig,
+                           default_rank, default_steps)
 from sdlora.data import buckets
 from sdlora.data import scan as dataset
 
@@ -42,12 +43,17 @@ class Plan:
 
 def suggested(num_images: int, base: str | Base = "tiny", steps: int | None = None) -> dict:
     """The derived settings for `num_images` usable images on `base` (a name, or a loaded Base):
-    {"steps", "rank", "lr", "lr_source", "sample_every", "resolution"}; `steps` given keeps it and derives the
-    rest from it. Nothing is loaded: a base's recommendation and size are read from its configs."""
+    {"steps", "steps_source", "rank", "lr", "lr_source", "sample_every", "resolution"}; `steps` given keeps it and
+    derives the rest from it. Nothing is loaded: a base's recommendations and size are read from its configs."""
     loaded = isinstance(base, Base)
     recommended = base.lora_lr if loaded else base_lora_lr(base)
-    steps = steps or default_steps(max(num_images, 1))
-    return {"steps": steps, "rank": default_rank(num_images), "lr": recommended or DEFAULT_LR,
+    per_image = base.lora_steps_per_image if loaded else base_steps_per_image(base)
+    steps_source = ("set" if steps else
+                    f"{per_image} per image, recommended by the base" if per_image else
+                    f"{STEPS_PER_IMAGE} per image, default for SD bases")
+    steps = steps or default_steps(max(num_images, 1), per_image or STEPS_PER_IMAGE)
+    return {"steps": steps, "steps_source": steps_source, "rank": default_rank(num_images),
+            "lr": recommended or DEFAULT_LR,
             "lr_source": "recommended by the base" if recommended else "default for SD bases",
             "sample_every": max(1, steps // SAMPLE_TIMES),
             "resolution": base.resolution if loaded else native_resolution(base)}
@@ -55,12 +61,13 @@ def suggested(num_images: int, base: str | Base = "tiny", steps: int | None = No
 
 def resolve(spec: LoraSpec, cfg: TrainConfig, num_images: int,
             base: str | Base) -> tuple[LoraSpec, TrainConfig, dict[str, str]]:
-    """`spec` and `cfg` with every derived setting left at None filled from `suggested`, and where each
-    value came from ({"lr": "set" | "recommended by the base" | ...}) for the run's report."""
+    """`spec` and `cfg` with every derived setting left at None filled from `suggested`, and where the learning
+    rate and the steps came from ({"lr": "set" | "recommended by the base" | ..., "steps": ...}) for the run's
+    report."""
     s = suggested(num_images, base, cfg.steps)
     if spec.rank is None:
         spec = replace(spec, rank=s["rank"])
-    sources = {"lr": "set" if cfg.lr is not None else s["lr_source"]}
+    sources = {"lr": "set" if cfg.lr is not None else s["lr_source"], "steps": s["steps_source"]}
     cfg = replace(cfg, steps=s["steps"], lr=s["lr"] if cfg.lr is None else cfg.lr,
                   sample_every=s["sample_every"] if cfg.sample_every is None else cfg.sample_every)
     return spec, cfg, sources
@@ -75,7 +82,7 @@ def plan(data: DataConfig, cfg: TrainConfig, native: Geometry) -> Plan:
     res = data.resolution or native.resolution
     items, problems = dataset.scan_dataset(folder, data.trigger, data.template, res, tokenizer=load_tokenizer())
     dataset.require_trainable(items, problems, folder)
-    steps = cfg.steps or default_steps(len(items))
+    steps = cfg.steps or default_steps(len(items))     # provisional: resolve() sets the base's recommendation
     fits = buckets.assign([it.size for it in items], res, native.multiple, data.buckets)
     return Plan(items, problems, steps, res, {it.path.name: it.caption for it in items}, fits)
 
