@@ -39,7 +39,10 @@ from sdlora.bases.load import recommended_lora_lr, recommended_steps_per_image  
 from sdlora.config import default_rank  # noqa: E402
 from sdlora.tinybase import scenes, stylestats  # noqa: E402
 
-FAST_STYLES = ("dusk", "sage")
+# One style: a default LoRA on `tiny` is 3,000 steps (its 300 per image), and with dusk as well the suite took 14
+# min. Sage is the one whose prompts without the trigger once moved past the bar (0.41x); dusk and the rest are
+# judged by bench/style_quality.py (README, Learning quality).
+FAST_STYLES = ("sage",)
 
 pytestmark = [
     pytest.mark.slow,
