@@ -206,6 +206,17 @@ def test_defaults_follow_the_number_of_images():
     assert webui.suggest(5)["lr"] == 3e-3 and webui.suggest(5, "tiny-random")["lr"] == 1e-4   # the base's own
 
 
+def test_the_note_for_many_images_suggests_the_bases_steps(tmp_path):
+    """More than 20 images: the note gives the steps a run would take on the server's base (training.plan.suggested),
+    which counts 20 images at the base's steps per image: 100 for SD bases, 300 for `tiny`."""
+    for base, steps in (("tiny-random", 2000), ("tiny", 6000)):
+        ui = WebUI(tmp_path / base / "outputs", base=base, datasets_dir=tmp_path / base / "datasets",
+                   upload_dir=tmp_path / base / "uploads")
+        ds = ui.load_uploads(_uploads(tmp_path / base, 25), "zqx", webui.TEMPLATES["style"], 64)
+        assert len(ds.items) == 25
+        assert f"More than 20 images is fine; training takes longer ({steps} steps suggested)." in ds.summary()
+
+
 def test_example_dataset_is_copied_with_its_trigger(ui, tmp_path):
     ex = tmp_path / "datasets" / "neon"
     for i in range(3):

@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.bases.load import base_steps_per_image, native_geometry, native_resolution
-from sdlora.config import STEPS_PER_IMAGE, ConfigError, DataConfig, default_steps
+from sdlora.bases.load import native_geometry, native_resolution
+from sdlora.config import ConfigError, DataConfig
 from sdlora.data import buckets as bucketing
 from sdlora.data import scan as dataset
 from sdlora.data.captions import folder_defaults, has_trigger, readme_trigger
 from sdlora.safefiles import atomic_write_bytes
+from sdlora.training.plan import suggested
 from sdlora.webui.forms import TEMPLATES, UserError, safe_filename, whole, within
 
 MAX_FILES = 200                 # per dataset (data.MANY_IMAGES: more rarely helps a style)
@@ -46,7 +47,7 @@ class Dataset:
     problems: list = field(default_factory=list)
     fits: list = field(default_factory=list)                # per item: its bucket and crop (data.buckets.Fit)
     upload_notes: list[str] = field(default_factory=list)   # files refused at upload (limits)
-    per_image: int = STEPS_PER_IMAGE                        # training steps per image the base recommends
+    base: str = "tiny"                                      # the base it will train on (its suggested steps)
 
     def scan(self) -> None:
         self.items, self.problems = dataset.scan_dataset(self.folder, self.trigger, self.template, self.resolution)
@@ -89,7 +90,7 @@ class Dataset:
         elif n < 5:
             lines.append("5 to 20 images work best for a style; a few more would help.")
         elif n > 20:
-            lines.append(f"More than 20 images is fine; training takes longer ({default_steps(n, self.per_image)} steps suggested).")
+            lines.append(f"More than 20 images is fine; training takes longer ({suggested(n, self.base)['steps']} steps suggested).")
         lines += [f"Note: {p.reason}" for p in self.problems if Path(p.path) == self.folder]
         lines += [f"Not added: {t}" for t in self.upload_notes]
         return "\n\n".join(html.escape(line, quote=False) for line in lines)
@@ -215,7 +216,7 @@ class ImagesMixin:
             raise UserError(str(e)) from None
         ds = Dataset(folder, probe.trigger, probe.template, self._size(probe.resolution),
                      native_geometry(self.base).multiple, probe.buckets, upload_notes=list(notes),
-                     per_image=base_steps_per_image(self.base) or STEPS_PER_IMAGE)
+                     base=self.base)
         ds.scan()
         self.dataset = ds
         return ds
