@@ -175,8 +175,8 @@ class TrainConfig:
     base: str = setting("tiny", "base model: 'tiny' (built in), a diffusers folder, a single-file .safetensors "
                         "checkpoint or a hub id", label="Base model", ui="basic")
     steps: int | None = setting(None, "optimizer steps, the one unit of length (default: 100 per image, "
-                                "400 to 2,000; the base can recommend its own: tiny, 300)", label="Steps", ui="basic", kind=int, low=1, high=1_000_000,
-                                optional=True, derived=True)
+                                "400 to 2,000; the base can recommend its own: tiny, 300)", label="Steps",
+                                ui="basic", kind=int, low=1, high=1_000_000, optional=True, derived=True)
     batch_size: int = setting(1, "images per step", label="Batch size", low=1, high=1024)
     grad_accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step",
                               label="Gradient accumulation", low=1, high=1024)

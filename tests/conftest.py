@@ -22,8 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # The longest file first. `make test` runs files in two processes (--dist loadfile), handed out in the order
-# collected; the style test (two default LoRAs of 3,000 steps on `tiny`, several minutes) collected last ran on
-# its own after the rest had finished, collected first it runs beside them.
+# collected; the style test (default LoRAs of 3,000 steps on `tiny`, minutes each), collected last, would run on
+# its own after the rest had finished; collected first it runs beside them (with two such LoRAs the suite took
+# 14 min 6 s collected last, 14 min 0 s first: both processes were busy to the end either way).
 LONGEST_FIRST = ("test_style_learning.py",)
 
 

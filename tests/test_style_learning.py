@@ -1,8 +1,7 @@
 """Spec: a LoRA trained with the default settings learns a style, not content, and only with its trigger.
 
 The fast subset of `bench/style_quality.py` (which prints the table for every dataset in datasets/): one
-LoRA per style in FAST_STYLES is trained through the public API with every setting at its default on the
-built-in `tiny` base, then prompts that carry the trigger and colour-shape pairs the dataset never shows
+LoRA per style in FAST_STYLES is trained with every setting at its default on the built-in `tiny` base, then prompts that carry the trigger and colour-shape pairs the dataset never shows
 are drawn at strengths 0, 0.5 and 1 with fixed seeds, and judged with the style's statistics
 (sdlora.tinybase.stylestats) against the ceiling the base's VAE gives back:
 
@@ -12,9 +11,9 @@ are drawn at strengths 0, 0.5 and 1 with fixed seeds, and judged with the style'
 - the prompt's colour is still read back in >= 70% of the images at strength 1 (and, as a precondition,
   at 0: a base that cannot draw the colour fails there);
 - without the trigger, strength 1 moves each statistic at most 1/3 as far as with it;
-- `sdlora train --data datasets/<style>` with no other argument is the run a user makes: the first style is
-  trained that way (the dataset's sdlora.json trigger, every default) and judged as above, the others
-  through the API, and the CLI's run resolves the same settings as the API's.
+- `sdlora train --data datasets/<style>` with no other argument is the run a user makes: each style is
+  trained that way (the dataset's sdlora.json trigger, every default) and judged as above, and the CLI's run
+  resolves the same settings as the API's given none (what bench/style_quality.py trains).
 
 Figures go to stdout and test-artifacts/style_quality_<style>_sdlora.png.
 """
@@ -70,11 +69,7 @@ def train_with_the_cli(style: str, folder: Path) -> tuple[str, float]:
 
 @pytest.fixture(scope="module", params=FAST_STYLES)
 def row(request, generator, tmp_path_factory) -> sq.Row:
-    runs = tmp_path_factory.mktemp("style_runs")
-    if request.param == FAST_STYLES[0]:
-        lora, seconds = train_with_the_cli(request.param, runs)
-    else:
-        lora, seconds, _ = sq.train_ours(request.param, "tiny", runs, {}, {})
+    lora, seconds = train_with_the_cli(request.param, tmp_path_factory.mktemp("style_runs"))
     result = sq.judge(generator, request.param, lora, "sdlora", seconds)
     print("\n" + sq.table([result]))
     return result
@@ -128,10 +123,8 @@ def test_without_trigger_changes_much_less(row):
 
 
 def test_cli_trains_the_dataset_with_no_other_argument(row):
-    """The first style's row is `sdlora train --data datasets/<style>`'s LoRA: the dataset's trigger, the defaults'
-    work and samples, and every setting as the API resolves a run given none (the other styles' runs)."""
-    if row.style != FAST_STYLES[0]:
-        pytest.skip("the first style is the one trained through the CLI")
+    """The row is `sdlora train --data datasets/<style>`'s LoRA: the dataset's trigger, the defaults' work and
+    samples, and every setting as the API resolves a run given none (the benchmark's runs)."""
     folder = ROOT / "datasets" / row.style
     lora = Path(row.lora)
     assert lora.name == f"{sq.dataset_trigger(folder)}.safetensors"
@@ -147,7 +140,7 @@ def test_cli_trains_the_dataset_with_no_other_argument(row):
     assert len(samples) == (5 + 1) * 2 * len(config["train"]["sample_seeds"])
     assert len(list((lora.parent / "samples").glob("grid-*.png"))) == 0    # grids are the web UI's, not the CLI's
     # every setting as a run with no settings resolves it (TrainConfig's and LoraSpec's defaults, the derived ones
-    # worked out from the image count and the base), which is what the other styles' API runs train with
+    # worked out from the image count and the base), which is what the benchmark's API runs train with
     train, spec = json.loads(json.dumps(asdict(TrainConfig()))), json.loads(json.dumps(asdict(LoraSpec())))
     train.update(steps=default_steps(images, per_image), lr=recommended_lora_lr(ROOT / "sdlora" / "base_model"))
     spec.update(rank=default_rank(images), alpha=float(default_rank(images)))

@@ -240,6 +240,9 @@ def test_steps_are_the_bases_recommendation_per_image_unless_set(tmp_path):
     for value, read in ((50, 50), (0, None), ("300", None), (True, None), (2.5, None), (10**6, None)):
         (folder / "build.json").write_text(json.dumps({"config": {"lora_steps_per_image": value}}))
         assert base_steps_per_image(str(folder)) == read, value
+    checkpoint = tmp_path / "model.safetensors"     # a single-file checkpoint has no build.json: 100 per image
+    checkpoint.write_bytes(b"not read")
+    assert base_steps_per_image(str(checkpoint)) is None
 
 
 def test_word_dropout_trains_on_caption_variants_that_all_keep_the_trigger(tmp_path, style_dir):
